@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""Regenerate README.md's evidence sections from ``evidence/*.json``.
+
+README tables are generated, never typed (CONVENTIONS: docs that drift from
+code). This script rewrites what lies between these marker pairs and nothing else:
+
+* ``<!-- BENCH:decode:start -->`` .. ``<!-- BENCH:decode:end -->``
+  from ``evidence/decode_bench.json`` (benchmarks/benchmark_hydra_decode.py);
+* ``<!-- EVIDENCE:tests:start -->`` .. ``<!-- EVIDENCE:tests:end -->``
+  from ``evidence/gpu_tests.json`` (the GPU test run's summary).
+
+Each section's caption names the device, the date of the run, and whether the
+evidence is stale (its source digest no longer matches ``csrc/`` and
+``torch-ext/``, by ``hydra.evidence.is_stale``). Running it twice changes
+nothing the second time. A README without a section's markers, or a missing
+evidence file, leaves that section as it is and says so.
+
+Usage::
+
+    python3 benchmarks/render_readme.py                # rewrite README.md in place
+    python3 benchmarks/render_readme.py --check        # exit 1 if README.md is out of date
+
+This module needs neither torch nor a GPU; benchmark_hydra_decode.py imports
+its table functions so that the printed tables and the README's are the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+DECODE_MARKERS = ("<!-- BENCH:decode:start -->", "<!-- BENCH:decode:end -->")
+TESTS_MARKERS = ("<!-- EVIDENCE:tests:start -->", "<!-- EVIDENCE:tests:end -->")
+
+HYDRA_NAMES = ("hydra_cached", "hydra_stateless")
+
+
+# ----------------------------------------------------------------------------
+# Formatting
+# ----------------------------------------------------------------------------
+def _us(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _err(x) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
+def _mark(ok) -> str:
+    return "" if ok is None else (" ✓" if ok else " ✗")
+
+
+def _t(T: int) -> str:
+    return f"{T:,}"
+
+
+def _find(rows, name, B, T, mode):
+    for r in rows:
+        if r.get("name") == name and r.get("B") == B and r.get("T") == T and r.get("mode") == mode:
+            return r
+    return None
+
+
+def _shapes(rows):
+    seen = []
+    for r in rows:
+        key = (r.get("B"), r.get("T"))
+        if key not in seen:
+            seen.append(key)
+    return seen
+
+
+def _speedup(row, ok_field="meets_target"):
+    if row is None or row.get("us") is None:
+        return "-"
+    text = _ratio(row.get("speedup_vs_best_dense"))
+    if "target_speedup" in row:
+        text += _mark(row.get(ok_field))
+    return text
+
+
+def decode_summary_table(rows, target_mode: str = "graph") -> str:
+    """One line per shape: hydra against the best dense peer, target mode then eager.
+
+    Parameters
+    ----------
+    rows : list of dict
+        ``rows`` of a decode_bench evidence file.
+    target_mode : str
+        The mode the SPEC targets compare ("graph"; "eager" for an eager-only run).
+    """
+    tm = target_mode
+    head = (f"| B | T | best dense, {tm} (µs) | hydra cached, {tm} (µs) | speedup | target "
+            f"| × byte floor | hydra stateless, {tm} (µs) | speedup |")
+    sep = "|---:|---:|---|---:|---:|---:|---:|---:|---:|"
+    if tm != "eager":
+        head += " best dense, eager (µs) | hydra cached, eager (µs) | speedup, eager |"
+        sep += "---|---:|---:|"
+    lines = [head, sep]
+    for B, T in _shapes(rows):
+        c, s = _find(rows, "hydra_cached", B, T, tm), _find(rows, "hydra_stateless", B, T, tm)
+        ref = c if c and c.get("us") is not None else s
+        if ref and ref.get("best_dense_us") is not None:
+            best = f"{_us(ref['best_dense_us'])} ({ref.get('best_dense_name')})"
+        else:
+            best = "-"
+        target = f"≥ {c['target_speedup']}x" if c and "target_speedup" in c else "-"
+        floor = "-"
+        if c and c.get("floor_ratio") is not None:
+            floor = _ratio(c["floor_ratio"]) + _mark(c.get("meets_floor_target"))
+        cells = [str(B), _t(T), best, _us(c and c.get("us")), _speedup(c), target, floor,
+                 _us(s and s.get("us")), _speedup(s)]
+        if tm != "eager":
+            ce = _find(rows, "hydra_cached", B, T, "eager")
+            best_e = "-"
+            if ce and ce.get("best_dense_us") is not None:
+                best_e = f"{_us(ce['best_dense_us'])} ({ce.get('best_dense_name')})"
+            cells += [best_e, _us(ce and ce.get("us")),
+                      _ratio(ce.get("speedup_vs_best_dense")) if ce and ce.get("us") is not None else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def decode_detail_table(rows) -> str:
+    """Every row: time, bandwidth on the bytes it reads, its floor and its error."""
+    lines = ["| impl | B | T | mode | µs | GB/s | floor (µs) | max rel err | note |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r.get("us") is None:
+            note = "skipped: " + str(r.get("skipped", ""))[:120]
+            cells = [r.get("name", "?"), str(r.get("B")), _t(r.get("T", 0)), r.get("mode", "?"),
+                     "-", "-", "-", "-", note.replace("|", "/")]
+        else:
+            notes = []
+            if r.get("variant"):
+                notes.append(str(r["variant"]))
+            if r.get("correct") is False:
+                notes.append("WRONG OUTPUT")
+            if r.get("selection_ok") is False:
+                notes.append("selection: " + "; ".join(r.get("selection_problems", [])))
+            gb = r.get("gbps")
+            cells = [r["name"], str(r["B"]), _t(r["T"]), r["mode"], _us(r["us"]),
+                     "-" if gb is None else f"{gb:,.0f}", _us(r.get("floor_us")), _err(r.get("max_rel_err")),
+                     ", ".join(notes).replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _stale_text(stale) -> str:
+    if stale is None:
+        return "staleness unknown (could not load hydra.evidence)"
+    if stale:
+        return "**stale: the sources changed since this run**"
+    return "current with the sources"
+
+
+def _caption(record, path: Path, stale) -> str:
+    created = str(record.get("created", "?"))
+    date = created.split("T")[0]
+    digest = str(record.get("source_digest", "?"))
+    short = digest[:19] + "…" if len(digest) > 19 else digest
+    return (f"{record.get('device', '?')}, {date} (torch {record.get('torch', '?')}, "
+            f"CUDA {record.get('cuda', '?')}); source digest `{short}`, {_stale_text(stale)}. "
+            f"Generated from `{path.as_posix()}` by `benchmarks/render_readme.py`.")
+
+
+def decode_section(record, path: Path, stale) -> str:
+    rows = record.get("rows", [])
+    settings = record.get("settings", {})
+    tm = settings.get("target_mode", "graph")
+    copy = record.get("copy_gbps")
+    lines = [f"Decode step, Hq=32, Hkv=8, D=128, bf16, precision \"high\" (budget 4096): "
+             + _caption(record, path, stale)]
+    if copy:
+        lines.append("")
+        lines.append(f"Copy bandwidth measured in the same run: {copy:,.0f} GB/s. Times are medians of "
+                     f"`triton.testing.do_bench`; targets compare {'CUDA-graph replays' if tm == 'graph' else 'eager calls'} "
+                     f"(✓ met, ✗ missed). Command: `{record.get('command', '?')}`")
+    lines += ["", decode_summary_table(rows, target_mode=tm)]
+    overhead = record.get("eager_host_overhead")
+    if overhead:
+        lines += ["", f"Eager host overhead of hydra_cached at B=1, T=8,192 (eager minus graph, back to back): "
+                      f"{overhead['overhead_us']:.1f} µs (target < {overhead['target_us']:.0f} µs)"
+                      f"{_mark(overhead.get('meets_target'))}."]
+    checks = record.get("target_checks")
+    if checks is not None:
+        missed = [c for c in checks if not c.get("met")]
+        verdict = "every target met" if record.get("all_targets_met") else (
+            f"{len(missed)} of {len(checks)} checks missed" if missed else "a partial matrix")
+        lines += ["", f"Targets: {verdict}."]
+    lines += ["", "<details><summary>Every timed case</summary>", "", decode_detail_table(rows), "",
+              "</details>"]
+    return "\n".join(lines)
+
+
+def tests_section(record, path: Path, stale) -> str:
+    summary = record.get("summary") or {}
+    counts = ", ".join(f"{summary.get(k, 0)} {k}" for k in ("passed", "failed", "skipped"))
+    others = ", ".join(f"{v} {k}" for k, v in summary.items() if k not in ("passed", "failed", "skipped"))
+    status = "✓" if summary.get("failed", 0) == 0 and summary.get("passed", 0) > 0 else "✗"
+    lines = [f"GPU test suite: **{counts}** {status}" + (f" ({others})" if others else "") + ".",
+             "",
+             f"Run on {_caption(record, path, stale)}",
+             "",
+             f"Command: `{record.get('command', '?')}`"]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# README rewriting
+# ----------------------------------------------------------------------------
+def replace_between(text: str, markers, body: str):
+    """text with the part between the markers replaced by body; None if a marker is missing."""
+    start, end = markers
+    i = text.find(start)
+    j = text.find(end, i + len(start)) if i >= 0 else -1
+    if i < 0 or j < 0:
+        return None
+    return text[: i + len(start)] + "\n" + body.strip("\n") + "\n" + text[j:]
+
+
+def _load_evidence_module(repo: Path):
+    # evidence.py stands alone (no relative imports), so loading it by path
+    # neither imports nor builds the hydra package.
+    path = repo / "torch-ext" / "hydra" / "evidence.py"
+    try:
+        spec = importlib.util.spec_from_file_location("hydra_evidence_for_readme", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except Exception as e:  # noqa: BLE001 - the README can still be written, marked unknown
+        print(f"render_readme: cannot load {path} ({type(e).__name__}: {e}); staleness unknown",
+              file=sys.stderr)
+        return None
+
+
+def _stale(evidence_module, path: Path, repo: Path):
+    if evidence_module is None:
+        return None
+    try:
+        return bool(evidence_module.is_stale(str(path), root=repo))
+    except TypeError:  # an is_stale(path) without root
+        return bool(evidence_module.is_stale(str(path)))
+    except Exception as e:  # noqa: BLE001
+        print(f"render_readme: is_stale({path}) failed ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
+def render(readme_text: str, evidence_dir: Path, repo: Path, log=print) -> str:
+    """The README text with every section whose markers and evidence exist regenerated."""
+    evidence_module = _load_evidence_module(repo)
+    sections = [("decode_bench.json", DECODE_MARKERS, decode_section),
+                ("gpu_tests.json", TESTS_MARKERS, tests_section)]
+    text = readme_text
+    for filename, markers, make in sections:
+        path = evidence_dir / filename
+        if markers[0] not in text or markers[1] not in text:
+            log(f"render_readme: README has no {markers[0]} ... {markers[1]} markers; "
+                f"{filename} section not written")
+            continue
+        if not path.is_file():
+            log(f"render_readme: {path} not found; its README section is left as it is")
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            log(f"render_readme: {path} is not valid JSON ({e}); its README section is left as it is")
+            continue
+        try:
+            shown = path.relative_to(repo)
+        except ValueError:
+            shown = path
+        body = make(record, shown, _stale(evidence_module, path, repo))
+        text = replace_between(text, markers, body)
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--readme", default=str(REPO / "README.md"), help="README to rewrite (default: README.md)")
+    p.add_argument("--evidence-dir", default=str(REPO / "evidence"), help="where the evidence JSON lives")
+    p.add_argument("--repo", default=str(REPO), help="checkout whose sources the digests are checked against")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the README is out of date")
+    args = p.parse_args(argv)
+
+    readme = Path(args.readme)
+    if not readme.is_file():
+        print(f"render_readme: {readme} not found; nothing to do")
+        return 0
+    old = readme.read_text(encoding="utf-8")
+    new = render(old, Path(args.evidence_dir), Path(args.repo))
+    if new == old:
+        print(f"render_readme: {readme} is up to date")
+        return 0
+    if args.check:
+        print(f"render_readme: {readme} is out of date with the evidence; run benchmarks/render_readme.py")
+        return 1
+    readme.write_text(new, encoding="utf-8")
+    print(f"render_readme: rewrote the evidence sections of {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+// Small device helpers shared by hydra's kernels: bf16 unpacking, cp.async,
+// and the dispatch macros where runtime values meet compile-time constants.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <cuda_runtime.h>
+
+#include "hydra_params.h"
+
+namespace hydra {
+
+// bf16 -> fp32 is a 16-bit shift, exact.
+__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
+  f[0] = bf16_lo(u.x); f[1] = bf16_hi(u.x);
+  f[2] = bf16_lo(u.y); f[3] = bf16_hi(u.y);
+  f[4] = bf16_lo(u.z); f[5] = bf16_hi(u.z);
+  f[6] = bf16_lo(u.w); f[7] = bf16_hi(u.w);
+}
+
+// fp32 -> bf16 bits, round to nearest even (NaN stays NaN).
+__device__ __forceinline__ uint32_t f2bf(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return u >> 16;
+}
+
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) { return f2bf(lo) | (f2bf(hi) << 16); }
+
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+  return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
+}
+
+__device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+// 16-byte asynchronous copy global -> shared; src_bytes == 0 zero-fills and reads nothing.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Valid length of sequence b, clamped to [0, Tkv].
+__device__ __forceinline__ int seq_len(const int* seqlens, int b, int Tkv) {
+  if (seqlens == nullptr) return Tkv;
+  int L = seqlens[b];
+  return L < 0 ? 0 : (L > Tkv ? Tkv : L);
+}
+
+// First page holding a token of the recent window [L - recent, L).
+__device__ __forceinline__ int first_recent_page(int L, int recent_tokens, int page_size) {
+  int lo = L - recent_tokens;
+  return (lo > 0 ? lo : 0) / page_size;
+}
+
+inline void check_launch(const char* what) {
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    throw std::runtime_error(std::string("hydra: launching ") + what + " failed: " + cudaGetErrorString(e));
+  }
+}
+
+}  // namespace hydra
+
+// Runtime value -> compile-time constant. Every switch ends in an error that names
+// the value it got: an unhandled case must never fall through to an unwritten output.
+#define HYDRA_DISPATCH_HEAD_DIM(D, CONST_NAME, ...)                                        \
+  [&] {                                                                                   \
+    switch (D) {                                                                          \
+      case 128: { constexpr int CONST_NAME = 128; return __VA_ARGS__(); }                 \
+      default:                                                                            \
+        throw std::invalid_argument("hydra: unsupported head dim D=" + std::to_string(D) + \
+                                    " (supported: 128)");                                 \
+    }                                                                                     \
+  }()
+
+#define HYDRA_DISPATCH_GROUP(G, CONST_NAME, ...)                                            \
+  [&] {                                                                                    \
+    if (G == 1) { constexpr int CONST_NAME = 1; return __VA_ARGS__(); }                    \
+    else if (G == 2) { constexpr int CONST_NAME = 2; return __VA_ARGS__(); }               \
+    else if (G <= 4) { constexpr int CONST_NAME = 4; return __VA_ARGS__(); }               \
+    else if (G <= 8) { constexpr int CONST_NAME = 8; return __VA_ARGS__(); }               \
+    throw std::invalid_argument("hydra: unsupported GQA group size Hq/Hkv=" +              \
+                                std::to_string(G) + " (supported: 1 to 8)");               \
+  }()

@@ -1,0 +1,84 @@
+// Plain parameter structs for hydra's kernels. No torch here: the binding in
+// torch-ext/hydra_torch.cpp fills these from tensors, the launchers in csrc/*.cu
+// read them. Strides are in elements; the last (head) dimension is contiguous.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace hydra {
+
+using bf16_t = uint16_t;  // bf16 bits; kernels convert with shifts (exact)
+
+// page_summaries: min/max of the keys over each page's valid tokens.
+struct SummaryParams {
+  const bf16_t* k;       // [B, Hkv, Tkv, D]
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  const int* seqlens;    // [B] valid lengths, or nullptr (every sequence is Tkv long)
+  bf16_t* out;           // [B, Hkv, n_pages, 2, D]: min row then max row; pages past L: +inf / -inf
+  int64_t o_batch_stride, o_head_stride, o_page_stride;  // the (2, D) block is contiguous
+  int B, Hkv, Tkv, D, n_pages, page_size;
+};
+
+// Page scoring: Quest's bound summed over the GQA group, for candidate pages only
+// (pages between the sink pages and the first recent page).
+struct ScoreParams {
+  const bf16_t* q;       // [B, Hq, D]
+  int64_t q_batch_stride, q_head_stride;
+  const bf16_t* summaries;  // [B, Hkv, >= n_pages, 2, D], or nullptr: score straight from k
+  int64_t s_batch_stride, s_head_stride, s_page_stride;
+  const bf16_t* k;       // [B, Hkv, Tkv, D] (read only when summaries == nullptr)
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  const int* seqlens;    // [B] or nullptr
+  float* scores;         // [B, Hkv, n_pages] fp32; only candidate entries are written
+  int B, Hq, Hkv, group, Tkv, D, n_pages, page_size;
+  int sink_pages, recent_tokens, n_sel;
+};
+
+// Top-k selection over the scores, plus sink and recent pages by index arithmetic.
+struct SelectParams {
+  const float* scores;   // [B, Hkv, n_pages]
+  const int* seqlens;    // [B] or nullptr
+  int* pages;            // [B, Hkv, n_sel] ascending page indices, -1 padded
+  int* counters;         // [B * Hkv] split-merge counters to zero for the attention kernel, or nullptr
+  int B, Hkv, Tkv, n_pages, page_size;
+  int sink_pages, recent_tokens, n_sel;
+};
+
+// Split-KV sparse decode attention. One CTA per (split, KV head, sequence)
+// handles the whole GQA group, so each selected K/V byte is read once.
+struct DecodeParams {
+  const bf16_t* q;       // [B, Hq, D]
+  int64_t q_batch_stride, q_head_stride;
+  const bf16_t* k;       // [B, Hkv, Tkv, D]
+  const bf16_t* v;       // [B, Hkv, Tkv, D]
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  // Explicit mode: [B, Hkv, n_entries] int32 page list (ascending; -1 and repeats
+  // of the previous entry are skipped). nullptr: range mode, where entry e is page
+  // first_page(b) + e and first_page covers max(0, L - window) (window 0: all of L).
+  const int* pages;
+  int64_t p_batch_stride, p_head_stride;
+  const int* seqlens;    // [B] or nullptr
+  bf16_t* out;           // [B, Hq, D]
+  int64_t o_batch_stride, o_head_stride;
+  float* lse;            // [B, Hq] natural-log sum-exp of the scaled scores
+  float* part_o;         // [B, Hq, n_splits, D] normalised partial outputs (n_splits > 1)
+  float* part_lse;       // [B, Hq, n_splits] partial log2-sum-exp
+  int* counters;         // [B * Hkv] zero on entry; the last CTA of each head merges and re-zeroes
+  int B, Hq, Hkv, group, Tkv, D, page_size, log2_page;
+  int n_entries, window, n_splits, entries_per_split;
+  float scale_log2;      // softmax scale * log2(e)
+};
+
+void launch_page_summaries(const SummaryParams& p, cudaStream_t stream);
+void launch_score_pages(const ScoreParams& p, cudaStream_t stream);
+void launch_select_pages(const SelectParams& p, cudaStream_t stream);
+void launch_sparse_decode(const DecodeParams& p, cudaStream_t stream);
+
+// Entries (pages) a split may hold: the split's page indices are staged in shared memory.
+constexpr int kMaxEntriesPerSplit = 512;
+// Tokens per attention tile.
+constexpr int kTileTokens = 64;
+
+}  // namespace hydra

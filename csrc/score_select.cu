@@ -1,0 +1,264 @@
+// Page scoring and top-k page selection, kept apart from the attention kernel so
+// that a scorer can change without touching attention.
+//
+// score(p) = sum_{j in group} sum_d max(q_jd * kmin_pd, q_jd * kmax_pd)
+//          = sum_d (sum_j max(q_jd, 0)) * kmax_pd + (sum_j min(q_jd, 0)) * kmin_pd
+// The second form folds the GQA group into two D-vectors once per CTA, so the
+// per-page cost does not grow with the group size.
+#include "common.cuh"
+
+namespace hydra {
+
+constexpr int kScoreThreads = 128;
+constexpr int kScorePasses = 8;  // pages each thread group scores per CTA
+
+template <int D>
+struct ScoreShape {
+  static constexpr int kThreadsPerPage = D / 8;  // one 16-byte vector each
+  static constexpr int kPagesPerPass = kScoreThreads / kThreadsPerPage;
+  static constexpr int kPagesPerCta = kPagesPerPass * kScorePasses;
+  static_assert(kThreadsPerPage <= 32 && (kThreadsPerPage & (kThreadsPerPage - 1)) == 0,
+                "a page's threads must sit inside one warp");
+};
+
+template <int TPP>
+__device__ __forceinline__ float reduce_page(float x) {
+#pragma unroll
+  for (int off = TPP / 2; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// Grid (ceil(n_pages / kPagesPerCta), Hkv, B). FROM_K: summaries are built on the
+// fly from the keys (the stateless path), in registers, never written out.
+template <int D, bool FROM_K>
+__global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams p) {
+  using S = ScoreShape<D>;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int L = seq_len(p.seqlens, b, p.Tkv);
+  const int n_pages_b = (L + p.page_size - 1) / p.page_size;
+  if (n_pages_b <= p.n_sel) return;  // every page is attended; nothing to rank
+  const int cand_lo = min(p.sink_pages, n_pages_b);
+  const int cand_hi = max(first_recent_page(L, p.recent_tokens, p.page_size), cand_lo);
+  const int page0 = blockIdx.x * S::kPagesPerCta;
+  if (page0 >= cand_hi || page0 + S::kPagesPerCta <= cand_lo) return;
+
+  const int lane = threadIdx.x % S::kThreadsPerPage;
+  const int grp = threadIdx.x / S::kThreadsPerPage;
+  const int d0 = lane * 8;
+
+  float qpos[8], qneg[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) { qpos[i] = 0.f; qneg[i] = 0.f; }
+  for (int j = 0; j < p.group; ++j) {
+    float f[8];
+    unpack8(ldg16(p.q + b * p.q_batch_stride + (int64_t)(h * p.group + j) * p.q_head_stride + d0), f);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) { qpos[i] += fmaxf(f[i], 0.f); qneg[i] += fminf(f[i], 0.f); }
+  }
+
+  float* scores = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
+  if constexpr (!FROM_K) {
+    const bf16_t* s = p.summaries + b * p.s_batch_stride + h * p.s_head_stride + d0;
+    uint4 mn[kScorePasses], mx[kScorePasses];
+    // Issue every load before the first use: 2 * kScorePasses 16-byte loads in flight.
+#pragma unroll
+    for (int i = 0; i < kScorePasses; ++i) {
+      const int page = page0 + i * S::kPagesPerPass + grp;
+      if (page >= cand_lo && page < cand_hi) {
+        mn[i] = ldg16(s + page * p.s_page_stride);
+        mx[i] = ldg16(s + page * p.s_page_stride + D);
+      } else {
+        mn[i] = make_uint4(0, 0, 0, 0);
+        mx[i] = mn[i];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kScorePasses; ++i) {
+      float fmn[8], fmx[8];
+      unpack8(mn[i], fmn);
+      unpack8(mx[i], fmx);
+      float acc = 0.f;
+#pragma unroll
+      for (int d = 0; d < 8; ++d) acc += qpos[d] * fmx[d] + qneg[d] * fmn[d];
+      acc = reduce_page<S::kThreadsPerPage>(acc);
+      const int page = page0 + i * S::kPagesPerPass + grp;
+      if (lane == 0 && page >= cand_lo && page < cand_hi) scores[page] = acc;
+    }
+  } else {
+    const bf16_t* k = p.k + b * p.k_batch_stride + h * p.k_head_stride + d0;
+    for (int i = 0; i < kScorePasses; ++i) {
+      const int page = page0 + i * S::kPagesPerPass + grp;
+      const bool cand = page >= cand_lo && page < cand_hi;
+      float acc = 0.f;
+      if (cand) {  // candidate pages lie wholly before the recent window, so they are full
+        float mn[8], mx[8];
+#pragma unroll
+        for (int d = 0; d < 8; ++d) { mn[d] = __int_as_float(0x7f800000); mx[d] = -mn[d]; }
+        const bf16_t* kp = k + (int64_t)page * p.page_size * p.k_row_stride;
+#pragma unroll 8
+        for (int t = 0; t < p.page_size; ++t) {
+          float f[8];
+          unpack8(ldg16(kp + t * p.k_row_stride), f);
+#pragma unroll
+          for (int d = 0; d < 8; ++d) { mn[d] = fminf(mn[d], f[d]); mx[d] = fmaxf(mx[d], f[d]); }
+        }
+#pragma unroll
+        for (int d = 0; d < 8; ++d) acc += qpos[d] * mx[d] + qneg[d] * mn[d];
+      }
+      acc = reduce_page<S::kThreadsPerPage>(acc);
+      if (lane == 0 && cand) scores[page] = acc;
+    }
+  }
+}
+
+void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
+  HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
+    constexpr int kPagesPerCta = ScoreShape<kD>::kPagesPerCta;
+    dim3 grid((p.n_pages + kPagesPerCta - 1) / kPagesPerCta, p.Hkv, p.B);
+    if (p.summaries != nullptr) {
+      score_pages_kernel<kD, false><<<grid, kScoreThreads, 0, stream>>>(p);
+    } else {
+      score_pages_kernel<kD, true><<<grid, kScoreThreads, 0, stream>>>(p);
+    }
+    check_launch("score_pages_kernel");
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Selection: one CTA per (KV head, sequence). A 4-pass radix select (8 bits a
+// pass) finds the k-th largest candidate score; one ordered compaction pass then
+// writes sink pages, recent pages, every candidate above the threshold and the
+// lowest-indexed candidates equal to it, in ascending page order.
+
+constexpr int kSelectThreads = 1024;
+
+// Order-preserving map from fp32 to uint32: a > b  <=>  key(a) > key(b).
+__device__ __forceinline__ uint32_t order_key(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Exclusive block-wide scan of a 64-bit value; also returns the block total.
+__device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* warp_tot, uint64_t& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint64_t x = v;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint64_t y = __shfl_up_sync(0xffffffffu, x, off);
+    if (lane >= off) x += y;
+  }
+  if (lane == 31) warp_tot[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    uint64_t t = warp_tot[lane];
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const uint64_t y = __shfl_up_sync(0xffffffffu, t, off);
+      if (lane >= off) t += y;
+    }
+    warp_tot[lane] = t;
+  }
+  __syncthreads();
+  const uint64_t before = warp > 0 ? warp_tot[warp - 1] : 0;
+  total = warp_tot[31];
+  __syncthreads();  // warp_tot is reused by the next call
+  return before + x - v;
+}
+
+__global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectParams p) {
+  const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  __shared__ int hist[256];
+  __shared__ uint64_t warp_tot[32];
+  __shared__ int s_bin, s_above;
+
+  const int L = seq_len(p.seqlens, b, p.Tkv);
+  const int n_pages_b = (L + p.page_size - 1) / p.page_size;
+  int* out = p.pages + ((int64_t)b * p.Hkv + h) * p.n_sel;
+  if (p.counters != nullptr && tid == 0) p.counters[b * p.Hkv + h] = 0;
+
+  if (n_pages_b <= p.n_sel) {  // L <= budget: every page, exactly
+    for (int i = tid; i < p.n_sel; i += kSelectThreads) out[i] = i < n_pages_b ? i : -1;
+    return;
+  }
+  const int cand_lo = min(p.sink_pages, n_pages_b);
+  const int cand_hi = max(first_recent_page(L, p.recent_tokens, p.page_size), cand_lo);
+  const int n_forced = cand_lo + (n_pages_b - cand_hi);
+  const int k = p.n_sel - n_forced;  // scored pages to take (< cand_hi - cand_lo here)
+  const float* sc = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
+
+  uint32_t prefix = 0, mask = 0;
+  int remaining = k;  // after the passes: how many candidates equal to the threshold to take
+  if (k > 0) {
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int i = tid; i < 256; i += kSelectThreads) hist[i] = 0;
+      __syncthreads();
+      for (int i = cand_lo + tid; i < cand_hi; i += kSelectThreads) {
+        const uint32_t u = order_key(sc[i]);
+        if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255], 1);
+      }
+      __syncthreads();
+      if (tid < 32) {
+        // Lane l owns bins 255-8l .. 248-8l (high to low); find the bin where the
+        // count from the top first reaches `remaining`.
+        int c[8], sum = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) { c[i] = hist[255 - 8 * tid - i]; sum += c[i]; }
+        int incl = sum;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const int y = __shfl_up_sync(0xffffffffu, incl, off);
+          if (tid >= off) incl += y;
+        }
+        int acc = incl - sum;
+        if (acc < remaining && remaining <= incl) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            if (acc + c[i] >= remaining) { s_bin = 255 - 8 * tid - i; s_above = acc; break; }
+            acc += c[i];
+          }
+        }
+      }
+      __syncthreads();
+      remaining -= s_above;
+      prefix |= (uint32_t)s_bin << shift;
+      mask |= 0xffu << shift;
+      __syncthreads();  // s_bin / s_above / hist are rewritten next pass
+    }
+  }
+  const int need_eq = k > 0 ? remaining : 0;
+
+  // Ordered compaction: position = (#definite before) + min(#equal before, need_eq).
+  int base_def = 0, base_eq = 0;
+  for (int chunk = 0; chunk < n_pages_b; chunk += kSelectThreads) {
+    const int i = chunk + tid;
+    uint32_t def = 0, eq = 0;
+    if (i < n_pages_b) {
+      if (i < cand_lo || i >= cand_hi) {
+        def = 1;
+      } else if (k > 0) {
+        const uint32_t u = order_key(sc[i]);
+        def = u > prefix;
+        eq = u == prefix;
+      }
+    }
+    uint64_t total;
+    const uint64_t excl = block_exclusive_scan(((uint64_t)eq << 32) | def, warp_tot, total);
+    const int def_before = base_def + (int)(excl & 0xffffffffu);
+    const int eq_before = base_eq + (int)(excl >> 32);
+    int pos = -1;
+    if (def) pos = def_before + min(eq_before, need_eq);
+    else if (eq && eq_before < need_eq) pos = def_before + eq_before;
+    if (pos >= 0 && pos < p.n_sel) out[pos] = i;
+    base_def += (int)(total & 0xffffffffu);
+    base_eq += (int)(total >> 32);
+  }
+  for (int i = base_def + min(base_eq, need_eq) + tid; i < p.n_sel; i += kSelectThreads) out[i] = -1;
+}
+
+void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
+  dim3 grid(p.Hkv, p.B);
+  select_pages_kernel<<<grid, kSelectThreads, 0, stream>>>(p);
+  check_launch("select_pages_kernel");
+}
+
+}  // namespace hydra

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call: carried wheels, JIT build, the full GPU suite (evidence
+# gpu_tests.json) and the decode benchmark (decode_bench.json), all under $OUT.
+#   bash scripts/gpu_check.sh [tests|bench|all] [extra benchmark args...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+what=${1:-all}
+shift || true
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/nvidia_smi.txt"
+start=$(date +%s)
+python3 -c "import sys; sys.path.insert(0, 'torch-ext'); import hydra; assert hydra.ops is not None, 'build failed'" \
+  2>&1 | tee "$OUT/build.log"
+echo "build+import: $(( $(date +%s) - start )) s"
+rc=0
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  python3 scripts/run_gpu_suite.py --out "$OUT/gpu_tests.json" 2>&1 | tee "$OUT/tests.log" | grep -v "^$" | tail -60
+  rc=${PIPESTATUS[0]}
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  python3 benchmarks/benchmark_hydra_decode.py --out "$OUT/decode_bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -40
+fi
+exit $rc

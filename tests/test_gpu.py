@@ -1,0 +1,315 @@
+"""GPU parity of hydra's CUDA kernels against hydra.reference (fp32).
+
+Every test draws fresh random inputs, poisons outputs with NaN before the kernel
+runs, and compares with the fp32 reference. The output tolerance comes from data:
+the kernel's relative error must be at most twice PyTorch's own bf16 SDPA error
+on the same attended set (plus 1e-4 for outputs that round to near zero).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+hydra = pytest.importorskip("hydra")
+ref = hydra.reference
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+
+
+def _need_ops():
+    if hydra.ops is None:
+        pytest.fail("the CUDA extension did not build on a GPU machine")
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_qkv(B, Hq, Hkv, T, D=128, *, seed, slack=0, q_transposed=False):
+    """Random bf16 q, k, v; with slack > 0, k and v are views K[:, :, :T] of a longer cache."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    if q_transposed:  # (B, 1, Hq, D) storage, viewed as (B, Hq, 1, D): non-contiguous heads
+        q = torch.randn(B, 1, Hq, D, device=DEV, generator=g).to(BF16).transpose(1, 2)
+    else:
+        q = torch.randn(B, Hq, 1, D, device=DEV, generator=g).to(BF16)
+    K = torch.randn(B, Hkv, T + slack, D, device=DEV, generator=g).to(BF16)
+    V = torch.randn(B, Hkv, T + slack, D, device=DEV, generator=g).to(BF16)
+    return q, K[:, :, :T], V[:, :, :T]
+
+
+def poison_past(k, v, lens):
+    """Fill positions >= L with NaN: a kernel that reads them produces NaN."""
+    for b, L in enumerate(lens.tolist()):
+        k[b, :, L:] = float("nan")
+        v[b, :, L:] = float("nan")
+
+
+def nan_like(q):
+    return torch.full_like(q, float("nan"))
+
+
+def mask_from_pages(pages, T, P, lens=None):
+    """(B, Hkv, T) bool: tokens < L of the listed pages."""
+    B, Hkv, _ = pages.shape
+    tok = torch.arange(T, device=pages.device)
+    page_of = tok // P
+    m = torch.zeros(B, Hkv, T, dtype=torch.bool, device=pages.device)
+    for b in range(B):
+        for h in range(Hkv):
+            sel = pages[b, h]
+            sel = sel[sel >= 0]
+            m[b, h] = torch.isin(page_of, sel)
+    if lens is not None:
+        m &= tok.view(1, 1, T) < lens.view(B, 1, 1)
+    return m
+
+
+def sdpa_bf16_err(q, k, v, mask, scale):
+    """PyTorch's own bf16 error on the attended set, against the fp32 reference."""
+    G = q.shape[1] // k.shape[1]
+    m = mask.repeat_interleave(G, dim=1).unsqueeze(2)  # (B, Hq, 1, T)
+    o_bf16 = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1), attn_mask=m, scale=scale)
+    o_ref = ref.attention_with_mask(q, k, v, mask.unsqueeze(2), scale=scale)
+    return rel_err(o_bf16, o_ref), o_ref
+
+
+def check_output(o, q, k, v, mask, scale=None):
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    assert not torch.isnan(o).any(), "kernel left NaN (unwritten or read poisoned memory)"
+    err_torch, o_ref = sdpa_bf16_err(q, k.nan_to_num(0.0), v.nan_to_num(0.0), mask, scale)
+    err = rel_err(o, o_ref)
+    assert err <= 2 * err_torch + 1e-4, f"kernel rel err {err:.3e} > 2 x torch bf16 {err_torch:.3e}"
+    return err
+
+
+def check_selection(pages_k, q, k, pol, lens=None, summaries=None):
+    """Kernel pages == reference pages, except swaps within relative 1e-3 of the k-th score."""
+    pages_r = ref.select_pages(q, k, policy=pol, cache_seqlens=lens, page_summaries=summaries)
+    assert pages_k.shape == pages_r.shape and pages_k.dtype == torch.int32
+    summ = summaries if summaries is not None else ref.page_summaries(k, page_size=pol.page_size,
+                                                                      cache_seqlens=lens)
+    scores = ref.page_scores(q, summ, cache_seqlens=lens, page_size=pol.page_size)
+    B, Hkv, n_sel = pages_k.shape
+    for b in range(B):
+        for h in range(Hkv):
+            kp, rp = pages_k[b, h].tolist(), pages_r[b, h].tolist()
+            kv = [p for p in kp if p >= 0]
+            assert kv == sorted(kv) and len(set(kv)) == len(kv), f"not ascending/unique: {kp}"
+            assert all(p < 0 for p in kp[len(kv):]), f"-1 padding must trail: {kp}"
+            ks, rs = set(kv), {p for p in rp if p >= 0}
+            assert len(ks) == len(rs), f"(b={b}, h={h}) kernel chose {len(ks)} pages, reference {len(rs)}"
+            diff = ks ^ rs
+            if diff:
+                sc = scores[b, h]
+                chosen = sorted((sc[p].item() for p in rs), reverse=True)
+                thr = chosen[-1] if chosen else 0.0
+                for p in diff:
+                    assert abs(sc[p].item() - thr) <= 1e-3 * max(abs(thr), 1e-6), \
+                        f"(b={b}, h={h}) page {p} score {sc[p].item()} is not a near-tie of {thr}"
+
+
+# ---------------------------------------------------------------------------------
+
+SMALL = hydra.HydraPolicy(budget_tokens=64, sink_tokens=16, recent_tokens=16)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("T", [1, 15, 17, 97, 4097])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (16, 2)])
+def test_decode_parity_small_policy(T, Hq, Hkv):
+    _need_ops()
+    q, k, v = make_qkv(2, Hq, Hkv, T, seed=T * 31 + Hq, slack=5 * 8)
+    out = nan_like(q)
+    o, lse = hydra.hydra(q, k, v, policy=SMALL, out=out, return_lse=True)
+    assert o is out
+    pages = hydra.select_pages(q, k, policy=SMALL)
+    check_selection(pages, q, k, SMALL)
+    mask = mask_from_pages(pages, T, SMALL.page_size)
+    check_output(o, q, k, v, mask)
+    _, lse_ref = ref.sparse_attention(q, k, v, pages, page_size=SMALL.page_size, return_lse=True)
+    assert torch.allclose(lse, lse_ref.float(), atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T", [4097, 65537])
+@pytest.mark.parametrize("Hq,Hkv", [(8, 8), (32, 8), (16, 2)])
+def test_decode_parity_high(T, Hq, Hkv):
+    _need_ops()
+    q, k, v = make_qkv(1, Hq, Hkv, T, seed=T + Hq)
+    pol = hydra.HydraPolicy()  # the "high" preset
+    summ = hydra.page_summaries(k)
+    for s in (summ, None):
+        o = hydra.hydra(q, k, v, page_summaries=s, out=nan_like(q))
+        pages = hydra.select_pages(q, k, page_summaries=s)
+        check_selection(pages, q, k, pol, summaries=s)
+        check_output(o, q, k, v, mask_from_pages(pages, T, 16))
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("P", [8, 16, 32, 64])
+def test_ragged_seqlens_and_page_sizes(P):
+    _need_ops()
+    B, T = 4, 1000
+    pol = hydra.HydraPolicy(page_size=P, budget_tokens=256, sink_tokens=P, recent_tokens=2 * P)
+    q, k, v = make_qkv(B, 8, 2, T, seed=P, slack=64, q_transposed=True)
+    lens = torch.tensor([1, 255, 256 + P // 2, T], dtype=torch.int32, device=DEV)
+    poison_past(k, v, lens)
+    summ = hydra.page_summaries(k, page_size=P, cache_seqlens=lens)
+    assert torch.equal(summ, ref.page_summaries(k, page_size=P, cache_seqlens=lens))
+    for s in (summ, None):
+        o = hydra.hydra(q, k, v, policy=pol, cache_seqlens=lens, page_summaries=s, out=nan_like(q))
+        pages = hydra.select_pages(q, k, policy=pol, cache_seqlens=lens, page_summaries=s)
+        check_selection(pages, q, k, pol, lens=lens, summaries=s)
+        check_output(o, q, k, v, mask_from_pages(pages, T, P, lens))
+
+
+@pytest.mark.parametrize("T", [1, 17, 4097, 65537])
+def test_page_summaries_bitwise(T):
+    _need_ops()
+    _, k, _ = make_qkv(2, 8, 4, T, seed=T, slack=3 * 8)
+    lens = torch.tensor([max(1, T // 3), T], dtype=torch.int32, device=DEV)
+    for P in (8, 16, 64):
+        got = hydra.page_summaries(k, page_size=P, cache_seqlens=lens)
+        want = ref.page_summaries(k, page_size=P, cache_seqlens=lens)
+        assert torch.equal(got, want), f"P={P}: summaries differ"
+
+
+@pytest.mark.kernels_ci
+def test_exact_modes_equal_dense():
+    _need_ops()
+    B, T = 2, 5000  # the first sequence is longer than the 4096-token budget
+    q, k, v = make_qkv(B, 16, 4, T, seed=7)
+    lens = torch.tensor([T, 1234], dtype=torch.int32, device=DEV)
+    poison_past(k, v, lens)
+    dense = (torch.arange(T, device=DEV).view(1, 1, T) < lens.view(B, 1, 1)).expand(B, 4, T)
+    for kwargs in (dict(precision="exact"), dict(policy_layer_idx=0), dict(policy_layer_idx=1)):
+        o = hydra.hydra(q, k, v, cache_seqlens=lens, out=nan_like(q), **kwargs)
+        check_output(o, q, k, v, dense)
+        pages = hydra.select_pages(q, k, cache_seqlens=lens, **kwargs)
+        assert torch.equal(mask_from_pages(pages, T, 16, lens), dense)
+    # Past dense_layers the layer is sparse again: the first sequence selects, the second is exact.
+    o = hydra.hydra(q, k, v, cache_seqlens=lens, policy_layer_idx=2, out=nan_like(q))
+    pages = hydra.select_pages(q, k, cache_seqlens=lens, policy_layer_idx=2)
+    assert (pages[0] >= 0).sum(-1).eq(256).all() and torch.equal(mask_from_pages(pages, T, 16, lens)[1], dense[1])
+    check_output(o, q, k, v, mask_from_pages(pages, T, 16, lens))
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("W", [1, 100, 512, 5000])
+def test_sliding_window(W):
+    _need_ops()
+    B, T = 2, 2049
+    q, k, v = make_qkv(B, 8, 2, T, seed=W)
+    lens = torch.tensor([T, 700], dtype=torch.int32, device=DEV)
+    poison_past(k, v, lens)
+    o = hydra.hydra(q, k, v, sliding_window=W, cache_seqlens=lens, out=nan_like(q))
+    tok = torch.arange(T, device=DEV).view(1, 1, T)
+    mask = ((tok < lens.view(B, 1, 1)) & (tok >= (lens.view(B, 1, 1) - W))).expand(B, 2, T)
+    check_output(o, q, k, v, mask)
+
+
+@pytest.mark.kernels_ci
+def test_sparse_attention_padding_and_duplicates():
+    _need_ops()
+    T, P = 1000, 16
+    q, k, v = make_qkv(1, 8, 2, T, seed=3)
+    pages = torch.tensor([[[0, 3, 3, 7, 62, -1, -1], [5, 5, 5, 6, 10, 11, -1]]], dtype=torch.int32, device=DEV)
+    o, lse = hydra.sparse_attention(q, k, v, pages, page_size=P, return_lse=True, out=nan_like(q))
+    mask = mask_from_pages(pages, T, P)
+    check_output(o, q, k, v, mask)
+    _, lse_ref = ref.sparse_attention(q, k, v, pages, page_size=P, return_lse=True)
+    assert torch.allclose(lse, lse_ref.float(), atol=2e-3)
+
+
+def test_selection_million_pages():
+    """2^20 pages per sequence (16M tokens) through cached summaries; k is a zero-stride view."""
+    _need_ops()
+    P, n_pages = 16, 1 << 20
+    T = n_pages * P
+    g = torch.Generator(device=DEV).manual_seed(11)
+    q = torch.randn(1, 4, 1, 128, device=DEV, generator=g).to(BF16)
+    k = torch.randn(1, 1, 1, 128, device=DEV, generator=g).to(BF16).expand(1, 1, T, 128)
+    base = torch.randn(1, 1, n_pages, 1, 128, device=DEV, generator=g)
+    spread = torch.rand(1, 1, n_pages, 1, 128, device=DEV, generator=g)
+    summ = torch.cat([base - spread, base + spread], dim=3).to(BF16)
+    pol = hydra.HydraPolicy()
+    pages = hydra.select_pages(q, k, page_summaries=summ)
+    scores = ref.page_scores(q, summ)[0, 0]
+    sel = pages[0, 0]
+    assert (sel >= 0).all() and (sel[1:] > sel[:-1]).all()
+    forced = set(range(pol.sink_pages)) | set(range((T - pol.recent_tokens) // P, n_pages))
+    chosen = set(sel.tolist())
+    assert forced <= chosen
+    scored = torch.tensor(sorted(chosen - forced), device=DEV)
+    cand = torch.ones(n_pages, dtype=torch.bool, device=DEV)
+    cand[list(forced)] = False
+    cand[scored] = False
+    worst_chosen = scores[scored].min().item()
+    best_left = scores[cand].max().item()
+    assert worst_chosen >= best_left - 1e-3 * abs(best_left)
+
+
+@pytest.mark.kernels_ci
+def test_cuda_graph_replay_matches_eager():
+    _need_ops()
+    B, T = 2, 9000
+    q, k, v = make_qkv(B, 32, 8, T, seed=5)
+    lens = torch.tensor([T, 5000], dtype=torch.int32, device=DEV)
+    summ = hydra.page_summaries(k, cache_seqlens=lens)
+    out = torch.empty_like(q)
+    step = lambda: hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ, out=out)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in range(3):
+        q2, k2, v2 = make_qkv(B, 32, 8, T, seed=100 + seed)
+        q.copy_(q2); k.copy_(k2); v.copy_(v2)
+        lens.copy_(torch.tensor([T - 37 * seed, 4000 + 999 * seed], dtype=torch.int32))
+        summ.copy_(hydra.page_summaries(k, cache_seqlens=lens))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ)
+        assert torch.equal(out, eager), f"replay {seed} differs from eager"
+
+
+@pytest.mark.kernels_ci
+def test_torch_compile_fullgraph():
+    _need_ops()
+    q, k, v = make_qkv(1, 8, 2, 5000, seed=9)
+
+    def f(q, k, v):
+        return hydra.hydra(q, k, v) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(q, k, v), f(q, k, v))
+
+
+@pytest.mark.kernels_ci
+def test_opcheck_every_op():
+    _need_ops()
+    from hydra import add_op_namespace_prefix, ops
+
+    q, k, v = make_qkv(1, 8, 2, 700, seed=13)
+    lens = torch.tensor([650], dtype=torch.int32, device=DEV)
+    summ = hydra.page_summaries(k, cache_seqlens=lens)
+    torch.library.opcheck(ops.page_summaries.default, (k, lens, 16, summ))
+    pages = torch.empty(1, 2, 16, dtype=torch.int32, device=DEV)
+    torch.library.opcheck(ops.select_pages.default, (q, k, summ, lens, 16, 64, 64, 256, pages))
+    out = torch.empty_like(q)
+    lse = torch.empty(1, 8, 1, dtype=torch.float32, device=DEV)
+    torch.library.opcheck(ops.decode.default, (q, k, v, None, summ, lens, 16, 64, 64, 256, 0, 0.088, out, lse))
+    torch.library.opcheck(ops.decode.default, (q, k, v, pages, None, lens, 16, 0, 0, 0, 0, 0.088, out, lse))
+    assert add_op_namespace_prefix("decode").endswith("::decode")

@@ -1,0 +1,221 @@
+"""Every SPEC section 3 input error: the exception type and a message that names the
+argument and shows the received value. Structural checks run before the device
+check, so all but the device cases run on a CPU-only machine."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import hydra
+from conftest import HAS_CUDA
+
+BF16 = torch.bfloat16
+
+
+def qkv(B=2, Hq=8, Hkv=2, Tq=1, Tkv=100, D=128, dtype=BF16, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, Hq, Tq, D, generator=g).to(dtype).to(device)
+    k = torch.randn(B, Hkv, Tkv, D, generator=g).to(dtype).to(device)
+    v = torch.randn(B, Hkv, Tkv, D, generator=g).to(dtype).to(device)
+    return q, k, v
+
+
+def raises(exc, pattern):
+    return pytest.raises(exc, match=re.escape(pattern))
+
+
+def test_cpu_tensors_rejected():
+    q, k, v = qkv()
+    with raises(ValueError, "hydra: q must be a CUDA tensor, got device cpu"):
+        hydra.hydra(q, k, v)
+
+
+def test_not_a_tensor():
+    q, k, v = qkv()
+    with raises(TypeError, "hydra: k must be a torch.Tensor, got list"):
+        hydra.hydra(q, [1, 2], v)
+
+
+def test_dtype_mismatch_names_tensor_and_dtype():
+    q, k, v = qkv()
+    with raises(TypeError, "hydra: k must be bf16 like q, got torch.float32"):
+        hydra.hydra(q, k.float(), v)
+    with raises(TypeError, "hydra: v must be bf16 like q, got torch.float16"):
+        hydra.hydra(q, k, v.half())
+    with raises(TypeError, "hydra: q must be bf16 (fp16 is planned), got torch.float16"):
+        hydra.hydra(q.half(), k.half(), v.half())
+
+
+def test_unsupported_head_dim():
+    q, k, v = qkv(D=96)
+    with raises(ValueError, "hydra: head dim D must be one of (128,) (64 and 256 are planned), got D=96"):
+        hydra.hydra(q, k, v)
+
+
+def test_gqa_divisibility():
+    q, k, v = qkv(Hq=6, Hkv=4)
+    with raises(ValueError, "hydra: Hq must be a multiple of Hkv, got Hq=6, Hkv=4"):
+        hydra.hydra(q, k, v)
+
+
+def test_group_too_large():
+    q, k, v = qkv(Hq=32, Hkv=2)
+    with raises(ValueError, "got Hq=32, Hkv=2"):
+        hydra.hydra(q, k, v)
+
+
+def test_mismatched_batch_dim_and_length():
+    q, k, v = qkv()
+    k3 = torch.randn(3, 2, 100, 128).to(BF16)
+    with raises(ValueError, "hydra: k batch size must match q's (2), got k.shape=(3, 2, 100, 128)"):
+        hydra.hydra(q, k3, v)
+    k64 = torch.randn(2, 2, 100, 64).to(BF16)
+    with raises(ValueError, "hydra: k head dim must match q's (128), got k.shape=(2, 2, 100, 64)"):
+        hydra.hydra(q, k64, v)
+    with raises(ValueError, "hydra: v must have k's shape (2, 2, 100, 128) (same Hkv and Tkv), got (2, 2, 99, 128)"):
+        hydra.hydra(q, k, v[:, :, :99])
+
+
+def test_rank():
+    q, k, v = qkv()
+    with raises(ValueError, "hydra: q must be 4-D (B, Hq, Tq, D), got shape (2, 8, 128)"):
+        hydra.hydra(q[:, :, 0], k, v)
+
+
+def test_is_causal_false():
+    q, k, v = qkv()
+    with raises(ValueError, "hydra: is_causal must be True (hydra is causal attention), got False"):
+        hydra.hydra(q, k, v, is_causal=False)
+
+
+def test_unknown_precision_lists_valid_ones():
+    q, k, v = qkv()
+    with raises(ValueError, "hydra: precision must be one of ['balanced', 'exact', 'fast', 'high'], got 'ultra'"):
+        hydra.hydra(q, k, v, precision="ultra")
+
+
+def test_unsupported_tq():
+    q, k, v = qkv(Tq=0)
+    with raises(ValueError, "hydra: q must hold at least one query (Tq >= 1), got Tq=0"):
+        hydra.hydra(q, k, v)
+    q, k, v = qkv(Tq=200, Tkv=100)
+    with raises(ValueError, "got Tq=200 > Tkv=100"):
+        hydra.hydra(q, k, v)
+
+
+def test_prefill_block_size():
+    q, k, v = qkv(Tq=100, Tkv=100)
+    with raises(ValueError, "hydra: prefill needs T % block_size == 0, got T=100, block_size=64"):
+        hydra.hydra(q, k, v)
+
+
+def test_cache_seqlens_dtype_and_shape():
+    q, k, v = qkv()
+    with raises(TypeError, "hydra: cache_seqlens must be int32, got torch.int64"):
+        hydra.hydra(q, k, v, cache_seqlens=torch.tensor([5, 6]))
+    with raises(ValueError, "hydra: cache_seqlens must have shape (2,), got (3,)"):
+        hydra.hydra(q, k, v, cache_seqlens=torch.tensor([5, 6, 7], dtype=torch.int32))
+    with raises(TypeError, "hydra: cache_seqlens must be a torch.Tensor, got list"):
+        hydra.hydra(q, k, v, cache_seqlens=[5, 6])
+
+
+def test_page_summaries_shape_must_fit_k_and_policy():
+    q, k, v = qkv(Tkv=100)
+    bad = torch.zeros(2, 2, 6, 2, 128, dtype=BF16)  # 100 tokens / 16 -> 7 pages
+    with raises(ValueError, "hydra: page_summaries must have shape (2, 2, 7, 2, 128) for k (2, 2, 100, 128) "
+                            "and page_size=16, got (2, 2, 6, 2, 128)"):
+        hydra.hydra(q, k, v, page_summaries=bad)
+    eight = torch.zeros(2, 2, 7, 2, 128, dtype=BF16)
+    with raises(ValueError, "page_size=8, got (2, 2, 7, 2, 128)"):
+        hydra.hydra(q, k, v, page_summaries=eight, policy=hydra.HydraPolicy(page_size=8))
+    with raises(TypeError, "hydra: page_summaries must be torch.bfloat16 like k, got torch.float32"):
+        hydra.hydra(q, k, v, page_summaries=eight.float())
+
+
+@pytest.mark.parametrize("w", [0, -5, 2.5, True, "64"])
+def test_unsupported_sliding_window(w):
+    q, k, v = qkv()
+    with raises(ValueError, f"hydra: sliding_window must be None or a positive int, got {w!r}"):
+        hydra.hydra(q, k, v, sliding_window=w)
+
+
+def test_policy_layer_idx_and_scale_and_out():
+    q, k, v = qkv()
+    with raises(ValueError, "hydra: policy_layer_idx must be >= 0, got -1"):
+        hydra.hydra(q, k, v, policy_layer_idx=-1)
+    with raises(ValueError, "hydra: scale must be a finite positive number, got nan"):
+        hydra.hydra(q, k, v, scale=float("nan"))
+    with raises(ValueError, "hydra: out must have q's shape (2, 8, 1, 128), got (2, 8, 1, 64)"):
+        hydra.hydra(q, k, v, out=torch.empty(2, 8, 1, 64, dtype=BF16))
+
+
+def test_strides():
+    q, k, v = qkv()
+    kt = torch.randn(2, 2, 128, 100).to(BF16).transpose(2, 3)
+    with raises(ValueError, "hydra: k must have a contiguous last dimension, got strides (25600, 12800, 1, 100)"):
+        hydra.hydra(q, kt, v)
+
+
+def test_policy_fields():
+    with raises(ValueError, "hydra: HydraPolicy.page_size must be a power of two in [8, 64], got 12"):
+        hydra.HydraPolicy(page_size=12)
+    with raises(ValueError, "hydra: HydraPolicy.budget_tokens must be a positive multiple of page_size (16), got 1000"):
+        hydra.HydraPolicy(budget_tokens=1000)
+    with raises(ValueError, "hydra: HydraPolicy.scorer must be one of ('quest_sum',), got 'max'"):
+        hydra.HydraPolicy(scorer="max")
+    with raises(ValueError, "leaves no room for scored pages"):
+        hydra.HydraPolicy(budget_tokens=512, recent_tokens=512)
+
+
+def test_select_pages_and_summaries_and_sparse_attention_validate():
+    q, k, v = qkv()
+    with raises(ValueError, "hydra: select_pages does not apply to sliding-window layers (sliding_window=64)"):
+        hydra.select_pages(q, k, sliding_window=64)
+    with raises(ValueError, "hydra: page_size must be a power of two in [8, 64], got 48"):
+        hydra.page_summaries(k, page_size=48)
+    pages = torch.zeros(2, 2, 4, dtype=torch.int64)
+    with raises(TypeError, "hydra: pages must be int32, got torch.int64"):
+        hydra.sparse_attention(q, k, v, pages)
+    with raises(ValueError, "hydra: pages must have shape (2, 2, n >= 1), got (2, 3, 4)"):
+        hydra.sparse_attention(q, k, v, torch.zeros(2, 3, 4, dtype=torch.int32))
+
+
+def test_chunked_prefill_not_implemented():
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU: the device check comes before the NotImplementedError")
+    q, k, v = qkv(Tq=3, Tkv=100, device="cuda")
+    with raises(NotImplementedError, "hydra: 1 < Tq < Tkv (chunked prefill / speculative verification) is planned, "
+                                     "got Tq=3, Tkv=100"):
+        hydra.hydra(q, k, v)
+
+
+@pytest.mark.gpu
+def test_mixed_devices_and_seqlens_values(monkeypatch):
+    q, k, v = qkv(device="cuda")
+    with raises(ValueError, "hydra: v must be on q's device cuda:0, got cpu"):
+        hydra.hydra(q, k, v.cpu())
+    with raises(ValueError, "hydra: cache_seqlens must be on q's device cuda:0, got cpu"):
+        hydra.hydra(q, k, v, cache_seqlens=torch.tensor([5, 6], dtype=torch.int32))
+    hydra.set_debug(True)
+    try:
+        with raises(ValueError, "hydra: cache_seqlens values must lie in [1, Tkv=100], got min=0, max=101"):
+            hydra.hydra(q, k, v, cache_seqlens=torch.tensor([0, 101], dtype=torch.int32, device="cuda"))
+    finally:
+        hydra.set_debug(False)
+
+
+@pytest.mark.gpu
+def test_errors_raise_before_any_kernel(monkeypatch):
+    class NoKernels:
+        def __getattr__(self, name):
+            raise AssertionError(f"kernel {name} launched before validation finished")
+
+    monkeypatch.setattr(hydra, "ops", NoKernels())
+    q, k, v = qkv(device="cuda")
+    for kwargs in (dict(precision="x"), dict(sliding_window=0), dict(is_causal=False),
+                   dict(cache_seqlens=torch.ones(2, dtype=torch.int64, device="cuda"))):
+        with pytest.raises((ValueError, TypeError)):
+            hydra.hydra(q, k, v, **kwargs)

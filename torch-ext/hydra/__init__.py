@@ -1,0 +1,240 @@
+"""hydra: bounded-budget sparse attention for long-context decode.
+
+Each decode step attends to sink tokens, a recent window and the older KV pages
+that score highest for the current query (Quest's bound summed over the GQA
+group), through one fused split-KV attention kernel. See README.md and SPEC.md.
+
+>>> out = hydra.hydra(q, k, v)                       # q (B, Hq, 1, D), k/v (B, Hkv, T, D), bf16, CUDA
+>>> summ = hydra.page_summaries(k)                   # cache these; each step then reads 1/8 of K
+>>> out = hydra.hydra(q, k, v, page_summaries=summ)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import reference
+from ._ops import add_op_namespace_prefix, ops
+from ._validate import (
+    check_cache_seqlens_values,
+    check_pages_values,
+    validate_decode_call,
+    validate_page_summaries_call,
+    validate_sparse_attention_call,
+)
+from .policy import PRESETS, SCORERS, HydraPolicy, resolve_policy
+
+__all__ = [
+    "hydra",
+    "select_pages",
+    "sparse_attention",
+    "page_summaries",
+    "HydraPolicy",
+    "PRESETS",
+    "SCORERS",
+    "reference",
+    "set_debug",
+    "source_digest",
+]
+
+__version__ = "0.1.0"
+
+# Value checks on device tensors (cache_seqlens bounds, page order) need a host
+# sync, so they run only in debug mode: HYDRA_DEBUG=1 or hydra.set_debug(True).
+_debug = os.environ.get("HYDRA_DEBUG", "0") == "1"
+
+
+def set_debug(enabled: bool = True) -> None:
+    """Turn on checks that read device tensors (and so sync the host)."""
+    global _debug
+    _debug = bool(enabled)
+
+
+def source_digest(root=None) -> str:
+    """sha256 over csrc/ and torch-ext/ of a source checkout (see hydra.evidence)."""
+    from .evidence import source_digest as _digest
+
+    return _digest(root)
+
+
+def _require_ops():
+    if ops is None:
+        from . import _ops as _loader
+
+        raise RuntimeError(
+            "hydra: the CUDA extension is not available "
+            f"({getattr(_loader, 'build_error', None)}); hydra.reference runs the same contract in PyTorch")
+
+
+_PRESET_POLICIES = {name: resolve_policy(name) for name in PRESETS}
+
+
+def _policy(precision, policy) -> HydraPolicy:
+    if policy is None and isinstance(precision, str) and precision in _PRESET_POLICIES:
+        return _PRESET_POLICIES[precision]
+    return resolve_policy(precision, policy)
+
+
+def _is_exact(pol: HydraPolicy, policy_layer_idx) -> bool:
+    return pol.exact or (policy_layer_idx is not None and policy_layer_idx < pol.dense_layers)
+
+
+def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None, precision="high",
+          policy=None, cache_seqlens=None, page_summaries=None, scale=None, return_lse=False, out=None):
+    """Causal attention over a bounded resident set of the KV cache.
+
+    Parameters
+    ----------
+    q : Tensor (B, Hq, Tq, D), bf16, CUDA. Tq == 1 is decode.
+    k, v : Tensor (B, Hkv, Tkv, D), bf16, on q's device. ``Hq % Hkv == 0``. Only the
+        last dimension must be contiguous: ``K[:, :, :T]`` of a larger cache works.
+    is_causal : must be True.
+    sliding_window : int, optional. Marks a sliding-window layer: attend exactly the
+        last ``sliding_window`` valid tokens, with no selection.
+    policy_layer_idx : int, optional. Layers below ``policy.dense_layers`` attend densely.
+    precision : "high" (default), "balanced", "fast" or "exact".
+    policy : HydraPolicy, optional. Fields that differ from the defaults override the preset.
+    cache_seqlens : int32 Tensor (B,), optional. Valid length of each sequence (<= Tkv);
+        later positions are never read.
+    page_summaries : Tensor (B, Hkv, ceil(Tkv / page_size), 2, D), optional. Cached
+        output of :func:`page_summaries`; without it each step reads all of K to score pages.
+    scale : float, optional. Softmax scale, default ``1 / sqrt(D)``.
+    return_lse : bool. Also return the fp32 (B, Hq, Tq) natural-log sum-exp.
+    out : Tensor like q, optional. Written in place and returned.
+
+    Returns
+    -------
+    Tensor (B, Hq, Tq, D) in q's dtype, and the LSE if ``return_lse``.
+
+    Examples
+    --------
+    >>> o = hydra.hydra(q, k, v, precision="balanced", cache_seqlens=lens)
+    """
+    pol = _policy(precision, policy)
+    info = validate_decode_call(q, k, v, is_causal=is_causal, sliding_window=sliding_window,
+                                policy_layer_idx=policy_layer_idx, policy=pol, cache_seqlens=cache_seqlens,
+                                page_summaries=page_summaries, scale=scale, out=out)
+    if _debug and cache_seqlens is not None:
+        check_cache_seqlens_values(cache_seqlens, k.shape[2])
+    _require_ops()
+    B, Hq, _, D = q.shape
+    if sliding_window is not None:
+        budget, window = 0, int(sliding_window)
+    elif _is_exact(pol, policy_layer_idx):
+        budget, window = 0, 0
+    else:
+        budget, window = pol.budget_tokens, 0
+    if out is None:
+        out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, 1), dtype=torch.float32, device=q.device)
+    ops.decode(q, k, v, None, page_summaries if budget > 0 else None, cache_seqlens, pol.page_size,
+               pol.sink_tokens, pol.recent_tokens, budget, window, info["scale"], out, lse)
+    return (out, lse) if return_lse else out
+
+
+def select_pages(q, k, *, is_causal=True, sliding_window=None, policy_layer_idx=None, precision="high",
+                 policy=None, cache_seqlens=None, page_summaries=None):
+    """The pages a decode step attends to, per (sequence, KV head).
+
+    Returns
+    -------
+    int32 Tensor (B, Hkv, n_sel): ascending page indices padded with -1, where
+    ``n_sel = budget_tokens // page_size``, or ``ceil(Tkv / page_size)`` for the
+    exact cases known from the arguments (precision "exact", dense layers).
+    Sequences with ``L <= budget_tokens`` list all their pages.
+    """
+    if sliding_window is not None:
+        raise ValueError(f"hydra: select_pages does not apply to sliding-window layers "
+                         f"(sliding_window={sliding_window!r}); they attend exactly the last window")
+    pol = _policy(precision, policy)
+    validate_decode_call(q, k, None, is_causal=is_causal, sliding_window=sliding_window,
+                         policy_layer_idx=policy_layer_idx, policy=pol, cache_seqlens=cache_seqlens,
+                         page_summaries=page_summaries, scale=None, out=None)
+    _require_ops()
+    B, Hkv, Tkv, _ = k.shape
+    P = pol.page_size
+    if _is_exact(pol, policy_layer_idx):
+        n_pages = -(-Tkv // P)
+        idx = torch.arange(n_pages, dtype=torch.int32, device=q.device).expand(B, Hkv, n_pages)
+        lens = cache_seqlens if cache_seqlens is not None else torch.full((B,), Tkv, dtype=torch.int32,
+                                                                            device=q.device)
+        valid = idx < ((lens + (P - 1)) // P).view(B, 1, 1)
+        return torch.where(valid, idx, torch.full_like(idx, -1)).contiguous()
+    pages = torch.empty((B, Hkv, pol.n_sel), dtype=torch.int32, device=q.device)
+    ops.select_pages(q, k, page_summaries, cache_seqlens, P, pol.sink_tokens, pol.recent_tokens,
+                     pol.budget_tokens, pages)
+    return pages
+
+
+def sparse_attention(q, k, v, pages, *, page_size=16, cache_seqlens=None, scale=None, return_lse=False,
+                     out=None):
+    """Decode attention over an explicit page list.
+
+    Parameters
+    ----------
+    q : (B, Hq, 1, D); k, v : (B, Hkv, Tkv, D), bf16, CUDA.
+    pages : int32 (B, Hkv, n). Ascending page indices per (sequence, KV head), as
+        :func:`select_pages` returns them; -1 entries are skipped and a page repeated
+        in consecutive entries is attended once. Tokens ``>= L`` are never read.
+    page_size : tokens per page (power of two, 8..64).
+
+    Returns
+    -------
+    (B, Hq, 1, D) in q's dtype, plus the fp32 (B, Hq, 1) LSE if ``return_lse``.
+    """
+    info = validate_sparse_attention_call(q, k, v, pages, page_size=page_size, cache_seqlens=cache_seqlens,
+                                          scale=scale, out=out)
+    if _debug:
+        if cache_seqlens is not None:
+            check_cache_seqlens_values(cache_seqlens, k.shape[2])
+        check_pages_values(pages)
+    _require_ops()
+    B, Hq, _, D = q.shape
+    if out is None:
+        out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, 1), dtype=torch.float32, device=q.device)
+    ops.decode(q, k, v, pages, None, cache_seqlens, page_size, 0, 0, 0, 0, info["scale"], out, lse)
+    return (out, lse) if return_lse else out
+
+
+def page_summaries(k, *, page_size=16, cache_seqlens=None):
+    """Elementwise min and max of the keys over each page.
+
+    Returns
+    -------
+    Tensor (B, Hkv, ceil(Tkv / page_size), 2, D) in k's dtype: ``[..., 0, :]`` is the
+    min and ``[..., 1, :]`` the max over the page's valid tokens (``< L``). Pages with
+    no valid token hold +inf / -inf.
+
+    Examples
+    --------
+    >>> summ = hydra.page_summaries(k, cache_seqlens=lens)  # reuse across decode steps
+    """
+    validate_page_summaries_call(k, page_size=page_size, cache_seqlens=cache_seqlens)
+    if _debug and cache_seqlens is not None:
+        check_cache_seqlens_values(cache_seqlens, k.shape[2])
+    _require_ops()
+    B, Hkv, Tkv, D = k.shape
+    out = torch.empty((B, Hkv, -(-Tkv // page_size), 2, D), dtype=k.dtype, device=k.device)
+    ops.page_summaries(k, cache_seqlens, page_size, out)
+    return out
+
+
+if ops is not None:
+
+    @torch.library.register_fake(add_op_namespace_prefix("page_summaries"))
+    def _page_summaries_fake(k, cache_seqlens, page_size, out):
+        return None
+
+    @torch.library.register_fake(add_op_namespace_prefix("select_pages"))
+    def _select_pages_fake(q, k, summaries, cache_seqlens, page_size, sink_tokens, recent_tokens,
+                           budget_tokens, pages):
+        return None
+
+    @torch.library.register_fake(add_op_namespace_prefix("decode"))
+    def _decode_fake(q, k, v, pages, summaries, cache_seqlens, page_size, sink_tokens, recent_tokens,
+                     budget_tokens, window, scale, out, lse):
+        return None

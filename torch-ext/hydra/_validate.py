@@ -1,0 +1,224 @@
+"""Argument checks, run before any kernel. Messages name the argument and show the value.
+
+Structural checks (types, ranks, shapes, dtypes, strides) come before the device
+check, so every message except the device one can be exercised on a CPU-only
+machine. Nothing here reads a device tensor's values: those checks
+(``check_*_values``) sync the host and run only in debug mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SUPPORTED_HEAD_DIMS = (128,)
+SUPPORTED_DTYPES = (torch.bfloat16,)
+MAX_GROUP = 8
+_ALIGN = 8  # elements: 16-byte vector loads need every row to start 16-byte aligned
+
+
+def _tensor(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"hydra: {name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _int_arg(x, name, minimum):
+    if not isinstance(x, int) or isinstance(x, bool):
+        raise TypeError(f"hydra: {name} must be an int, got {x!r}")
+    if x < minimum:
+        raise ValueError(f"hydra: {name} must be >= {minimum}, got {x}")
+
+
+def _qkv(q, k, v):
+    """Ranks, dtypes, head dims, GQA group, matching B/D/Tkv and strides of q, k, v."""
+    _tensor(q, "q")
+    _tensor(k, "k")
+    if v is not None:
+        _tensor(v, "v")
+    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    for name, t in named:
+        if t.dim() != 4:
+            layout = "(B, Hq, Tq, D)" if name == "q" else "(B, Hkv, Tkv, D)"
+            raise ValueError(f"hydra: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"hydra: q must be bf16 (fp16 is planned), got {q.dtype}")
+    for name, t in named[1:]:
+        if t.dtype != q.dtype:
+            raise TypeError(f"hydra: {name} must be bf16 like q, got {t.dtype}")
+    B, Hq, Tq, D = q.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"hydra: head dim D must be one of {SUPPORTED_HEAD_DIMS} (64 and 256 are planned), "
+                         f"got D={D}")
+    for name, t in named[1:]:
+        if t.shape[0] != B:
+            raise ValueError(f"hydra: {name} batch size must match q's ({B}), got {name}.shape={tuple(t.shape)}")
+        if t.shape[3] != D:
+            raise ValueError(f"hydra: {name} head dim must match q's ({D}), got {name}.shape={tuple(t.shape)}")
+    Hkv, Tkv = k.shape[1], k.shape[2]
+    if v is not None and tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"hydra: v must have k's shape {tuple(k.shape)} (same Hkv and Tkv), "
+                         f"got {tuple(v.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"hydra: Hq must be a multiple of Hkv, got Hq={Hq}, Hkv={Hkv}")
+    if Hq // Hkv > MAX_GROUP:
+        raise ValueError(f"hydra: GQA group Hq/Hkv must be <= {MAX_GROUP} (larger groups are planned), "
+                         f"got Hq={Hq}, Hkv={Hkv}")
+    if Tkv < 1:
+        raise ValueError(f"hydra: k must hold at least one token, got Tkv={Tkv}")
+    for name, t in named:
+        if t.stride(-1) != 1:
+            raise ValueError(f"hydra: {name} must have a contiguous last dimension, got strides {t.stride()}")
+        if any(s % _ALIGN for s in t.stride()[:-1]):
+            raise ValueError(f"hydra: {name} strides must be multiples of {_ALIGN} elements (16 bytes), "
+                             f"got strides {t.stride()}")
+    return B, Hq, Tq, D, Hkv, Tkv
+
+
+def _devices(named):
+    """All tensors on one CUDA device (checked last: see the module docstring)."""
+    first_name, first = named[0]
+    if first.device.type != "cuda":
+        raise ValueError(f"hydra: {first_name} must be a CUDA tensor, got device {first.device}")
+    for name, t in named[1:]:
+        if t is not None and t.device != first.device:
+            raise ValueError(f"hydra: {name} must be on {first_name}'s device {first.device}, got {t.device}")
+
+
+def _scale(scale, D):
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"hydra: scale must be a finite positive number, got {scale!r}")
+    return float(scale)
+
+
+def _cache_seqlens(cache_seqlens, B):
+    if cache_seqlens is None:
+        return
+    _tensor(cache_seqlens, "cache_seqlens")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"hydra: cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"hydra: cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
+    if not cache_seqlens.is_contiguous():
+        raise ValueError(f"hydra: cache_seqlens must be contiguous, got strides {cache_seqlens.stride()}")
+
+
+def _out(out, q):
+    if out is None:
+        return
+    _tensor(out, "out")
+    if tuple(out.shape) != tuple(q.shape):
+        raise ValueError(f"hydra: out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    if out.dtype != q.dtype:
+        raise TypeError(f"hydra: out must be {q.dtype} like q, got {out.dtype}")
+    if out.stride(-1) != 1:
+        raise ValueError(f"hydra: out must have a contiguous last dimension, got strides {out.stride()}")
+
+
+def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx, policy, cache_seqlens,
+                         page_summaries, scale, out):
+    """Checks for hydra.hydra / hydra.select_pages. Returns {"scale": float}."""
+    if is_causal is not True:
+        raise ValueError(f"hydra: is_causal must be True (hydra is causal attention), got {is_causal!r}")
+    B, Hq, Tq, D, Hkv, Tkv = _qkv(q, k, v)
+    if sliding_window is not None:
+        if not isinstance(sliding_window, int) or isinstance(sliding_window, bool) or sliding_window < 1:
+            raise ValueError(f"hydra: sliding_window must be None or a positive int, got {sliding_window!r}")
+    if policy_layer_idx is not None:
+        _int_arg(policy_layer_idx, "policy_layer_idx", 0)
+    scale = _scale(scale, D)
+    _cache_seqlens(cache_seqlens, B)
+    if page_summaries is not None:
+        _tensor(page_summaries, "page_summaries")
+        n_pages = -(-Tkv // policy.page_size)
+        want = (B, Hkv, n_pages, 2, D)
+        if tuple(page_summaries.shape) != want:
+            raise ValueError(f"hydra: page_summaries must have shape {want} for k {tuple(k.shape)} and "
+                             f"page_size={policy.page_size}, got {tuple(page_summaries.shape)}")
+        if page_summaries.dtype != k.dtype:
+            raise TypeError(f"hydra: page_summaries must be {k.dtype} like k, got {page_summaries.dtype}")
+        if page_summaries.stride(-1) != 1 or page_summaries.stride(-2) != D or \
+                any(s % _ALIGN for s in page_summaries.stride()[:-1]):
+            raise ValueError(f"hydra: page_summaries needs a contiguous (2, D) block per page and 16-byte "
+                             f"aligned strides, got strides {page_summaries.stride()}")
+    _out(out, q)
+    if Tq < 1:
+        raise ValueError(f"hydra: q must hold at least one query (Tq >= 1), got Tq={Tq}")
+    if Tq > Tkv:
+        raise ValueError(f"hydra: Tq must be 1 (decode) or equal Tkv (prefill), got Tq={Tq} > Tkv={Tkv}")
+    if Tq == Tkv and Tq > 1:
+        if cache_seqlens is not None:
+            raise ValueError("hydra: cache_seqlens is a decode argument; prefill (Tq == Tkv) got one")
+        if sliding_window is None and Tq % policy.block_size != 0:
+            raise ValueError(f"hydra: prefill needs T % block_size == 0, got T={Tq}, "
+                             f"block_size={policy.block_size}")
+    _devices([("q", q), ("k", k), ("v", v), ("cache_seqlens", cache_seqlens),
+              ("page_summaries", page_summaries), ("out", out)])
+    if Tq == Tkv and Tq > 1:
+        raise NotImplementedError(
+            f"hydra: causal prefill (Tq == Tkv == {Tq}) has no CUDA kernel yet (planned); "
+            "hydra.reference.hydra computes it")
+    if 1 < Tq < Tkv:
+        raise NotImplementedError(
+            f"hydra: 1 < Tq < Tkv (chunked prefill / speculative verification) is planned, got Tq={Tq}, "
+            f"Tkv={Tkv}")
+    return {"scale": scale}
+
+
+def validate_sparse_attention_call(q, k, v, pages, *, page_size, cache_seqlens, scale, out):
+    B, Hq, Tq, D, Hkv, Tkv = _qkv(q, k, v)
+    if Tq != 1:
+        raise ValueError(f"hydra: sparse_attention is decode attention (Tq == 1), got Tq={Tq}")
+    _int_arg(page_size, "page_size", 1)
+    if page_size & (page_size - 1) or not 8 <= page_size <= 64:
+        raise ValueError(f"hydra: page_size must be a power of two in [8, 64], got {page_size}")
+    _tensor(pages, "pages")
+    if pages.dtype != torch.int32:
+        raise TypeError(f"hydra: pages must be int32, got {pages.dtype}")
+    if pages.dim() != 3 or tuple(pages.shape[:2]) != (B, Hkv) or pages.shape[2] < 1:
+        raise ValueError(f"hydra: pages must have shape ({B}, {Hkv}, n >= 1), got {tuple(pages.shape)}")
+    if pages.stride(-1) != 1:
+        raise ValueError(f"hydra: pages must have a contiguous last dimension, got strides {pages.stride()}")
+    scale = _scale(scale, D)
+    _cache_seqlens(cache_seqlens, B)
+    _out(out, q)
+    _devices([("q", q), ("k", k), ("v", v), ("pages", pages), ("cache_seqlens", cache_seqlens), ("out", out)])
+    return {"scale": scale}
+
+
+def validate_page_summaries_call(k, *, page_size, cache_seqlens):
+    _tensor(k, "k")
+    if k.dim() != 4:
+        raise ValueError(f"hydra: k must be 4-D (B, Hkv, Tkv, D), got shape {tuple(k.shape)}")
+    if k.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"hydra: k must be bf16 (fp16 is planned), got {k.dtype}")
+    if k.shape[3] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"hydra: head dim D must be one of {SUPPORTED_HEAD_DIMS}, got D={k.shape[3]}")
+    if k.shape[2] < 1:
+        raise ValueError(f"hydra: k must hold at least one token, got Tkv={k.shape[2]}")
+    _int_arg(page_size, "page_size", 1)
+    if page_size & (page_size - 1) or not 8 <= page_size <= 64:
+        raise ValueError(f"hydra: page_size must be a power of two in [8, 64], got {page_size}")
+    if k.stride(-1) != 1 or any(s % _ALIGN for s in k.stride()[:-1]):
+        raise ValueError(f"hydra: k must have a contiguous last dimension and 16-byte aligned strides, "
+                         f"got strides {k.stride()}")
+    _cache_seqlens(cache_seqlens, k.shape[0])
+    _devices([("k", k), ("cache_seqlens", cache_seqlens)])
+
+
+def check_cache_seqlens_values(cache_seqlens, Tkv):
+    """Debug only: reads the device tensor (host sync)."""
+    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if lo < 1 or hi > Tkv:
+        raise ValueError(f"hydra: cache_seqlens values must lie in [1, Tkv={Tkv}], got min={lo}, max={hi}")
+
+
+def check_pages_values(pages):
+    """Debug only: valid entries must ascend along the last dimension."""
+    big = torch.iinfo(torch.int32).max
+    filled = torch.where(pages < 0, torch.full_like(pages, big), pages)
+    if pages.shape[-1] > 1 and bool((filled[..., 1:] < filled[..., :-1]).any()):
+        raise ValueError("hydra: pages must list ascending page indices per (sequence, KV head) "
+                         "with -1 padding at the end")

@@ -1,0 +1,142 @@
+"""Selection policy: presets and the ``HydraPolicy`` record.
+
+The policy says which tokens a decode step attends to (SPEC section 2):
+sink tokens, a recent window, and the ``budget_tokens // page_size - |sink U recent|``
+older pages that score highest for the current query.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+__all__ = ["HydraPolicy", "PRESETS", "resolve_policy", "SCORERS"]
+
+SCORERS = ("quest_sum",)
+
+# budget_tokens=None means "all tokens": exact attention through the same kernels.
+PRESETS = {
+    "exact": dict(budget_tokens=None),
+    "high": dict(budget_tokens=4096, sink_tokens=64, recent_tokens=512),
+    "balanced": dict(budget_tokens=2048, sink_tokens=64, recent_tokens=512),
+    "fast": dict(budget_tokens=1024, sink_tokens=64, recent_tokens=256),
+}
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class HydraPolicy:
+    """Which tokens a decode or prefill step attends to.
+
+    Parameters
+    ----------
+    page_size : int
+        Tokens per page, a power of two in [8, 64]. Pages are the unit of
+        decode selection; each has a min/max key summary.
+    sink_tokens : int
+        The first tokens of every sequence, always attended.
+    recent_tokens : int
+        The last tokens of every sequence, always attended.
+    budget_tokens : int or None
+        Tokens attended per (sequence, KV head): sink + recent + top-k pages.
+        ``None`` means every token (exact attention).
+    dense_layers : int
+        Layers with ``policy_layer_idx < dense_layers`` attend densely.
+    block_size : int
+        Query and key block size of the prefill selection.
+    scorer : str
+        Page scoring rule; ``"quest_sum"`` is the Quest upper bound summed
+        over the GQA group.
+
+    Examples
+    --------
+    >>> HydraPolicy(budget_tokens=2048).n_sel
+    128
+    """
+
+    page_size: int = 16
+    sink_tokens: int = 64
+    recent_tokens: int = 512
+    budget_tokens: Optional[int] = 4096
+    dense_layers: int = 2
+    block_size: int = 64
+    scorer: str = "quest_sum"
+
+    def __post_init__(self):
+        for name in ("page_size", "sink_tokens", "recent_tokens", "dense_layers", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"hydra: HydraPolicy.{name} must be an int, got {value!r}")
+        if not (_is_pow2(self.page_size) and 8 <= self.page_size <= 64):
+            raise ValueError(
+                f"hydra: HydraPolicy.page_size must be a power of two in [8, 64], got {self.page_size}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"hydra: HydraPolicy.sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.recent_tokens < 0:
+            raise ValueError(f"hydra: HydraPolicy.recent_tokens must be >= 0, got {self.recent_tokens}")
+        if self.dense_layers < 0:
+            raise ValueError(f"hydra: HydraPolicy.dense_layers must be >= 0, got {self.dense_layers}")
+        if not (_is_pow2(self.block_size) and 16 <= self.block_size <= 256):
+            raise ValueError(
+                f"hydra: HydraPolicy.block_size must be a power of two in [16, 256], got {self.block_size}")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"hydra: HydraPolicy.scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.budget_tokens is None:
+            return
+        b = self.budget_tokens
+        if not isinstance(b, int) or isinstance(b, bool):
+            raise TypeError(f"hydra: HydraPolicy.budget_tokens must be an int or None, got {b!r}")
+        if b <= 0 or b % self.page_size:
+            raise ValueError(
+                f"hydra: HydraPolicy.budget_tokens must be a positive multiple of page_size "
+                f"({self.page_size}), got {b}")
+        # Room for the forced pages plus at least one scored page, in the worst
+        # alignment of the recent window (it can straddle one extra page).
+        forced = self.sink_pages + -(-self.recent_tokens // self.page_size) + 1
+        if forced + 1 > self.n_sel:
+            raise ValueError(
+                f"hydra: HydraPolicy.budget_tokens={b} leaves no room for scored pages after "
+                f"sink_tokens={self.sink_tokens} and recent_tokens={self.recent_tokens} "
+                f"(needs more than {forced * self.page_size})")
+
+    @property
+    def exact(self) -> bool:
+        return self.budget_tokens is None
+
+    @property
+    def n_sel(self) -> int:
+        """Fixed length of a page list: ``budget_tokens // page_size``."""
+        if self.budget_tokens is None:
+            raise ValueError("hydra: an exact policy (budget_tokens=None) has no page budget")
+        return self.budget_tokens // self.page_size
+
+    @property
+    def sink_pages(self) -> int:
+        return -(-self.sink_tokens // self.page_size)
+
+
+def resolve_policy(precision: str = "high", policy: Optional[HydraPolicy] = None) -> HydraPolicy:
+    """The preset named by ``precision``, with any fields ``policy`` sets overriding it.
+
+    A field of ``policy`` overrides the preset when it differs from the
+    ``HydraPolicy`` default, so ``HydraPolicy(page_size=8)`` with
+    ``precision="fast"`` is the fast preset with 8-token pages.
+    """
+    if not isinstance(precision, str) or precision not in PRESETS:
+        raise ValueError(
+            f"hydra: precision must be one of {sorted(PRESETS)}, got {precision!r}")
+    if policy is not None and not isinstance(policy, HydraPolicy):
+        raise TypeError(f"hydra: policy must be a hydra.HydraPolicy or None, got {type(policy).__name__}")
+    fields = dict(PRESETS[precision])
+    if policy is not None:
+        default = HydraPolicy()
+        for f in dataclasses.fields(HydraPolicy):
+            value = getattr(policy, f.name)
+            if value != getattr(default, f.name):
+                fields[f.name] = value
+    if precision == "exact":
+        fields["budget_tokens"] = None
+    return HydraPolicy(**fields)

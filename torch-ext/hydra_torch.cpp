@@ -1,0 +1,289 @@
+// Binds torch tensors to hydra's plain parameter structs and launchers.
+// Shapes and arguments were validated in Python (hydra/_validate.py); the
+// TORCH_CHECKs here guard direct op callers (opcheck, custom pipelines) and
+// cost no device sync.
+#include <algorithm>
+#include <vector>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "hydra_params.h"
+#include "torch_binding.h"
+
+namespace {
+
+using hydra::bf16_t;
+
+const bf16_t* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<const bf16_t*>(t.data_ptr()); }
+
+void check_bf16_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "hydra: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16, "hydra: ", name, " must be bf16, got ", t.scalar_type());
+  TORCH_CHECK(t.stride(-1) == 1, "hydra: ", name, " must have a contiguous last dimension, got strides ",
+              t.strides());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "hydra: ", name,
+              " must be 16-byte aligned");
+}
+
+const int* seqlens_ptr(const std::optional<at::Tensor>& s, int64_t B) {
+  if (!s.has_value()) return nullptr;
+  TORCH_CHECK(s->is_cuda() && s->scalar_type() == at::kInt && s->dim() == 1 && s->size(0) == B &&
+                  s->is_contiguous(),
+              "hydra: cache_seqlens must be a contiguous int32 CUDA tensor of shape (", B, ",), got ",
+              s->scalar_type(), " ", s->sizes());
+  return s->data_ptr<int>();
+}
+
+int num_sms(int device) {
+  static std::vector<int> cache(64, 0);
+  if (device >= 0 && device < 64 && cache[device] > 0) return cache[device];
+  int n = 0;
+  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+  if (device >= 0 && device < 64) cache[device] = n;
+  return n > 0 ? n : 1;
+}
+
+int ilog2(int64_t x) {
+  int r = 0;
+  while ((int64_t(1) << r) < x) ++r;
+  return r;
+}
+
+struct Shapes {
+  int B, Hq, Hkv, Tkv, D;
+};
+
+Shapes decode_shapes(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "hydra: q must be (B, Hq, 1, D), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "hydra: k must be (B, Hkv, Tkv, D), got ", k.sizes());
+  Shapes s{(int)q.size(0), (int)q.size(1), (int)k.size(1), (int)k.size(2), (int)q.size(3)};
+  TORCH_CHECK(k.size(0) == s.B && k.size(3) == s.D, "hydra: k ", k.sizes(), " does not match q ", q.sizes());
+  TORCH_CHECK(s.Hkv > 0 && s.Hq % s.Hkv == 0, "hydra: Hq=", s.Hq, " must be a multiple of Hkv=", s.Hkv);
+  return s;
+}
+
+void check_page_size(int64_t page_size) {
+  TORCH_CHECK(page_size >= 1 && page_size <= 64 && (page_size & (page_size - 1)) == 0,
+              "hydra: page_size must be a power of two in [1, 64], got ", page_size);
+}
+
+// Fills the score/select parameters and runs both kernels into `pages_out`.
+void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
+                   const int* seqlens, const Shapes& s, int page_size, int sink_tokens, int recent_tokens,
+                   int n_sel, int* pages_out, int* counters, float* scores, cudaStream_t stream) {
+  const int n_pages = (s.Tkv + page_size - 1) / page_size;
+  hydra::ScoreParams sp{};
+  sp.q = bf16_ptr(q);
+  sp.q_batch_stride = q.stride(0);
+  sp.q_head_stride = q.stride(1);
+  if (summaries.has_value()) {
+    const at::Tensor& sm = *summaries;
+    check_bf16_cuda(sm, "page_summaries");
+    TORCH_CHECK(sm.dim() == 5 && sm.size(0) == s.B && sm.size(1) == s.Hkv && sm.size(2) >= n_pages &&
+                    sm.size(3) == 2 && sm.size(4) == s.D && sm.stride(3) == s.D,
+                "hydra: page_summaries must be (", s.B, ", ", s.Hkv, ", >=", n_pages, ", 2, ", s.D,
+                ") with a contiguous (2, D) block, got ", sm.sizes());
+    sp.summaries = bf16_ptr(sm);
+    sp.s_batch_stride = sm.stride(0);
+    sp.s_head_stride = sm.stride(1);
+    sp.s_page_stride = sm.stride(2);
+  }
+  sp.k = bf16_ptr(k);
+  sp.k_batch_stride = k.stride(0);
+  sp.k_head_stride = k.stride(1);
+  sp.k_row_stride = k.stride(2);
+  sp.seqlens = seqlens;
+  sp.scores = scores;
+  sp.B = s.B; sp.Hq = s.Hq; sp.Hkv = s.Hkv; sp.group = s.Hq / s.Hkv; sp.Tkv = s.Tkv; sp.D = s.D;
+  sp.n_pages = n_pages; sp.page_size = page_size;
+  sp.sink_pages = (sink_tokens + page_size - 1) / page_size;
+  sp.recent_tokens = recent_tokens;
+  sp.n_sel = n_sel;
+  hydra::launch_score_pages(sp, stream);
+
+  hydra::SelectParams se{};
+  se.scores = scores;
+  se.seqlens = seqlens;
+  se.pages = pages_out;
+  se.counters = counters;
+  se.B = s.B; se.Hkv = s.Hkv; se.Tkv = s.Tkv; se.n_pages = n_pages; se.page_size = page_size;
+  se.sink_pages = sp.sink_pages; se.recent_tokens = recent_tokens; se.n_sel = n_sel;
+  hydra::launch_select_pages(se, stream);
+}
+
+// Carves one byte buffer into aligned pieces: one allocator call per step.
+struct Workspace {
+  std::vector<size_t> offsets;
+  size_t total = 0;
+  size_t add(size_t bytes) {
+    total = (total + 255) / 256 * 256;
+    offsets.push_back(total);
+    total += bytes;
+    return offsets.size() - 1;
+  }
+};
+
+}  // namespace
+
+void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_seqlens, int64_t page_size,
+                    at::Tensor& out) {
+  check_bf16_cuda(k, "k");
+  check_bf16_cuda(out, "out");
+  check_page_size(page_size);
+  TORCH_CHECK(k.dim() == 4, "hydra: k must be (B, Hkv, Tkv, D), got ", k.sizes());
+  const int n_pages = (int)((k.size(2) + page_size - 1) / page_size);
+  TORCH_CHECK(out.dim() == 5 && out.size(0) == k.size(0) && out.size(1) == k.size(1) && out.size(2) >= n_pages &&
+                  out.size(3) == 2 && out.size(4) == k.size(3) && out.stride(3) == k.size(3),
+              "hydra: page_summaries out must be (B, Hkv, >=", n_pages, ", 2, D) with a contiguous (2, D) block, got ",
+              out.sizes());
+  const c10::cuda::CUDAGuard guard(k.device());
+  hydra::SummaryParams p{};
+  p.k = bf16_ptr(k);
+  p.k_batch_stride = k.stride(0);
+  p.k_head_stride = k.stride(1);
+  p.k_row_stride = k.stride(2);
+  p.seqlens = seqlens_ptr(cache_seqlens, k.size(0));
+  p.out = reinterpret_cast<bf16_t*>(out.data_ptr());
+  p.o_batch_stride = out.stride(0);
+  p.o_head_stride = out.stride(1);
+  p.o_page_stride = out.stride(2);
+  p.B = (int)k.size(0); p.Hkv = (int)k.size(1); p.Tkv = (int)k.size(2); p.D = (int)k.size(3);
+  p.n_pages = n_pages;
+  p.page_size = (int)page_size;
+  if (p.B == 0 || p.Hkv == 0 || n_pages == 0) return;
+  hydra::launch_page_summaries(p, c10::cuda::getCurrentCUDAStream());
+}
+
+void select_pages(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
+                  const std::optional<at::Tensor>& cache_seqlens, int64_t page_size, int64_t sink_tokens,
+                  int64_t recent_tokens, int64_t budget_tokens, at::Tensor& pages) {
+  check_bf16_cuda(q, "q");
+  check_bf16_cuda(k, "k");
+  check_page_size(page_size);
+  const Shapes s = decode_shapes(q, k);
+  TORCH_CHECK(budget_tokens > 0 && budget_tokens % page_size == 0,
+              "hydra: budget_tokens must be a positive multiple of page_size, got ", budget_tokens);
+  const int n_sel = (int)(budget_tokens / page_size);
+  TORCH_CHECK(pages.is_cuda() && pages.scalar_type() == at::kInt && pages.is_contiguous() && pages.dim() == 3 &&
+                  pages.size(0) == s.B && pages.size(1) == s.Hkv && pages.size(2) == n_sel,
+              "hydra: pages must be a contiguous int32 CUDA tensor (", s.B, ", ", s.Hkv, ", ", n_sel, "), got ",
+              pages.scalar_type(), " ", pages.sizes());
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int n_pages = (s.Tkv + (int)page_size - 1) / (int)page_size;
+  at::Tensor scores = at::empty({(int64_t)s.B * s.Hkv * std::max(n_pages, 1)}, q.options().dtype(at::kFloat));
+  run_selection(q, k, summaries, seqlens_ptr(cache_seqlens, s.B), s, (int)page_size, (int)sink_tokens,
+                (int)recent_tokens, n_sel, pages.data_ptr<int>(), nullptr, scores.data_ptr<float>(),
+                c10::cuda::getCurrentCUDAStream());
+}
+
+void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pages,
+            const std::optional<at::Tensor>& summaries, const std::optional<at::Tensor>& cache_seqlens,
+            int64_t page_size, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens, int64_t window,
+            double scale, at::Tensor& out, at::Tensor& lse) {
+  check_bf16_cuda(q, "q");
+  check_bf16_cuda(k, "k");
+  check_bf16_cuda(v, "v");
+  check_bf16_cuda(out, "out");
+  check_page_size(page_size);
+  const Shapes s = decode_shapes(q, k);
+  TORCH_CHECK(v.sizes() == k.sizes(), "hydra: v ", v.sizes(), " must match k ", k.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "hydra: out ", out.sizes(), " must match q ", q.sizes());
+  TORCH_CHECK(lse.is_cuda() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.numel() == (int64_t)s.B * s.Hq,
+              "hydra: lse must be a contiguous fp32 CUDA tensor of B*Hq elements, got ", lse.sizes());
+  TORCH_CHECK(window >= 0, "hydra: window must be >= 0, got ", window);
+  if (s.B == 0 || s.Hq == 0) return;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int P = (int)page_size;
+  const int n_pages = (s.Tkv + P - 1) / P;
+  const int* seqlens = seqlens_ptr(cache_seqlens, s.B);
+
+  // Which entries the attention walks.
+  enum { kExplicit, kSelect, kRange } mode;
+  int n_entries;
+  if (pages.has_value()) {
+    mode = kExplicit;
+    const at::Tensor& pg = *pages;
+    TORCH_CHECK(pg.is_cuda() && pg.scalar_type() == at::kInt && pg.dim() == 3 && pg.size(0) == s.B &&
+                    pg.size(1) == s.Hkv && pg.stride(2) == 1,
+                "hydra: pages must be an int32 CUDA tensor (", s.B, ", ", s.Hkv,
+                ", n) with a contiguous last dimension, got ", pg.scalar_type(), " ", pg.sizes());
+    n_entries = (int)pg.size(2);
+  } else if (budget_tokens > 0 && s.Tkv > budget_tokens && window == 0) {
+    TORCH_CHECK(budget_tokens % P == 0, "hydra: budget_tokens must be a multiple of page_size, got ",
+                budget_tokens);
+    mode = kSelect;
+    n_entries = (int)(budget_tokens / P);
+  } else {
+    mode = kRange;
+    n_entries = window > 0 ? std::min<int64_t>(n_pages, (window + P - 1) / P + 1) : n_pages;
+  }
+  if (n_entries == 0) n_entries = 1;  // still write the (empty-set) output
+
+  // Split the entries so that B * Hkv * splits fills the GPU twice over (two CTAs fit per SM).
+  const int ept = hydra::kTileTokens / P;
+  const int tiles = (n_entries + ept - 1) / ept;
+  const int target = 2 * num_sms(q.get_device());
+  int splits = std::max(1, std::min(tiles, (target + s.B * s.Hkv - 1) / (s.B * s.Hkv)));
+  splits = std::max(splits, (n_entries + hydra::kMaxEntriesPerSplit - 1) / hydra::kMaxEntriesPerSplit);
+  int per_split = (n_entries + splits - 1) / splits;
+  per_split = (per_split + ept - 1) / ept * ept;
+  if (per_split > hydra::kMaxEntriesPerSplit) per_split = hydra::kMaxEntriesPerSplit / ept * ept;
+  splits = (n_entries + per_split - 1) / per_split;
+
+  Workspace ws;
+  const size_t i_scores = ws.add(mode == kSelect ? sizeof(float) * s.B * s.Hkv * n_pages : 0);
+  const size_t i_pages = ws.add(mode == kSelect ? sizeof(int) * s.B * s.Hkv * n_entries : 0);
+  const size_t i_part_o = ws.add(splits > 1 ? sizeof(float) * s.B * s.Hq * splits * s.D : 0);
+  const size_t i_part_lse = ws.add(splits > 1 ? sizeof(float) * s.B * s.Hq * splits : 0);
+  const size_t i_counters = ws.add(splits > 1 ? sizeof(int) * s.B * s.Hkv : 0);
+  at::Tensor buf = at::empty({(int64_t)std::max<size_t>(ws.total, 1)}, q.options().dtype(at::kByte));
+  char* base = reinterpret_cast<char*>(buf.data_ptr());
+  auto at_off = [&](size_t i) { return base + ws.offsets[i]; };
+  int* counters = splits > 1 ? reinterpret_cast<int*>(at_off(i_counters)) : nullptr;
+
+  hydra::DecodeParams p{};
+  if (mode == kSelect) {
+    int* sel = reinterpret_cast<int*>(at_off(i_pages));
+    run_selection(q, k, summaries, seqlens, s, P, (int)sink_tokens, (int)recent_tokens, n_entries, sel, counters,
+                  reinterpret_cast<float*>(at_off(i_scores)), stream);
+    p.pages = sel;
+    p.p_batch_stride = (int64_t)s.Hkv * n_entries;
+    p.p_head_stride = n_entries;
+  } else {
+    if (counters != nullptr) {
+      cudaMemsetAsync(counters, 0, sizeof(int) * s.B * s.Hkv, stream);
+    }
+    if (mode == kExplicit) {
+      p.pages = pages->data_ptr<int>();
+      p.p_batch_stride = pages->stride(0);
+      p.p_head_stride = pages->stride(1);
+    }
+  }
+  p.q = bf16_ptr(q);
+  p.q_batch_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.k = bf16_ptr(k);
+  p.v = bf16_ptr(v);
+  p.k_batch_stride = k.stride(0); p.k_head_stride = k.stride(1); p.k_row_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0); p.v_head_stride = v.stride(1); p.v_row_stride = v.stride(2);
+  p.seqlens = seqlens;
+  p.out = reinterpret_cast<bf16_t*>(out.data_ptr());
+  p.o_batch_stride = out.stride(0);
+  p.o_head_stride = out.stride(1);
+  p.lse = lse.data_ptr<float>();
+  p.part_o = splits > 1 ? reinterpret_cast<float*>(at_off(i_part_o)) : nullptr;
+  p.part_lse = splits > 1 ? reinterpret_cast<float*>(at_off(i_part_lse)) : nullptr;
+  p.counters = counters;
+  p.B = s.B; p.Hq = s.Hq; p.Hkv = s.Hkv; p.group = s.Hq / s.Hkv; p.Tkv = s.Tkv; p.D = s.D;
+  p.page_size = P;
+  p.log2_page = ilog2(P);
+  p.n_entries = n_entries;
+  p.window = mode == kRange ? (int)window : 0;
+  p.n_splits = splits;
+  p.entries_per_split = per_split;
+  p.scale_log2 = (float)(scale * 1.4426950408889634);
+  hydra::launch_sparse_decode(p, stream);
+}

@@ -1,0 +1,27 @@
+// Op schemas. Every tensor an op writes is marked `!`; all ops return nothing.
+#include <torch/library.h>
+
+#include "registration.h"
+#include "torch_binding.h"
+
+TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
+  // k [B, Hkv, Tkv, D] -> out [B, Hkv, n_pages, 2, D] (min, max per page).
+  ops.def("page_summaries(Tensor k, Tensor? cache_seqlens, int page_size, Tensor! out) -> ()");
+  ops.impl("page_summaries", c10::kCUDA, &page_summaries);
+
+  // Decode page selection -> pages [B, Hkv, budget_tokens / page_size], ascending, -1 padded.
+  ops.def(
+      "select_pages(Tensor q, Tensor k, Tensor? summaries, Tensor? cache_seqlens, int page_size, "
+      "int sink_tokens, int recent_tokens, int budget_tokens, Tensor! pages) -> ()");
+  ops.impl("select_pages", c10::kCUDA, &select_pages);
+
+  // One decode step. pages given: attend over them. Else budget_tokens > 0: select, then
+  // attend. Else attend over [L - window, L) (window 0: every token < L).
+  ops.def(
+      "decode(Tensor q, Tensor k, Tensor v, Tensor? pages, Tensor? summaries, Tensor? cache_seqlens, "
+      "int page_size, int sink_tokens, int recent_tokens, int budget_tokens, int window, float scale, "
+      "Tensor! out, Tensor! lse) -> ()");
+  ops.impl("decode", c10::kCUDA, &decode);
+}
+
+REGISTER_EXTENSION(TORCH_EXTENSION_NAME)

@@ -1,0 +1,17 @@
+// Host entry points bound as torch ops (torch_binding.cpp holds the schemas).
+#pragma once
+
+#include <optional>
+#include <ATen/ATen.h>
+
+void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_seqlens, int64_t page_size,
+                    at::Tensor& out);
+
+void select_pages(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
+                  const std::optional<at::Tensor>& cache_seqlens, int64_t page_size, int64_t sink_tokens,
+                  int64_t recent_tokens, int64_t budget_tokens, at::Tensor& pages);
+
+void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pages,
+            const std::optional<at::Tensor>& summaries, const std::optional<at::Tensor>& cache_seqlens,
+            int64_t page_size, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens, int64_t window,
+            double scale, at::Tensor& out, at::Tensor& lse);
