@@ -180,7 +180,7 @@ def decode_section(record, path: Path, stale) -> str:
     settings = record.get("settings", {})
     tm = settings.get("target_mode", "graph")
     copy = record.get("copy_gbps")
-    lines = [f"Decode step, Hq=32, Hkv=8, D=128, bf16, precision \"high\" (budget 4096): "
+    lines = ["Decode step, Hq=32, Hkv=8, D=128, bf16, precision \"high\" (budget 4096): "
              + _caption(record, path, stale)]
     if copy:
         lines.append("")
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     old = readme.read_text(encoding="utf-8")
     new = render(old, Path(args.evidence_dir), Path(args.repo))
     if new == old:
-        print(f"render_readme: {readme} is up to date")
+        print(f"render_readme: nothing to change in {readme}")
         return 0
     if args.check:
         print(f"render_readme: {readme} is out of date with the evidence; run benchmarks/render_readme.py")

@@ -157,7 +157,7 @@ def test_decode_parity_high(T, Hq, Hkv):
 def test_ragged_seqlens_and_page_sizes(P):
     _need_ops()
     B, T = 4, 1000
-    pol = hydra.HydraPolicy(page_size=P, budget_tokens=256, sink_tokens=P, recent_tokens=2 * P)
+    pol = hydra.HydraPolicy(page_size=P, budget_tokens=8 * P, sink_tokens=P, recent_tokens=2 * P)
     q, k, v = make_qkv(B, 8, 2, T, seed=P, slack=64, q_transposed=True)
     lens = torch.tensor([1, 255, 256 + P // 2, T], dtype=torch.int32, device=DEV)
     poison_past(k, v, lens)
