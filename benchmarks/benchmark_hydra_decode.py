@@ -59,6 +59,11 @@ Environment:
   kernels (first use on a machine, a minute or two). If unset, this script sets
   it to the GPU's compute capability ("9.0" on H100/H200) before importing
   flashinfer.
+* ``TVM_FFI_DISABLE_TORCH_C_DLPACK=1``  (optional) stops apache-tvm-ffi 0.1.4
+  from JIT-building its torch DLPack addon at ``import flashinfer`` when torch
+  lacks ``__c_dlpack_exchange_api__``; FlashInfer then converts tensors through
+  ``torch.utils.dlpack`` (a little more host time per eager call, the same
+  kernels and the same CUDA-graph times). Unset, the build runs once per machine.
 * ``HYDRA_USE_HUB=1``  load hydra with ``kernels.get_kernel("Frosty40/hydra",
   version=1)`` instead of the source checkout (``torch-ext/``).
 

@@ -81,13 +81,3 @@ inline void check_launch(const char* what) {
                                     " (supported: 128)");                                 \
     }                                                                                     \
   }()
-
-#define HYDRA_DISPATCH_GROUP(G, CONST_NAME, ...)                                            \
-  [&] {                                                                                    \
-    if (G == 1) { constexpr int CONST_NAME = 1; return __VA_ARGS__(); }                    \
-    else if (G == 2) { constexpr int CONST_NAME = 2; return __VA_ARGS__(); }               \
-    else if (G <= 4) { constexpr int CONST_NAME = 4; return __VA_ARGS__(); }               \
-    else if (G <= 8) { constexpr int CONST_NAME = 8; return __VA_ARGS__(); }               \
-    throw std::invalid_argument("hydra: unsupported GQA group size Hq/Hkv=" +              \
-                                std::to_string(G) + " (supported: 1 to 8)");               \
-  }()

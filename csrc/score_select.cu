@@ -125,12 +125,14 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
 }
 
 // ---------------------------------------------------------------------------
-// Selection: one CTA per (KV head, sequence). A 4-pass radix select (8 bits a
-// pass) finds the k-th largest candidate score; one ordered compaction pass then
+// Selection: one CTA per (KV head, sequence). The candidate scores are read once
+// into shared memory as order-preserving keys (when they fit); a 4-pass radix
+// select (8 bits a pass) finds the k-th largest; one ordered compaction then
 // writes sink pages, recent pages, every candidate above the threshold and the
 // lowest-indexed candidates equal to it, in ascending page order.
 
 constexpr int kSelectThreads = 1024;
+constexpr int kSelectItems = 8;  // consecutive pages per thread in the compaction
 
 // Order-preserving map from fp32 to uint32: a > b  <=>  key(a) > key(b).
 __device__ __forceinline__ uint32_t order_key(float f) {
@@ -165,9 +167,11 @@ __device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* w
   return before + x - v;
 }
 
-__global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectParams p) {
-  const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+__global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectParams p, int smem_keys) {
+  extern __shared__ uint32_t skeys[];  // [smem_keys] candidate keys, when they fit
+  const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid & 31;
   __shared__ int hist[256];
+  __shared__ int hist_all[32 * 256];
   __shared__ uint64_t warp_tot[32];
   __shared__ int s_bin, s_above;
 
@@ -182,19 +186,78 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
   }
   const int cand_lo = min(p.sink_pages, n_pages_b);
   const int cand_hi = max(first_recent_page(L, p.recent_tokens, p.page_size), cand_lo);
+  const int n_cand = cand_hi - cand_lo;
   const int n_forced = cand_lo + (n_pages_b - cand_hi);
-  const int k = p.n_sel - n_forced;  // scored pages to take (< cand_hi - cand_lo here)
-  const float* sc = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
+  const int k = p.n_sel - n_forced;  // scored pages to take (< n_cand here)
+  const float* sc = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages + cand_lo;
+  const bool cached = n_cand <= smem_keys;
+  // Read the candidate keys once (into shared memory when they fit) and find their
+  // min and max: the radix passes start below the bits that all keys share.
+  uint32_t kmin = 0xffffffffu, kmax = 0u;
+  {
+    constexpr int kU = 4;  // loads in flight per thread
+    for (int base = 0; base < n_cand; base += kSelectThreads * kU) {
+      float v[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int i = base + u * kSelectThreads + tid;
+        v[u] = i < n_cand ? sc[i] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int i = base + u * kSelectThreads + tid;
+        if (i < n_cand) {
+          const uint32_t key = order_key(v[u]);
+          if (cached) skeys[i] = key;
+          kmin = min(kmin, key);
+          kmax = max(kmax, key);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    kmin = min(kmin, __shfl_xor_sync(0xffffffffu, kmin, off));
+    kmax = max(kmax, __shfl_xor_sync(0xffffffffu, kmax, off));
+  }
+  __shared__ uint32_t s_min[32], s_max[32];
+  if (lane == 0) { s_min[tid >> 5] = kmin; s_max[tid >> 5] = kmax; }
+  __syncthreads();
+  kmin = s_min[lane];
+  kmax = s_max[lane];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    kmin = min(kmin, __shfl_xor_sync(0xffffffffu, kmin, off));
+    kmax = max(kmax, __shfl_xor_sync(0xffffffffu, kmax, off));
+  }
+  auto key_at = [&](int i) -> uint32_t { return cached ? skeys[i] : order_key(sc[i]); };
 
-  uint32_t prefix = 0, mask = 0;
+  // Radix select of the k-th largest key, 8 bits a pass from the highest bit where
+  // min and max differ (scores share sign and most exponent bits, so a pass over
+  // the top byte would put every key in one bin). A final pass may overlap bits
+  // already fixed; the prefix test keeps that correct.
+  uint32_t prefix = kmin, mask = 0xffffffffu;
   int remaining = k;  // after the passes: how many candidates equal to the threshold to take
-  if (k > 0) {
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int i = tid; i < 256; i += kSelectThreads) hist[i] = 0;
+  if (k > 0 && kmin != kmax) {
+    const int high_bit = 31 - __clz(kmin ^ kmax);
+    mask = high_bit == 31 ? 0u : ~((2u << high_bit) - 1u);
+    prefix = kmin & mask;
+    int* whist = reinterpret_cast<int*>(hist_all);  // [32 warps][256] private histograms
+    for (int top = high_bit; top >= 0; top -= 8) {
+      const int shift = max(top - 7, 0);
+      for (int i = tid; i < 32 * 256; i += kSelectThreads) whist[i] = 0;
       __syncthreads();
-      for (int i = cand_lo + tid; i < cand_hi; i += kSelectThreads) {
-        const uint32_t u = order_key(sc[i]);
-        if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255], 1);
+      int* my_hist = whist + (tid >> 5) * 256;
+      for (int i = tid; i < n_cand; i += kSelectThreads) {
+        const uint32_t u = key_at(i);
+        if ((u & mask) == prefix) atomicAdd(&my_hist[(u >> shift) & 255], 1);
+      }
+      __syncthreads();
+      if (tid < 256) {
+        int c = 0;
+#pragma unroll 8
+        for (int w = 0; w < 32; ++w) c += whist[w * 256 + tid];
+        hist[tid] = c;
       }
       __syncthreads();
       if (tid < 32) {
@@ -220,35 +283,48 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
       }
       __syncthreads();
       remaining -= s_above;
-      prefix |= (uint32_t)s_bin << shift;
+      prefix = (prefix & ~(0xffu << shift)) | ((uint32_t)s_bin << shift);
       mask |= 0xffu << shift;
       __syncthreads();  // s_bin / s_above / hist are rewritten next pass
     }
   }
   const int need_eq = k > 0 ? remaining : 0;
 
-  // Ordered compaction: position = (#definite before) + min(#equal before, need_eq).
+  // Ordered compaction, kSelectItems consecutive pages per thread:
+  // position = (#definite before) + min(#equal before, need_eq).
   int base_def = 0, base_eq = 0;
-  for (int chunk = 0; chunk < n_pages_b; chunk += kSelectThreads) {
-    const int i = chunk + tid;
-    uint32_t def = 0, eq = 0;
-    if (i < n_pages_b) {
+  for (int chunk = 0; chunk < n_pages_b; chunk += kSelectThreads * kSelectItems) {
+    const int i0 = chunk + tid * kSelectItems;
+    uint32_t def_bits = 0, eq_bits = 0;
+#pragma unroll
+    for (int it = 0; it < kSelectItems; ++it) {
+      const int i = i0 + it;
+      if (i >= n_pages_b) break;
       if (i < cand_lo || i >= cand_hi) {
-        def = 1;
+        def_bits |= 1u << it;
       } else if (k > 0) {
-        const uint32_t u = order_key(sc[i]);
-        def = u > prefix;
-        eq = u == prefix;
+        const uint32_t u = key_at(i - cand_lo);
+        if (u > prefix) def_bits |= 1u << it;
+        else if (u == prefix) eq_bits |= 1u << it;
       }
     }
     uint64_t total;
-    const uint64_t excl = block_exclusive_scan(((uint64_t)eq << 32) | def, warp_tot, total);
-    const int def_before = base_def + (int)(excl & 0xffffffffu);
-    const int eq_before = base_eq + (int)(excl >> 32);
-    int pos = -1;
-    if (def) pos = def_before + min(eq_before, need_eq);
-    else if (eq && eq_before < need_eq) pos = def_before + eq_before;
-    if (pos >= 0 && pos < p.n_sel) out[pos] = i;
+    const uint64_t excl = block_exclusive_scan(((uint64_t)__popc(eq_bits) << 32) | __popc(def_bits), warp_tot,
+                                               total);
+    int def_before = base_def + (int)(excl & 0xffffffffu);
+    int eq_before = base_eq + (int)(excl >> 32);
+#pragma unroll
+    for (int it = 0; it < kSelectItems; ++it) {
+      int pos = -1;
+      if (def_bits >> it & 1u) {
+        pos = def_before + min(eq_before, need_eq);
+        ++def_before;
+      } else if (eq_bits >> it & 1u) {
+        if (eq_before < need_eq) pos = def_before + eq_before;
+        ++eq_before;
+      }
+      if (pos >= 0 && pos < p.n_sel) out[pos] = i0 + it;
+    }
     base_def += (int)(total & 0xffffffffu);
     base_eq += (int)(total >> 32);
   }
@@ -256,8 +332,21 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
 }
 
 void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
+  // Cache up to 40,960 candidate keys (160 KB, 640k tokens at 16-token pages) in shared memory;
+  // longer sequences read their keys from L2 on each pass.
+  constexpr int kMaxSmemKeys = 40960;
+  const int smem_keys = p.n_pages < kMaxSmemKeys ? p.n_pages : kMaxSmemKeys;
+  const size_t smem = size_t(smem_keys) * sizeof(uint32_t);
+  static bool smem_raised[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64 || !smem_raised[dev]) {
+    cudaFuncSetAttribute(select_pages_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         int(kMaxSmemKeys * sizeof(uint32_t)));
+    if (dev >= 0 && dev < 64) smem_raised[dev] = true;
+  }
   dim3 grid(p.Hkv, p.B);
-  select_pages_kernel<<<grid, kSelectThreads, 0, stream>>>(p);
+  select_pages_kernel<<<grid, kSelectThreads, smem, stream>>>(p, smem_keys);
   check_launch("select_pages_kernel");
 }
 

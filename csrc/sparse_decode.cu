@@ -2,37 +2,34 @@
 //
 // One CTA per (split, KV head, sequence) serves every query head of the GQA
 // group, so each selected K/V byte is read once. Tiles of 64 tokens stream
-// through a 3-stage cp.async pipeline with 16-byte coalesced loads; scores and
-// the online softmax are fp32 on CUDA cores (decode is memory-bound: at G=4 a
-// token costs 1,024 FMAs against 512 bytes). Each split writes a normalised
-// partial output and its log-sum-exp; the last CTA of a head to finish merges
-// the splits (counter per head), so a whole step needs no extra launch.
+// through a 3-stage cp.async pipeline with 16-byte coalesced loads. Each of the
+// 4 warps takes 16 tokens of a tile and runs QK^T and PV on tensor cores
+// (mma.sync m16n8k16, bf16 in, fp32 accumulate): the group's query heads are the
+// 16 rows of the A operand (rows past the group are zero), so one kernel serves
+// every group size up to 16. The online softmax is fp32. Each split writes a
+// normalised partial output and its log-sum-exp; the last CTA of a head to
+// finish merges the splits (a counter per head), so the step needs no extra launch.
 #include "common.cuh"
 
 namespace hydra {
 
-template <int D, int GMAX>
+template <int D>
 struct DecodeShape {
   static constexpr int kThreads = 128;
   static constexpr int kWarps = kThreads / 32;
-  // Dims each thread owns. Its accumulator holds GMAX * kDPT floats, so the
-  // slice narrows as the group grows.
-  static constexpr int kDPT = GMAX <= 4 ? 16 : 8;
-  static constexpr int kTPT = D / kDPT;              // threads sharing one token
-  static constexpr int kNCH = kDPT / 8;              // 16-byte chunks per thread per row
-  static constexpr int kNTG = kThreads / kTPT;       // token groups per CTA
-  static constexpr int kRows = kTileTokens / kNTG;   // rows per token group per tile
+  static constexpr int kRows = 16;                   // MMA rows: query heads of the group
+  static constexpr int kStride = D + 8;              // smem row pitch: a 16-byte skew keeps ldmatrix conflict-free
   static constexpr int kStages = 3;
   static constexpr int kChunksPerRow = D / 8;
-  static constexpr int kLoadsPerThread = kTileTokens * kChunksPerRow / kThreads;
-  static constexpr int kTileElems = kTileTokens * D;
+  static constexpr int kTileElems = kTileTokens * kStride;
+  static constexpr int kKSteps = D / 16;             // k-steps of QK^T
+  static constexpr int kDTiles = D / 8;              // n-tiles of PV
   static constexpr size_t kPipeBytes = size_t(kStages) * 2 * kTileElems * sizeof(bf16_t);
   static constexpr size_t kSmemBytes = kPipeBytes + (kMaxEntriesPerSplit + 1) * sizeof(int);
-  static_assert(kDPT % 8 == 0, "threads own whole 16-byte chunks");
-  static_assert(kTPT <= 32 && 32 % kTPT == 0, "a token's threads sit inside one warp");
-  static_assert(kTileTokens % kNTG == 0, "tile rows split evenly over token groups");
-  static_assert((kTileTokens * kChunksPerRow) % kThreads == 0, "tile loads split evenly");
-  static_assert(size_t(kWarps) * GMAX * (D + 2) * sizeof(float) <= kPipeBytes,
+  static_assert(kTileTokens == kWarps * 16, "each warp owns 16 tokens of a tile");
+  static_assert(D % 16 == 0 && kKSteps % 2 == 0, "ldmatrix.x4 covers two k-steps");
+  static_assert(kChunksPerRow == 16, "a half-warp loads one row with 16-byte vectors");
+  static_assert(size_t(kWarps) * kRows * (D + 2) * sizeof(float) <= kPipeBytes,
                 "the cross-warp merge reuses the pipeline buffers");
 };
 
@@ -40,16 +37,38 @@ __device__ __forceinline__ float safe_exp2_diff(float a, float m) {
   return a == -INFINITY ? 0.f : exp2f(a - m);
 }
 
-template <int D, int GMAX>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+// c += a (16x16, row) * b (16x8, col); bf16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int D>
 __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
-  using S = DecodeShape<D, GMAX>;
+  using S = DecodeShape<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16_t* sk = reinterpret_cast<bf16_t*>(smem_raw);            // [kStages][64][D]
-  bf16_t* sv = sk + S::kStages * S::kTileElems;                 // [kStages][64][D]
+  bf16_t* sk = reinterpret_cast<bf16_t*>(smem_raw);              // [kStages][64][kStride]
+  bf16_t* sv = sk + S::kStages * S::kTileElems;                   // [kStages][64][kStride]
   int* spage = reinterpret_cast<int*>(smem_raw + S::kPipeBytes);  // [1 + entries]: previous entry, then the split's
   __shared__ int s_last;
 
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
   const int L = seq_len(p.seqlens, b, p.Tkv);
   const bool explicit_pages = p.pages != nullptr;
   const int split_lo = split * p.entries_per_split;
@@ -90,47 +109,26 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   const int ept = kTileTokens >> p.log2_page;  // entries per tile
   const int n_tiles = split_hi > split_lo ? (split_hi - split_lo + ept - 1) / ept : 0;
 
+  // Each warp loads, and later computes on, its own 16 rows of every tile, so the
+  // tile loop needs warp barriers only. Lane r < 16 resolves the token of row r;
+  // a warp-wide load instruction covers two rows (16 lanes x 16 bytes each).
+  const int my_row = warp * 16 + lane % 16;
   auto load_tile = [&](int t, int stage) {
-    const int e0 = split_lo + t * ept;
+    const int tok_mine = row_token(split_lo + t * ept, my_row);
     bf16_t* dk = sk + stage * S::kTileElems;
     bf16_t* dv = sv + stage * S::kTileElems;
+    const int col = (lane % 16) * 8;
 #pragma unroll
-    for (int j = 0; j < S::kLoadsPerThread; ++j) {
-      const int idx = tid + j * S::kThreads;
-      const int row = idx / S::kChunksPerRow, col = (idx % S::kChunksPerRow) * 8;
-      const int tok = row_token(e0, row);
+    for (int j = 0; j < 8; ++j) {
+      const int r = 2 * j + lane / 16;
+      const int tok = __shfl_sync(0xffffffffu, tok_mine, r);
+      const int row = warp * 16 + r;
       const int64_t t64 = tok >= 0 ? tok : 0;
       const int bytes = tok >= 0 ? 16 : 0;  // zero-fill rows that are not attended
-      cp_async16(dk + row * D + col, kb + t64 * p.k_row_stride + col, bytes);
-      cp_async16(dv + row * D + col, vb + t64 * p.v_row_stride + col, bytes);
+      cp_async16(dk + row * S::kStride + col, kb + t64 * p.k_row_stride + col, bytes);
+      cp_async16(dv + row * S::kStride + col, vb + t64 * p.v_row_stride + col, bytes);
     }
   };
-
-  const int tg = tid / S::kTPT;  // token group
-  const int lt = tid % S::kTPT;  // lane within the token group: owns chunks lt + kTPT * c
-
-  float q[GMAX][S::kDPT];
-#pragma unroll
-  for (int j = 0; j < GMAX; ++j) {
-    const bool live = j < p.group;
-    const bf16_t* qp = p.q + b * p.q_batch_stride + (int64_t)(h * p.group + (live ? j : 0)) * p.q_head_stride;
-#pragma unroll
-    for (int c = 0; c < S::kNCH; ++c) {
-      float f[8];
-      unpack8(ldg16(qp + (lt + S::kTPT * c) * 8), f);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) q[j][c * 8 + e] = live ? f[e] * p.scale_log2 : 0.f;
-    }
-  }
-
-  float m[GMAX], l[GMAX], o[GMAX][S::kDPT];
-#pragma unroll
-  for (int j = 0; j < GMAX; ++j) {
-    m[j] = -INFINITY;
-    l[j] = 0.f;
-#pragma unroll
-    for (int d = 0; d < S::kDPT; ++d) o[j][d] = 0.f;
-  }
 
 #pragma unroll
   for (int s = 0; s < S::kStages - 1; ++s) {
@@ -138,116 +136,139 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
     cp_async_commit();
   }
 
+  // Query A-fragments (rows = heads of the group; rows past it are zero), while the first tiles load.
+  const int r0 = lane / 4, r1 = lane / 4 + 8, kc = (lane % 4) * 2;
+  uint32_t qa[S::kKSteps][4];
+  {
+    const bf16_t* q0 = p.q + b * p.q_batch_stride + (int64_t)(h * p.group + r0) * p.q_head_stride;
+    const bf16_t* q1 = p.q + b * p.q_batch_stride + (int64_t)(h * p.group + r1) * p.q_head_stride;
+    const bool live0 = r0 < p.group, live1 = r1 < p.group;
+#pragma unroll
+    for (int ks = 0; ks < S::kKSteps; ++ks) {
+      const int d = ks * 16 + kc;
+      qa[ks][0] = live0 ? *reinterpret_cast<const uint32_t*>(q0 + d) : 0u;
+      qa[ks][1] = live1 ? *reinterpret_cast<const uint32_t*>(q1 + d) : 0u;
+      qa[ks][2] = live0 ? *reinterpret_cast<const uint32_t*>(q0 + d + 8) : 0u;
+      qa[ks][3] = live1 ? *reinterpret_cast<const uint32_t*>(q1 + d + 8) : 0u;
+    }
+  }
+
+  float o[S::kDTiles][4];
+#pragma unroll
+  for (int n = 0; n < S::kDTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows r0 and r1; l is this lane's share
+
+  // ldmatrix row addresses: lane i addresses row i % 8 of matrix i / 8.
+  const int mi = lane / 8, mr = lane % 8;
+  const int k_row = warp * 16, k_col = mi * 8;                     // K: [tokens][dims] matrices along dims
+  const int v_row = warp * 16 + (mi % 2) * 8 + mr, v_col = (mi / 2) * 8;  // V: transposed, 2x2 matrices
+
   for (int t = 0; t < n_tiles; ++t) {
     if (t + S::kStages - 1 < n_tiles) load_tile(t + S::kStages - 1, (t + S::kStages - 1) % S::kStages);
     cp_async_commit();
     cp_async_wait<S::kStages - 1>();
-    __syncthreads();
+    __syncwarp();
 
     const bf16_t* ck = sk + (t % S::kStages) * S::kTileElems;
     const bf16_t* cv = sv + (t % S::kStages) * S::kTileElems;
     const int e0 = split_lo + t * ept;
 
-    float s[S::kRows][GMAX];
-    bool valid[S::kRows];
+    // S = Q K^T for this warp's 16 tokens: two n-tiles of 8 tokens.
+    float s[2][4];
 #pragma unroll
-    for (int i = 0; i < S::kRows; ++i) {
-      const int row = tg + S::kNTG * i;
-      valid[i] = row_token(e0, row) >= 0;
-      float kf[S::kDPT];
+    for (int nt = 0; nt < 2; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-      for (int c = 0; c < S::kNCH; ++c) {
-        float f[8];
-        unpack8(*reinterpret_cast<const uint4*>(ck + row * D + (lt + S::kTPT * c) * 8), f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) kf[c * 8 + e] = f[e];
+      for (int ks = 0; ks < S::kKSteps; ks += 2) {
+        uint32_t kf[4];
+        ldmatrix_x4(kf, ck + (k_row + nt * 8 + mr) * S::kStride + ks * 16 + k_col);
+        mma_bf16(s[nt], qa[ks], kf[0], kf[1]);
+        mma_bf16(s[nt], qa[ks + 1], kf[2], kf[3]);
       }
+    }
+    // Mask and scale. Columns of this lane: tokens warp*16 + nt*8 + kc + {0, 1}.
+    const int tok_mine = row_token(e0, my_row);
+    float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < GMAX; ++j) {
-        float acc = 0.f;
+    for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-        for (int d = 0; d < S::kDPT; ++d) acc += q[j][d] * kf[d];
-        s[i][j] = acc;
+      for (int c = 0; c < 2; ++c) {
+        const bool valid = __shfl_sync(0xffffffffu, tok_mine, nt * 8 + kc + c) >= 0;
+        s[nt][c] = valid ? s[nt][c] * p.scale_log2 : -INFINITY;
+        s[nt][c + 2] = valid ? s[nt][c + 2] * p.scale_log2 : -INFINITY;
+        mx0 = fmaxf(mx0, s[nt][c]);
+        mx1 = fmaxf(mx1, s[nt][c + 2]);
       }
     }
 #pragma unroll
-    for (int off = S::kTPT / 2; off > 0; off >>= 1) {
+    for (int off = 1; off < 4; off <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float a0 = safe_exp2_diff(m0, mn0), a1 = safe_exp2_diff(m1, mn1);
+    m0 = mn0;
+    m1 = mn1;
+    float ps0 = 0.f, ps1 = 0.f;
 #pragma unroll
-      for (int i = 0; i < S::kRows; ++i) {
+    for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-        for (int j = 0; j < GMAX; ++j) s[i][j] += __shfl_xor_sync(0xffffffffu, s[i][j], off);
+      for (int c = 0; c < 2; ++c) {
+        s[nt][c] = safe_exp2_diff(s[nt][c], mn0);
+        s[nt][c + 2] = safe_exp2_diff(s[nt][c + 2], mn1);
+        ps0 += s[nt][c];
+        ps1 += s[nt][c + 2];
       }
     }
+    l0 = l0 * a0 + ps0;
+    l1 = l1 * a1 + ps1;
+    if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {  // the running max rarely moves late on
 #pragma unroll
-    for (int j = 0; j < GMAX; ++j) {
-      float mt = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < S::kRows; ++i) mt = valid[i] ? fmaxf(mt, s[i][j]) : mt;
-      const float m_new = fmaxf(m[j], mt);
-      const float alpha = safe_exp2_diff(m[j], m_new);
-      l[j] *= alpha;
-#pragma unroll
-      for (int d = 0; d < S::kDPT; ++d) o[j][d] *= alpha;
-#pragma unroll
-      for (int i = 0; i < S::kRows; ++i) {
-        const float pij = valid[i] ? exp2f(s[i][j] - m_new) : 0.f;
-        s[i][j] = pij;
-        l[j] += pij;
-      }
-      m[j] = m_new;
-    }
-#pragma unroll
-    for (int i = 0; i < S::kRows; ++i) {
-      const int row = tg + S::kNTG * i;
-#pragma unroll
-      for (int c = 0; c < S::kNCH; ++c) {
-        float f[8];
-        unpack8(*reinterpret_cast<const uint4*>(cv + row * D + (lt + S::kTPT * c) * 8), f);
-#pragma unroll
-        for (int j = 0; j < GMAX; ++j) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) o[j][c * 8 + e] += s[i][j] * f[e];
-        }
+      for (int n = 0; n < S::kDTiles; ++n) {
+        o[n][0] *= a0; o[n][1] *= a0;
+        o[n][2] *= a1; o[n][3] *= a1;
       }
     }
-    __syncthreads();  // the stage just read is refilled next iteration
+    // P as the A operand (16 heads x 16 tokens): the accumulator layout of the two
+    // n-tiles is exactly the A layout of one k=16 step.
+    uint32_t pa[4];
+    pa[0] = pack2(s[0][0], s[0][1]);
+    pa[1] = pack2(s[0][2], s[0][3]);
+    pa[2] = pack2(s[1][0], s[1][1]);
+    pa[3] = pack2(s[1][2], s[1][3]);
+    // O += P V: 16 n-tiles of 8 dims, V fragments through ldmatrix.trans.
+#pragma unroll
+    for (int nd = 0; nd < S::kDTiles; nd += 2) {
+      uint32_t vf[4];
+      ldmatrix_x4_trans(vf, cv + v_row * S::kStride + nd * 8 + v_col);
+      mma_bf16(o[nd], pa, vf[0], vf[1]);
+      mma_bf16(o[nd + 1], pa, vf[2], vf[3]);
+    }
+    __syncwarp();  // this warp's rows of the stage just read are refilled next iteration
   }
   cp_async_wait<0>();
 
-  // Merge token groups inside the warp: lanes lt, lt + kTPT, ... own the same dims.
+  // Row sums: the 4 lanes of a quad hold disjoint columns.
 #pragma unroll
-  for (int off = S::kTPT; off < 32; off <<= 1) {
-#pragma unroll
-    for (int j = 0; j < GMAX; ++j) {
-      const float m_o = __shfl_xor_sync(0xffffffffu, m[j], off);
-      const float l_o = __shfl_xor_sync(0xffffffffu, l[j], off);
-      const float M = fmaxf(m[j], m_o);
-      const float a = safe_exp2_diff(m[j], M), c = safe_exp2_diff(m_o, M);
-      l[j] = l[j] * a + l_o * c;
-#pragma unroll
-      for (int d = 0; d < S::kDPT; ++d) o[j][d] = o[j][d] * a + __shfl_xor_sync(0xffffffffu, o[j][d], off) * c;
-      m[j] = M;
-    }
+  for (int off = 1; off < 4; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
   }
 
   // Merge warps through shared memory (the pipeline buffers are free now).
   __syncthreads();
-  float* red_o = reinterpret_cast<float*>(smem_raw);           // [kWarps][GMAX][D]
-  float* red_ml = red_o + S::kWarps * GMAX * D;                // [kWarps][GMAX][2]
-  const int warp = tid / 32, lane = tid % 32;
-  if (lane < S::kTPT) {
+  float* red_o = reinterpret_cast<float*>(smem_raw);          // [kWarps][16][D]
+  float* red_ml = red_o + S::kWarps * S::kRows * D;           // [kWarps][16][2]
 #pragma unroll
-    for (int j = 0; j < GMAX; ++j) {
-#pragma unroll
-      for (int c = 0; c < S::kNCH; ++c) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) red_o[(warp * GMAX + j) * D + (lt + S::kTPT * c) * 8 + e] = o[j][c * 8 + e];
-      }
-      if (lane == 0) {
-        red_ml[(warp * GMAX + j) * 2] = m[j];
-        red_ml[(warp * GMAX + j) * 2 + 1] = l[j];
-      }
-    }
+  for (int n = 0; n < S::kDTiles; ++n) {
+    *reinterpret_cast<float2*>(red_o + (warp * S::kRows + r0) * D + n * 8 + kc) = make_float2(o[n][0], o[n][1]);
+    *reinterpret_cast<float2*>(red_o + (warp * S::kRows + r1) * D + n * 8 + kc) = make_float2(o[n][2], o[n][3]);
+  }
+  if (lane % 4 == 0) {
+    red_ml[(warp * S::kRows + r0) * 2] = m0;
+    red_ml[(warp * S::kRows + r0) * 2 + 1] = l0;
+    red_ml[(warp * S::kRows + r1) * 2] = m1;
+    red_ml[(warp * S::kRows + r1) * 2 + 1] = l1;
   }
   __syncthreads();
 
@@ -256,13 +277,13 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
     const int j = idx / D, d = idx % D;
     float M = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < S::kWarps; ++w) M = fmaxf(M, red_ml[(w * GMAX + j) * 2]);
+    for (int w = 0; w < S::kWarps; ++w) M = fmaxf(M, red_ml[(w * S::kRows + j) * 2]);
     float acc_l = 0.f, acc_o = 0.f;
 #pragma unroll
     for (int w = 0; w < S::kWarps; ++w) {
-      const float a = safe_exp2_diff(red_ml[(w * GMAX + j) * 2], M);
-      acc_l += red_ml[(w * GMAX + j) * 2 + 1] * a;
-      acc_o += red_o[(w * GMAX + j) * D + d] * a;
+      const float a = safe_exp2_diff(red_ml[(w * S::kRows + j) * 2], M);
+      acc_l += red_ml[(w * S::kRows + j) * 2 + 1] * a;
+      acc_o += red_o[(w * S::kRows + j) * D + d] * a;
     }
     const int hq = h * p.group + j;
     const float o_norm = acc_l > 0.f ? acc_o / acc_l : 0.f;
@@ -285,39 +306,72 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  for (int idx = tid; idx < p.group * D; idx += S::kThreads) {
-    const int j = idx / D, d = idx % D;
-    const int hq = h * p.group + j;
-    const int64_t row0 = ((int64_t)b * p.Hq + hq) * p.n_splits;
-    float M = -INFINITY;
-    for (int sp = 0; sp < p.n_splits; ++sp) M = fmaxf(M, __ldcg(p.part_lse + row0 + sp));
-    float wsum = 0.f, acc = 0.f;
+  // Split weights per head, staged in shared memory: w[j][sp] = 2^(lse - max).
+  float* w = reinterpret_cast<float*>(smem_raw);                 // [group][n_splits]
+  float* wsum = w + p.group * p.n_splits;                        // [group]
+  const float* part_lse = p.part_lse + ((int64_t)b * p.Hq + h * p.group) * p.n_splits;
+  for (int i = tid; i < p.group * p.n_splits; i += S::kThreads) w[i] = __ldcg(part_lse + i);
+  __syncthreads();
+  if (tid < p.group) {
+    float M = -INFINITY, sum = 0.f;
+    for (int sp = 0; sp < p.n_splits; ++sp) M = fmaxf(M, w[tid * p.n_splits + sp]);
+    for (int sp = 0; sp < p.n_splits; ++sp) {
+      const float x = safe_exp2_diff(w[tid * p.n_splits + sp], M);
+      w[tid * p.n_splits + sp] = x;
+      sum += x;
+    }
+    wsum[tid] = sum;
+    if (sum > 0.f) {
+      p.lse[(int64_t)b * p.Hq + h * p.group + tid] = (M + log2f(sum)) * kLn2;
+    } else {
+      p.lse[(int64_t)b * p.Hq + h * p.group + tid] = -INFINITY;
+    }
+  }
+  __syncthreads();
+  // Each thread sums four consecutive dims of one head over the splits (16-byte loads).
+  for (int idx = tid; idx < p.group * (D / 4); idx += S::kThreads) {
+    const int j = idx / (D / 4), d = (idx % (D / 4)) * 4;
+    const float4* src = reinterpret_cast<const float4*>(
+        p.part_o + (((int64_t)b * p.Hq + h * p.group + j) * p.n_splits) * D + d);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
     for (int sp = 0; sp < p.n_splits; ++sp) {
-      const float w = safe_exp2_diff(__ldcg(p.part_lse + row0 + sp), M);
-      wsum += w;
-      acc += w * __ldcg(p.part_o + (row0 + sp) * D + d);
+      const float x = w[j * p.n_splits + sp];
+      const float4 v = __ldcg(src + sp * (D / 4));
+      acc.x += x * v.x; acc.y += x * v.y; acc.z += x * v.z; acc.w += x * v.w;
     }
-    p.out[b * p.o_batch_stride + hq * p.o_head_stride + d] = (bf16_t)f2bf(wsum > 0.f ? acc / wsum : 0.f);
-    if (d == 0) p.lse[(int64_t)b * p.Hq + hq] = wsum > 0.f ? (M + log2f(wsum)) * kLn2 : -INFINITY;
+    const float inv = wsum[j] > 0.f ? 1.f / wsum[j] : 0.f;
+    bf16_t* dst = p.out + b * p.o_batch_stride + (h * p.group + j) * p.o_head_stride + d;
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv), pack2(acc.z * inv, acc.w * inv));
   }
   if (tid == 0) p.counters[b * p.Hkv + h] = 0;  // ready for the next step (and graph replay)
 }
 
 void launch_sparse_decode(const DecodeParams& p, cudaStream_t stream) {
-  if (p.entries_per_split > kMaxEntriesPerSplit) {
+  if (p.pages != nullptr && p.entries_per_split > kMaxEntriesPerSplit) {
     throw std::invalid_argument("hydra: entries_per_split=" + std::to_string(p.entries_per_split) +
                                 " exceeds " + std::to_string(kMaxEntriesPerSplit));
   }
+  if (p.group < 1 || p.group > 16) {
+    throw std::invalid_argument("hydra: unsupported GQA group size Hq/Hkv=" + std::to_string(p.group) +
+                                " (supported: 1 to 16)");
+  }
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
-    HYDRA_DISPATCH_GROUP(p.group, kG, [&] {
-      using S = DecodeShape<kD, kG>;
-      auto kernel = sparse_decode_kernel<kD, kG>;
+    using S = DecodeShape<kD>;
+    if (size_t(p.group) * (p.n_splits + 1) * sizeof(float) > S::kSmemBytes) {
+      throw std::invalid_argument("hydra: n_splits=" + std::to_string(p.n_splits) + " is too many to merge");
+    }
+    auto kernel = sparse_decode_kernel<kD>;
+    static bool smem_raised[64] = {};  // per device: raising the limit once is enough
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (dev < 0 || dev >= 64 || !smem_raised[dev]) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)S::kSmemBytes);
-      dim3 grid(p.n_splits, p.Hkv, p.B);
-      kernel<<<grid, S::kThreads, S::kSmemBytes, stream>>>(p);
-      check_launch("sparse_decode_kernel");
-    });
+      if (dev >= 0 && dev < 64) smem_raised[dev] = true;
+    }
+    dim3 grid(p.n_splits, p.Hkv, p.B);
+    kernel<<<grid, S::kThreads, S::kSmemBytes, stream>>>(p);
+    check_launch("sparse_decode_kernel");
   });
 }
 

@@ -123,7 +123,7 @@ SMALL = hydra.HydraPolicy(budget_tokens=64, sink_tokens=16, recent_tokens=16)
 
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("T", [1, 15, 17, 97, 4097])
-@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (16, 2)])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (16, 2), (6, 2), (16, 1)])
 def test_decode_parity_small_policy(T, Hq, Hkv):
     _need_ops()
     q, k, v = make_qkv(2, Hq, Hkv, T, seed=T * 31 + Hq, slack=5 * 8)

@@ -222,15 +222,19 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   }
   if (n_entries == 0) n_entries = 1;  // still write the (empty-set) output
 
-  // Split the entries so that B * Hkv * splits fills the GPU twice over (two CTAs fit per SM).
+  // Split the entries so that B * Hkv * splits fills the GPU's CTA slots (two per SM)
+  // in one wave: rounding down avoids a nearly empty second wave.
   const int ept = hydra::kTileTokens / P;
   const int tiles = (n_entries + ept - 1) / ept;
-  const int target = 2 * num_sms(q.get_device());
-  int splits = std::max(1, std::min(tiles, (target + s.B * s.Hkv - 1) / (s.B * s.Hkv)));
-  splits = std::max(splits, (n_entries + hydra::kMaxEntriesPerSplit - 1) / hydra::kMaxEntriesPerSplit);
+  const int slots = 2 * num_sms(q.get_device());
+  // At least 4 tiles per split, so a CTA's fixed costs (page staging, the merge) stay small.
+  int splits = std::max(1, std::min((tiles + 3) / 4, slots / (s.B * s.Hkv)));
+  if (mode != kRange) {  // a split's page indices are staged in shared memory
+    splits = std::max(splits, (n_entries + hydra::kMaxEntriesPerSplit - 1) / hydra::kMaxEntriesPerSplit);
+  }
   int per_split = (n_entries + splits - 1) / splits;
   per_split = (per_split + ept - 1) / ept * ept;
-  if (per_split > hydra::kMaxEntriesPerSplit) per_split = hydra::kMaxEntriesPerSplit / ept * ept;
+  if (mode != kRange && per_split > hydra::kMaxEntriesPerSplit) per_split = hydra::kMaxEntriesPerSplit / ept * ept;
   splits = (n_entries + per_split - 1) / per_split;
 
   Workspace ws;

@@ -14,7 +14,7 @@ import torch
 
 SUPPORTED_HEAD_DIMS = (128,)
 SUPPORTED_DTYPES = (torch.bfloat16,)
-MAX_GROUP = 8
+MAX_GROUP = 16
 _ALIGN = 8  # elements: 16-byte vector loads need every row to start 16-byte aligned
 
 
