@@ -28,6 +28,28 @@ __device__ __forceinline__ float reduce_page(float x) {
   return x;
 }
 
+// The GQA group's query folded into two D-vectors (this thread's 8 dims):
+// qpos = sum_j max(q_j, 0), qneg = sum_j min(q_j, 0). The group's loads are
+// issued together (a serial loop would cost one memory latency per head).
+__device__ __forceinline__ void group_query_bounds(const ScoreParams& p, int b, int h, int d0, float (&qpos)[8],
+                                                   float (&qneg)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) { qpos[i] = 0.f; qneg[i] = 0.f; }
+  const bf16_t* q = p.q + b * p.q_batch_stride + (int64_t)(h * p.group) * p.q_head_stride + d0;
+  for (int j0 = 0; j0 < p.group; j0 += 4) {
+    uint4 u[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) u[j] = j0 + j < p.group ? ldg16(q + (j0 + j) * p.q_head_stride) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float f[8];
+      unpack8(u[j], f);  // zero padding adds nothing to either sum
+#pragma unroll
+      for (int i = 0; i < 8; ++i) { qpos[i] += fmaxf(f[i], 0.f); qneg[i] += fminf(f[i], 0.f); }
+    }
+  }
+}
+
 // Grid (ceil(n_pages / kPagesPerCta), Hkv, B). FROM_K: summaries are built on the
 // fly from the keys (the stateless path), in registers, never written out.
 template <int D, bool FROM_K>
@@ -45,22 +67,12 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
   const int lane = threadIdx.x % S::kThreadsPerPage;
   const int grp = threadIdx.x / S::kThreadsPerPage;
   const int d0 = lane * 8;
-
-  float qpos[8], qneg[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) { qpos[i] = 0.f; qneg[i] = 0.f; }
-  for (int j = 0; j < p.group; ++j) {
-    float f[8];
-    unpack8(ldg16(p.q + b * p.q_batch_stride + (int64_t)(h * p.group + j) * p.q_head_stride + d0), f);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) { qpos[i] += fmaxf(f[i], 0.f); qneg[i] += fminf(f[i], 0.f); }
-  }
-
   float* scores = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
   if constexpr (!FROM_K) {
     const bf16_t* s = p.summaries + b * p.s_batch_stride + h * p.s_head_stride + d0;
     uint4 mn[kScorePasses], mx[kScorePasses];
-    // Issue every load before the first use: 2 * kScorePasses 16-byte loads in flight.
+    // Issue every summary load before the query loads and before the first use:
+    // 2 * kScorePasses 16-byte loads in flight.
 #pragma unroll
     for (int i = 0; i < kScorePasses; ++i) {
       const int page = page0 + i * S::kPagesPerPass + grp;
@@ -72,6 +84,8 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
         mx[i] = mn[i];
       }
     }
+    float qpos[8], qneg[8];
+    group_query_bounds(p, b, h, d0, qpos, qneg);
 #pragma unroll
     for (int i = 0; i < kScorePasses; ++i) {
       float fmn[8], fmx[8];
@@ -85,6 +99,8 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
       if (lane == 0 && page >= cand_lo && page < cand_hi) scores[page] = acc;
     }
   } else {
+    float qpos[8], qneg[8];
+    group_query_bounds(p, b, h, d0, qpos, qneg);
     const bf16_t* k = p.k + b * p.k_batch_stride + h * p.k_head_stride + d0;
     for (int i = 0; i < kScorePasses; ++i) {
       const int page = page0 + i * S::kPagesPerPass + grp;
@@ -173,7 +189,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
   __shared__ int hist[256];
   __shared__ int hist_all[32 * 256];
   __shared__ uint64_t warp_tot[32];
-  __shared__ int s_bin, s_above;
+  __shared__ int s_bin, s_above, s_n, s_need;
+  __shared__ uint32_t s_list[32], s_thr;
 
   const int L = seq_len(p.seqlens, b, p.Tkv);
   const int n_pages_b = (L + p.page_size - 1) / p.page_size;
@@ -285,7 +302,37 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
       remaining -= s_above;
       prefix = (prefix & ~(0xffu << shift)) | ((uint32_t)s_bin << shift);
       mask |= 0xffu << shift;
+      const int bin_count = hist[s_bin];
       __syncthreads();  // s_bin / s_above / hist are rewritten next pass
+      if (shift > 0 && bin_count <= 32) {
+        // Few keys left in the threshold's bin: gather them and let one warp rank them.
+        if (tid == 0) s_n = 0;
+        __syncthreads();
+        for (int i = tid; i < n_cand; i += kSelectThreads) {
+          const uint32_t u = key_at(i);
+          if ((u & mask) == prefix) {
+            const int slot = atomicAdd(&s_n, 1);
+            if (slot < 32) s_list[slot] = u;
+          }
+        }
+        __syncthreads();
+        if (tid < 32) {
+          const int n = min(s_n, 32);
+          const uint32_t x = tid < n ? s_list[tid] : 0u;
+          int gt = 0, ge = 0;
+          for (int j = 0; j < n; ++j) {
+            const uint32_t y = __shfl_sync(0xffffffffu, x, j);
+            gt += y > x;
+            ge += y >= x;
+          }
+          if (tid < n && gt < remaining && remaining <= ge) { s_thr = x; s_need = remaining - gt; }
+        }
+        __syncthreads();
+        prefix = s_thr;
+        mask = 0xffffffffu;
+        remaining = s_need;
+        break;
+      }
     }
   }
   const int need_eq = k > 0 ? remaining : 0;

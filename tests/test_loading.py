@@ -76,7 +76,9 @@ check(kernels.get_kernel("Frosty40/hydra", version=1))
 
 
 def _run(code: str, *args: str, env: dict | None = None, timeout: int = BUILD_TIMEOUT_S) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env or dict(os.environ),
+    env = dict(env or os.environ)
+    env.pop("HYDRA_NO_BUILD", None)  # each path must really load the kernels
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("HYDRA_RESULT ")]
     assert proc.returncode == 0 and lines, (

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("HYDRA_NO_BUILD", "1")
 _TORCH_EXT = str(Path(__file__).resolve().parents[1] / "torch-ext")
 if _TORCH_EXT not in sys.path:
     sys.path.insert(0, _TORCH_EXT)

@@ -60,8 +60,15 @@ def _arch_list() -> str:
 
 def build(verbose: bool = False):
     """Build (or load from cache) the extension; returns its module name."""
+    # torch guesses CUDA_HOME from the nvcc on PATH, which can be a wrapper outside
+    # the toolkit; prefer the standard location when nothing is set.
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") \
+            and Path("/usr/local/cuda/include/cuda_runtime.h").is_file():
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     from torch.utils import cpp_extension
 
+    if os.environ.get("CUDA_HOME") and cpp_extension.CUDA_HOME != os.environ["CUDA_HOME"]:
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # imported earlier with a guess
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch = _arch_list()
     name = f"_hydra_{_digest()}"
     build_dir = cpp_extension._get_build_directory(name, verbose=False)
