@@ -34,26 +34,13 @@ def run_tests(pytest_args):
     return rc, data.get("summary", {"passed": 0, "failed": 1, "skipped": 0}), data.get("failing", [])
 
 
-def graph_time_us(fn):
-    import torch
-    import triton.testing
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") * 1e3
-
-
 def smoke_bench():
     import torch
 
     import hydra
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from timing import graph_us
 
     rows = []
     Hq, Hkv, D = 32, 8, 128
@@ -64,7 +51,7 @@ def smoke_bench():
         v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
         summ = hydra.page_summaries(k)
         out = torch.empty_like(q)
-        hydra_us = graph_time_us(lambda: hydra.hydra(q, k, v, page_summaries=summ, out=out))
+        hydra_us = graph_us(lambda: hydra.hydra(q, k, v, page_summaries=summ, out=out))
         pages = hydra.select_pages(q, k, page_summaries=summ)
         o_ref = hydra.reference.sparse_attention(q, k, v, pages, page_size=16)
         err = ((out.double() - o_ref.double()).norm() / o_ref.double().norm()).item()
@@ -75,7 +62,7 @@ def smoke_bench():
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
         try:
-            dense_us = graph_time_us(dense)
+            dense_us = graph_us(dense)
         except Exception as e:  # a backend that refuses the shape is reported, not fatal
             print(f"sdpa_flash skipped at B={B} T={T}: {e}", file=sys.stderr)
             dense_us = None

@@ -219,3 +219,20 @@ def test_errors_raise_before_any_kernel(monkeypatch):
                    dict(cache_seqlens=torch.ones(2, dtype=torch.int64, device="cuda"))):
         with pytest.raises((ValueError, TypeError)):
             hydra.hydra(q, k, v, **kwargs)
+
+
+@pytest.mark.gpu
+def test_fast_path_accepts_only_well_formed_calls():
+    from hydra._validate import _fast_decode_ok
+
+    q, k, v = qkv(device="cuda")
+    pol = hydra.HydraPolicy()
+    summ = torch.zeros(2, 2, 7, 2, 128, dtype=BF16, device="cuda")
+    lens = torch.tensor([50, 100], dtype=torch.int32, device="cuda")
+    assert _fast_decode_ok(q, k, v, pol, lens, summ)
+    assert not _fast_decode_ok(q, k, v, pol, lens, summ[:, :, :6])          # wrong page count
+    assert not _fast_decode_ok(q, k, v, pol, lens.long(), summ)             # wrong dtype
+    assert not _fast_decode_ok(q, k, v.cpu(), pol, lens, summ)              # mixed devices
+    assert not _fast_decode_ok(q, k, v, hydra.HydraPolicy(page_size=8), lens, summ)  # policy's page size
+    with raises(ValueError, "hydra: page_summaries must have shape (2, 2, 7, 2, 128)"):
+        hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ[:, :, :6])

@@ -117,9 +117,45 @@ def _out(out, q):
         raise ValueError(f"hydra: out must have a contiguous last dimension, got strides {out.stride()}")
 
 
+def _fast_decode_ok(q, k, v, policy, cache_seqlens, page_summaries):
+    """One flat expression for the common well-formed decode call; anything it does not
+    recognise goes through the full checks below, which name the offending argument.
+    It accepts a subset of what the full checks accept, so it never lets bad input by."""
+    T = torch.Tensor
+    if not (type(q) is T and type(k) is T and type(v) is T and q.dtype is torch.bfloat16
+            and k.dtype is torch.bfloat16 and v.dtype is torch.bfloat16 and q.is_cuda):
+        return False
+    qs, ks = q.shape, k.shape
+    if not (len(qs) == 4 and len(ks) == 4 and qs[2] == 1 and qs[3] == 128 and ks[3] == 128 and qs[0] == ks[0]
+            and v.shape == ks and ks[1] > 0 and qs[1] % ks[1] == 0 and qs[1] // ks[1] <= MAX_GROUP and ks[2] >= 1
+            and k.device == q.device and v.device == q.device):
+        return False
+    for t in (q, k, v):
+        st = t.stride()
+        if st[3] != 1 or st[0] % _ALIGN or st[1] % _ALIGN or st[2] % _ALIGN:
+            return False
+    if cache_seqlens is not None and not (
+            type(cache_seqlens) is T and cache_seqlens.dtype is torch.int32 and cache_seqlens.dim() == 1
+            and cache_seqlens.shape[0] == qs[0] and cache_seqlens.device == q.device
+            and cache_seqlens.is_contiguous()):
+        return False
+    if page_summaries is not None:
+        ps = page_summaries
+        if not (type(ps) is T and ps.dtype is torch.bfloat16 and ps.device == q.device
+                and ps.shape == (qs[0], ks[1], -(-ks[2] // policy.page_size), 2, 128)):
+            return False
+        st = ps.stride()
+        if st[4] != 1 or st[3] != 128 or st[0] % _ALIGN or st[1] % _ALIGN or st[2] % _ALIGN:
+            return False
+    return True
+
+
 def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx, policy, cache_seqlens,
                          page_summaries, scale, out):
     """Checks for hydra.hydra / hydra.select_pages. Returns {"scale": float}."""
+    if (v is not None and is_causal is True and sliding_window is None and policy_layer_idx is None
+            and scale is None and out is None and _fast_decode_ok(q, k, v, policy, cache_seqlens, page_summaries)):
+        return {"scale": 0.08838834764831845}  # 1 / sqrt(128)
     if is_causal is not True:
         raise ValueError(f"hydra: is_causal must be True (hydra is causal attention), got {is_causal!r}")
     B, Hq, Tq, D, Hkv, Tkv = _qkv(q, k, v)
