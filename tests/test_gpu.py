@@ -312,4 +312,8 @@ def test_opcheck_every_op():
     lse = torch.empty(1, 8, 1, dtype=torch.float32, device=DEV)
     torch.library.opcheck(ops.decode.default, (q, k, v, None, summ, lens, 16, 64, 64, 256, 0, 0.088, out, lse))
     torch.library.opcheck(ops.decode.default, (q, k, v, pages, None, lens, 16, 0, 0, 0, 0, 0.088, out, lse))
+    torch.library.opcheck(ops.decode_alloc.default, (q, k, v, None, summ, lens, 16, 64, 64, 256, 0, 0.088))
+    o2, lse2 = ops.decode_alloc(q, k, v, None, summ, lens, 16, 64, 64, 256, 0, 0.088)
+    ops.decode(q, k, v, None, summ, lens, 16, 64, 64, 256, 0, 0.088, out, lse)
+    assert torch.equal(o2, out) and torch.equal(lse2, lse)
     assert add_op_namespace_prefix("decode").endswith("::decode")

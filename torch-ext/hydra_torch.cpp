@@ -291,3 +291,17 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   p.scale_log2 = (float)(scale * 1.4426950408889634);
   hydra::launch_sparse_decode(p, stream);
 }
+
+std::tuple<at::Tensor, at::Tensor> decode_alloc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const std::optional<at::Tensor>& pages,
+                                                const std::optional<at::Tensor>& summaries,
+                                                const std::optional<at::Tensor>& cache_seqlens, int64_t page_size,
+                                                int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
+                                                int64_t window, double scale) {
+  TORCH_CHECK(q.dim() == 4, "hydra: q must be (B, Hq, 1, D), got ", q.sizes());
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  decode(q, k, v, pages, summaries, cache_seqlens, page_size, sink_tokens, recent_tokens, budget_tokens, window,
+         scale, out, lse);
+  return {out, lse};
+}

@@ -22,6 +22,13 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "int page_size, int sink_tokens, int recent_tokens, int budget_tokens, int window, float scale, "
       "Tensor! out, Tensor! lse) -> ()");
   ops.impl("decode", c10::kCUDA, &decode);
+
+  // The same step returning a new out (B, Hq, 1, D) and fp32 lse (B, Hq, 1).
+  ops.def(
+      "decode_alloc(Tensor q, Tensor k, Tensor v, Tensor? pages, Tensor? summaries, Tensor? cache_seqlens, "
+      "int page_size, int sink_tokens, int recent_tokens, int budget_tokens, int window, float scale) "
+      "-> (Tensor, Tensor)");
+  ops.impl("decode_alloc", c10::kCUDA, &decode_alloc);
 }
 
 REGISTER_EXTENSION(TORCH_EXTENSION_NAME)

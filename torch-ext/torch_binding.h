@@ -2,6 +2,7 @@
 #pragma once
 
 #include <optional>
+#include <tuple>
 #include <ATen/ATen.h>
 
 void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_seqlens, int64_t page_size,
@@ -15,3 +16,11 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
             const std::optional<at::Tensor>& summaries, const std::optional<at::Tensor>& cache_seqlens,
             int64_t page_size, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens, int64_t window,
             double scale, at::Tensor& out, at::Tensor& lse);
+
+// decode() into freshly allocated (out, lse): one op call and no Python-side allocations.
+std::tuple<at::Tensor, at::Tensor> decode_alloc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const std::optional<at::Tensor>& pages,
+                                                const std::optional<at::Tensor>& summaries,
+                                                const std::optional<at::Tensor>& cache_seqlens, int64_t page_size,
+                                                int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
+                                                int64_t window, double scale);

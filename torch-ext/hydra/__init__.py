@@ -120,18 +120,21 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
     if _debug and cache_seqlens is not None:
         check_cache_seqlens_values(cache_seqlens, k.shape[2])
     _require_ops()
-    B, Hq, _, D = q.shape
+    B, Hq = q.shape[0], q.shape[1]
     if sliding_window is not None:
         budget, window = 0, int(sliding_window)
     elif _is_exact(pol, policy_layer_idx):
         budget, window = 0, 0
     else:
         budget, window = pol.budget_tokens, 0
-    if out is None:
-        out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, 1), dtype=torch.float32, device=q.device)
-    ops.decode(q, k, v, None, page_summaries if budget > 0 else None, cache_seqlens, pol.page_size,
-               pol.sink_tokens, pol.recent_tokens, budget, window, info["scale"], out, lse)
+    summaries = page_summaries if budget > 0 else None
+    if out is None:  # allocated in C++: one op call on the eager hot path
+        out, lse = ops.decode_alloc(q, k, v, None, summaries, cache_seqlens, pol.page_size, pol.sink_tokens,
+                                    pol.recent_tokens, budget, window, info["scale"])
+    else:
+        lse = torch.empty((B, Hq, 1), dtype=torch.float32, device=q.device)
+        ops.decode(q, k, v, None, summaries, cache_seqlens, pol.page_size, pol.sink_tokens, pol.recent_tokens,
+                   budget, window, info["scale"], out, lse)
     return (out, lse) if return_lse else out
 
 
@@ -192,11 +195,11 @@ def sparse_attention(q, k, v, pages, *, page_size=16, cache_seqlens=None, scale=
             check_cache_seqlens_values(cache_seqlens, k.shape[2])
         check_pages_values(pages)
     _require_ops()
-    B, Hq, _, D = q.shape
     if out is None:
-        out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, 1), dtype=torch.float32, device=q.device)
-    ops.decode(q, k, v, pages, None, cache_seqlens, page_size, 0, 0, 0, 0, info["scale"], out, lse)
+        out, lse = ops.decode_alloc(q, k, v, pages, None, cache_seqlens, page_size, 0, 0, 0, 0, info["scale"])
+    else:
+        lse = torch.empty((q.shape[0], q.shape[1], 1), dtype=torch.float32, device=q.device)
+        ops.decode(q, k, v, pages, None, cache_seqlens, page_size, 0, 0, 0, 0, info["scale"], out, lse)
     return (out, lse) if return_lse else out
 
 
@@ -238,3 +241,9 @@ if ops is not None:
     def _decode_fake(q, k, v, pages, summaries, cache_seqlens, page_size, sink_tokens, recent_tokens,
                      budget_tokens, window, scale, out, lse):
         return None
+
+    @torch.library.register_fake(add_op_namespace_prefix("decode_alloc"))
+    def _decode_alloc_fake(q, k, v, pages, summaries, cache_seqlens, page_size, sink_tokens, recent_tokens,
+                           budget_tokens, window, scale):
+        B, Hq, Tq, D = q.shape
+        return q.new_empty((B, Hq, Tq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
