@@ -126,6 +126,13 @@ DEVICE = torch.device("cuda")
 HYDRA_NAMES = ("hydra_cached", "hydra_stateless")
 PEER_NAMES = ("sdpa_flash", "sdpa_cudnn", "flashinfer")
 
+# HydraKVCache step rows (issue 5): shapes, cache headroom for the timed appends, targets
+CACHE_STEP_MIN_T = 131072
+CACHE_STEP_MAX_B = 8
+CACHE_HEADROOM = 32768        # tokens past T: every timed call appends one
+TARGET_STEP_OVER_ATTEND = 1.10
+TARGET_APPEND_SHARE = 0.05
+
 SET_BYTES_CAP = 2e9        # rotate several input sets only while they total less than this
 FLASHINFER_PAGE = 16
 FLASHINFER_WORKSPACE = 256 << 20
@@ -508,6 +515,77 @@ def run_case(case: Case, B: int, T: int, args, copy_gbps: float):
     return results
 
 
+def bench_cache_step(B, T, ctx, s0, sub, refs, args, copy_gbps, modes, shape_rows):
+    """hydra_cache_step rows: HydraKVCache.append of one token + attend, against the
+    cached-summary attend alone (hydra_cached rows of this shape and mode).
+
+    The cache is prefilled with the first T-1 tokens of input set 0 and the step
+    appends token T-1, so the first step's output is checked against the same fp32
+    reference as hydra_cached. While timing, every call appends one more token (the
+    lengths grow from T by up to a few thousand tokens, which only makes the step
+    dearer); the cache has CACHE_HEADROOM tokens of room past T.
+    """
+    hydra, ref = ctx["hydra"], ctx["ref"]
+    q0, k0, v0 = refs
+    cache = hydra.HydraKVCache(B, HKV, HEAD_DIM, T + CACHE_HEADROOM, dtype=DTYPE, device=DEVICE,
+                               precision=PRECISION)
+    k_prompt, v_prompt = s0["k"][:, :, :T - 1], s0["v"][:, :, :T - 1]
+    k_new, v_new, q = s0["k"][:, :, T - 1:T], s0["v"][:, :, T - 1:T], s0["q"]
+    hydra_ref = ref.hydra(q0, k0, v0, precision=PRECISION).float()
+
+    def reset():
+        cache.prefill(k_prompt, v_prompt)
+        torch.cuda.synchronize()
+
+    def step():
+        cache.append(k_new, v_new)
+        return cache.attend(q)
+
+    def append_only():
+        cache.append(k_new, v_new)
+
+    rows = []
+    for mode in modes:
+        reset()
+        if mode == "eager":
+            out = step()
+            torch.cuda.synchronize()
+            timed = step
+        else:
+            graph, out = capture_graph(step)  # its warm-up calls append: reset, then replay once
+            reset()
+            graph.replay()
+            torch.cuda.synchronize()
+            timed = graph.replay
+        err = max_rel_err(sub(out), hydra_ref)
+        us = do_bench_us(timed, args.rep)
+        reset()
+        if mode == "eager":
+            append_us = do_bench_us(append_only, min(args.rep, 50))
+        else:
+            graph_a, _ = capture_graph(append_only)
+            reset()
+            append_us = do_bench_us(graph_a.replay, min(args.rep, 50))
+        cache.check_overflow()
+        attend = next((r for r in shape_rows if r["name"] == "hydra_cached" and r["mode"] == mode
+                       and r.get("us") is not None), None)
+        nbytes = step_bytes("hydra_cached", B, T) + 4 * B * HKV * HEAD_DIM * 2  # + the appended rows
+        row = {"name": "hydra_cache_step", "B": B, "T": T, "D": HEAD_DIM, "mode": mode, "us": us,
+               "append_us": append_us, "max_rel_err": err, "checked_batch_indices": sorted({0, B - 1}),
+               "correct": err is not None and err < MAX_REL_ERR, "bytes": nbytes, "gbps": gbps(nbytes, us),
+               "floor_us": floor_us(nbytes, copy_gbps), "cache_headroom_tokens": CACHE_HEADROOM}
+        if attend is not None:
+            row.update({"attend_us": attend["us"], "step_over_attend": us / attend["us"],
+                        "append_share_of_attend": append_us / attend["us"],
+                        "target_step_over_attend": TARGET_STEP_OVER_ATTEND,
+                        "meets_step_target": us <= TARGET_STEP_OVER_ATTEND * attend["us"] and row["correct"],
+                        "target_append_share": TARGET_APPEND_SHARE,
+                        "meets_append_target": append_us < TARGET_APPEND_SHARE * attend["us"]})
+        log(f"  hydra_cache_step {mode:5s} {us:9.1f} us (append {append_us:.1f} us), rel err {err:.1e}")
+        rows.append(row)
+    return rows
+
+
 def bench_shape(B, T, ctx, args, rows, copy_gbps):
     hydra, ref = ctx["hydra"], ctx["ref"]
     dev = DEVICE
@@ -610,6 +688,20 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
         del case, hydra_ref, sparse_ref
         torch.cuda.empty_cache()
 
+    # -- HydraKVCache: append + attend, the whole cached decode step -------------
+    if T >= CACHE_STEP_MIN_T and B <= CACHE_STEP_MAX_B and not summaries_error:
+        try:
+            shape_rows.extend(bench_cache_step(B, T, ctx, s0, sub, (q0, k0, v0), args, copy_gbps, modes,
+                                               shape_rows))
+        except Exception as e:
+            log(f"  hydra_cache_step failed: {short_reason(e)}")
+            if args.verbose:
+                traceback.print_exc()
+            for mode in modes:
+                shape_rows.append({"name": "hydra_cache_step", "B": B, "T": T, "D": HEAD_DIM, "mode": mode,
+                                   "us": None, "skipped": f"failed: {short_reason(e)}"})
+        torch.cuda.empty_cache()
+
     def check_dense(out):
         o = out.reshape(out.shape[0], HQ, 1, HEAD_DIM)
         err = max_rel_err(sub(o), dense_ref)
@@ -709,7 +801,7 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
                  and r.get("us") is not None and r.get("correct")]
         best = min(peers, key=lambda r: r["us"]) if peers else None
         for r in shape_rows:
-            if r["name"] not in HYDRA_NAMES or r["mode"] != mode or r.get("us") is None:
+            if r["name"] not in HYDRA_NAMES + ("hydra_cache_step",) or r["mode"] != mode or r.get("us") is None:
                 continue
             r["best_dense_us"] = best["us"] if best else None
             r["best_dense_name"] = best["name"] if best else None

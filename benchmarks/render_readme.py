@@ -193,6 +193,10 @@ def decode_section(record, path: Path, stale) -> str:
         lines += ["", f"Eager host overhead of hydra_cached at B=1, T=8,192 (eager minus graph, back to back): "
                       f"{overhead['overhead_us']:.1f} µs (target < {overhead['target_us']:.0f} µs)"
                       f"{_mark(overhead.get('meets_target'))}."]
+    cache_table = cache_step_table(rows)
+    if cache_table:
+        lines += ["", "HydraKVCache step (append one token + attend) against the cached-summary attend alone "
+                      "(issue 5 targets: step within 1.10x of attend, append under 5% of it):", "", cache_table]
     checks = record.get("target_checks")
     if checks is not None:
         missed = [c for c in checks if not c.get("met")]
@@ -202,6 +206,23 @@ def decode_section(record, path: Path, stale) -> str:
     lines += ["", "<details><summary>Every timed case</summary>", "", decode_detail_table(rows), "",
               "</details>"]
     return "\n".join(lines)
+
+
+def cache_step_table(rows) -> str:
+    """hydra_cache_step rows, or "" when the run has none."""
+    picked = [r for r in rows if r.get("name") == "hydra_cache_step" and r.get("us") is not None]
+    if not picked:
+        return ""
+    out = ["| B | T | mode | step (µs) | attend alone (µs) | step / attend | append (µs) | append / attend | max rel err |",
+           "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(picked, key=lambda r: (r["B"], r["T"], r["mode"])):
+        ratio, share = r.get("step_over_attend"), r.get("append_share_of_attend")
+        out.append(f"| {r['B']} | {_t(r['T'])} | {r['mode']} | {_us(r['us'])} | {_us(r.get('attend_us'))} | "
+                   f"{_ratio(ratio)}{_mark(r.get('meets_step_target')) if ratio is not None else ''} | "
+                   f"{_us(r.get('append_us'))} | "
+                   f"{'-' if share is None else f'{share:.1%}'}{_mark(r.get('meets_append_target')) if share is not None else ''} | "
+                   f"{_err(r.get('max_rel_err'))} |")
+    return "\n".join(out)
 
 
 def tests_section(record, path: Path, stale) -> str:

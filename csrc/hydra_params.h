@@ -71,7 +71,27 @@ struct DecodeParams {
   float scale_log2;      // softmax scale * log2(e)
 };
 
+// HydraKVCache writes (prefill and append).
+struct CacheWriteParams {
+  const bf16_t* k_src;   // [B, Hkv, n_src, D] new keys
+  const bf16_t* v_src;   // [B, Hkv, n_src, D] new values
+  int64_t ks_batch_stride, ks_head_stride, ks_row_stride;
+  int64_t vs_batch_stride, vs_head_stride, vs_row_stride;
+  bf16_t* k_cache;       // [B, Hkv, max_seq_len, D]
+  bf16_t* v_cache;       // [B, Hkv, max_seq_len, D]
+  int64_t kc_batch_stride, kc_head_stride, kc_row_stride;
+  int64_t vc_batch_stride, vc_head_stride, vc_row_stride;
+  bf16_t* summaries;     // [B, Hkv, max_pages, 2, D]: min row then max row
+  int64_t s_batch_stride, s_head_stride, s_page_stride;
+  int* lengths;          // [B] valid lengths: set by prefill, advanced by append
+  const int* counts;     // [B] tokens of src to take per sequence, or nullptr (all n_src)
+  int* overflow;         // [1] set to 1 when an append would pass max_seq_len (the excess is dropped)
+  int B, Hkv, D, n_src, max_seq_len, max_pages, page_size;
+};
+
 void launch_page_summaries(const SummaryParams& p, cudaStream_t stream);
+void launch_cache_prefill(const CacheWriteParams& p, cudaStream_t stream);
+void launch_cache_append(const CacheWriteParams& p, cudaStream_t stream);
 void launch_score_pages(const ScoreParams& p, cudaStream_t stream);
 void launch_select_pages(const SelectParams& p, cudaStream_t stream);
 void launch_sparse_decode(const DecodeParams& p, cudaStream_t stream);

@@ -305,3 +305,71 @@ std::tuple<at::Tensor, at::Tensor> decode_alloc(const at::Tensor& q, const at::T
          scale, out, lse);
   return {out, lse};
 }
+
+namespace {
+
+hydra::CacheWriteParams cache_params(const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& counts,
+                                     int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache,
+                                     at::Tensor& summaries, at::Tensor& lengths, at::Tensor& overflow) {
+  for (auto* t : {&k, &v}) check_bf16_cuda(*t, "new k/v");
+  check_bf16_cuda(k_cache, "k_cache");
+  check_bf16_cuda(v_cache, "v_cache");
+  check_bf16_cuda(summaries, "summaries");
+  check_page_size(page_size);
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
+                  k.size(0) == k_cache.size(0) && k.size(1) == k_cache.size(1) && k.size(3) == k_cache.size(3),
+              "hydra: new k/v ", k.sizes(), " do not fit the cache ", k_cache.sizes());
+  const int64_t max_pages = (k_cache.size(2) + page_size - 1) / page_size;
+  TORCH_CHECK(summaries.dim() == 5 && summaries.size(0) == k.size(0) && summaries.size(1) == k.size(1) &&
+                  summaries.size(2) == max_pages && summaries.size(3) == 2 && summaries.size(4) == k.size(3) &&
+                  summaries.stride(3) == k.size(3),
+              "hydra: cache summaries must be (B, Hkv, ", max_pages, ", 2, D), got ", summaries.sizes());
+  TORCH_CHECK(lengths.is_cuda() && lengths.scalar_type() == at::kInt && lengths.is_contiguous() &&
+                  lengths.numel() == k.size(0),
+              "hydra: cache lengths must be a contiguous int32 CUDA tensor of B elements");
+  TORCH_CHECK(overflow.is_cuda() && overflow.scalar_type() == at::kInt && overflow.numel() >= 1,
+              "hydra: cache overflow flag must be an int32 CUDA tensor");
+  hydra::CacheWriteParams p{};
+  p.k_src = bf16_ptr(k);
+  p.v_src = bf16_ptr(v);
+  p.ks_batch_stride = k.stride(0); p.ks_head_stride = k.stride(1); p.ks_row_stride = k.stride(2);
+  p.vs_batch_stride = v.stride(0); p.vs_head_stride = v.stride(1); p.vs_row_stride = v.stride(2);
+  p.k_cache = reinterpret_cast<bf16_t*>(k_cache.data_ptr());
+  p.v_cache = reinterpret_cast<bf16_t*>(v_cache.data_ptr());
+  p.kc_batch_stride = k_cache.stride(0); p.kc_head_stride = k_cache.stride(1); p.kc_row_stride = k_cache.stride(2);
+  p.vc_batch_stride = v_cache.stride(0); p.vc_head_stride = v_cache.stride(1); p.vc_row_stride = v_cache.stride(2);
+  p.summaries = reinterpret_cast<bf16_t*>(summaries.data_ptr());
+  p.s_batch_stride = summaries.stride(0); p.s_head_stride = summaries.stride(1); p.s_page_stride = summaries.stride(2);
+  p.lengths = lengths.data_ptr<int>();
+  p.counts = seqlens_ptr(counts, k.size(0));
+  p.overflow = overflow.data_ptr<int>();
+  p.B = (int)k.size(0); p.Hkv = (int)k.size(1); p.D = (int)k.size(3); p.n_src = (int)k.size(2);
+  p.max_seq_len = (int)k_cache.size(2);
+  p.max_pages = (int)max_pages;
+  p.page_size = (int)page_size;
+  return p;
+}
+
+}  // namespace
+
+void cache_prefill(const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& seqlens,
+                   int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& summaries,
+                   at::Tensor& lengths, at::Tensor& overflow) {
+  TORCH_CHECK(k.dim() == 4 && k.size(2) <= k_cache.size(2), "hydra: prefill of ", k.size(2),
+              " tokens does not fit max_seq_len=", k_cache.size(2));
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  const hydra::CacheWriteParams p =
+      cache_params(k, v, seqlens, page_size, k_cache, v_cache, summaries, lengths, overflow);
+  if (p.B == 0 || p.Hkv == 0) return;
+  hydra::launch_cache_prefill(p, c10::cuda::getCurrentCUDAStream());
+}
+
+void cache_append(const at::Tensor& k_new, const at::Tensor& v_new, const std::optional<at::Tensor>& counts,
+                  int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& summaries,
+                  at::Tensor& lengths, at::Tensor& overflow) {
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  const hydra::CacheWriteParams p =
+      cache_params(k_new, v_new, counts, page_size, k_cache, v_cache, summaries, lengths, overflow);
+  if (p.B == 0 || p.Hkv == 0) return;
+  hydra::launch_cache_append(p, c10::cuda::getCurrentCUDAStream());
+}

@@ -29,6 +29,17 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "int page_size, int sink_tokens, int recent_tokens, int budget_tokens, int window, float scale) "
       "-> (Tensor, Tensor)");
   ops.impl("decode_alloc", c10::kCUDA, &decode_alloc);
+
+  // HydraKVCache writes. k/v [B, Hkv, n, D] into caches [B, Hkv, max_seq_len, D],
+  // summaries [B, Hkv, max_pages, 2, D], lengths [B] int32, overflow [1] int32.
+  ops.def(
+      "cache_prefill(Tensor k, Tensor v, Tensor? seqlens, int page_size, Tensor! k_cache, Tensor! v_cache, "
+      "Tensor! summaries, Tensor! lengths, Tensor! overflow) -> ()");
+  ops.impl("cache_prefill", c10::kCUDA, &cache_prefill);
+  ops.def(
+      "cache_append(Tensor k_new, Tensor v_new, Tensor? counts, int page_size, Tensor! k_cache, Tensor! v_cache, "
+      "Tensor! summaries, Tensor! lengths, Tensor! overflow) -> ()");
+  ops.impl("cache_append", c10::kCUDA, &cache_append);
 }
 
 REGISTER_EXTENSION(TORCH_EXTENSION_NAME)

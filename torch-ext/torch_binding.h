@@ -24,3 +24,12 @@ std::tuple<at::Tensor, at::Tensor> decode_alloc(const at::Tensor& q, const at::T
                                                 const std::optional<at::Tensor>& cache_seqlens, int64_t page_size,
                                                 int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
                                                 int64_t window, double scale);
+
+// HydraKVCache: copy a prompt into the cache and build every page summary (prefill), or
+// write new tokens and fold them into the affected summaries (append).
+void cache_prefill(const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& seqlens,
+                   int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& summaries,
+                   at::Tensor& lengths, at::Tensor& overflow);
+void cache_append(const at::Tensor& k_new, const at::Tensor& v_new, const std::optional<at::Tensor>& counts,
+                  int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& summaries,
+                  at::Tensor& lengths, at::Tensor& overflow);

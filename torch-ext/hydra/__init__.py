@@ -26,6 +26,7 @@ from ._validate import (
     validate_sparse_attention_call,
 )
 from .policy import PRESETS, SCORERS, HydraPolicy, resolve_policy
+from .cache import HydraKVCache  # noqa: E402  (after the ops it uses)
 
 __all__ = [
     "hydra",
@@ -33,6 +34,7 @@ __all__ = [
     "sparse_attention",
     "page_summaries",
     "HydraPolicy",
+    "HydraKVCache",
     "PRESETS",
     "SCORERS",
     "reference",
@@ -51,6 +53,10 @@ def set_debug(enabled: bool = True) -> None:
     """Turn on checks that read device tensors (and so sync the host)."""
     global _debug
     _debug = bool(enabled)
+
+
+def _debug_enabled() -> bool:
+    return _debug
 
 
 def source_digest(root=None) -> str:
@@ -240,6 +246,14 @@ if ops is not None:
     @torch.library.register_fake(add_op_namespace_prefix("decode"))
     def _decode_fake(q, k, v, pages, summaries, cache_seqlens, page_size, sink_tokens, recent_tokens,
                      budget_tokens, window, scale, out, lse):
+        return None
+
+    @torch.library.register_fake(add_op_namespace_prefix("cache_prefill"))
+    def _cache_prefill_fake(k, v, seqlens, page_size, k_cache, v_cache, summaries, lengths, overflow):
+        return None
+
+    @torch.library.register_fake(add_op_namespace_prefix("cache_append"))
+    def _cache_append_fake(k_new, v_new, counts, page_size, k_cache, v_cache, summaries, lengths, overflow):
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("decode_alloc"))

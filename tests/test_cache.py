@@ -1,0 +1,203 @@
+"""HydraKVCache: prefill and append keep K/V and the page summaries exactly what a
+from-scratch computation gives (min/max are exact, so bitwise), ragged appends,
+page-boundary crossings, overflow, CUDA-graph replay of a whole decode step, and
+attend parity with the fp32 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hydra
+
+ref = hydra.reference
+BF16 = torch.bfloat16
+DEV = "cuda"
+
+
+def rand(*shape, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return torch.randn(*shape, device=DEV, generator=g).to(BF16)
+
+
+def assert_summaries_exact(cache):
+    """The cache's summaries equal page_summaries recomputed from its K and lengths
+    (an empty sequence: every page +inf / -inf)."""
+    P = cache.policy.page_size
+    for b, L in enumerate(cache.seqlens.tolist()):
+        got = cache.summaries[b:b + 1]
+        if L == 0:
+            assert torch.all(got[..., 0, :] == float("inf")) and torch.all(got[..., 1, :] == float("-inf"))
+            continue
+        want = ref.page_summaries(cache.k[b:b + 1], page_size=P, cache_seqlens=cache.seqlens[b:b + 1])
+        assert torch.equal(got, want), f"sequence {b}: incremental summaries differ from a recomputation"
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="hydra: HydraKVCache max_seq_len must be a positive int, got 0"):
+        hydra.HydraKVCache(1, 8, 128, 0)
+    with pytest.raises(ValueError, match="hydra: HydraKVCache head_dim must be one of"):
+        hydra.HydraKVCache(1, 8, 96, 1024)
+    with pytest.raises(TypeError, match="hydra: HydraKVCache dtype must be bf16"):
+        hydra.HydraKVCache(1, 8, 128, 1024, dtype=torch.float32)
+    with pytest.raises(ValueError, match="hydra: HydraKVCache needs a CUDA device, got cpu"):
+        hydra.HydraKVCache(1, 8, 128, 1024, device="cpu")
+    with pytest.raises(ValueError, match="hydra: precision must be one of"):
+        hydra.HydraKVCache(1, 8, 128, 1024, precision="turbo")
+
+
+@pytest.mark.gpu
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("P", [8, 16, 64])
+def test_prefill_then_appends_match_recomputation(P):
+    B, H, D, T0 = 3, 2, 128, 45
+    pol = hydra.HydraPolicy(page_size=P, budget_tokens=8 * P, sink_tokens=P, recent_tokens=2 * P)
+    cache = hydra.HydraKVCache(B, H, D, 300, device=DEV, policy=pol)
+    k, v = rand(B, H, T0, D, seed=1), rand(B, H, T0, D, seed=2)
+    lens = torch.tensor([T0, 17, 1], dtype=torch.int32, device=DEV)
+    cache.prefill(k, v, seqlens=lens)
+    assert torch.equal(cache.seqlens, lens)
+    for b, L in enumerate(lens.tolist()):
+        assert torch.equal(cache.k[b, :, :L], k[b, :, :L]) and torch.equal(cache.v[b, :, :L], v[b, :, :L])
+    assert_summaries_exact(cache)
+    expect = lens.clone()
+    for step in range(40):  # one token at a time, crossing page boundaries
+        kn, vn = rand(B, H, 1, D, seed=100 + step), rand(B, H, 1, D, seed=200 + step)
+        cache.append(kn, vn)
+        for b in range(B):
+            L = int(expect[b])
+            assert torch.equal(cache.k[b, :, L], kn[b, :, 0]) and torch.equal(cache.v[b, :, L], vn[b, :, 0])
+        expect += 1
+        assert torch.equal(cache.seqlens, expect)
+        if step % 7 == 0 or step == 39:
+            assert_summaries_exact(cache)
+
+
+@pytest.mark.gpu
+def test_ragged_multi_token_appends():
+    B, H, D = 3, 2, 128
+    cache = hydra.HydraKVCache(B, H, D, 200, device=DEV)
+    cache.prefill(rand(B, H, 30, D, seed=3), rand(B, H, 30, D, seed=4))
+    expect = torch.full((B,), 30, dtype=torch.int32, device=DEV)
+    for step, counts in enumerate(([0, 5, 16], [33, 0, 1], [7, 7, 7])):
+        n = max(counts)
+        kn, vn = rand(B, H, n, D, seed=10 + step), rand(B, H, n, D, seed=20 + step)
+        c = torch.tensor(counts, dtype=torch.int32, device=DEV)
+        before = cache.seqlens.clone()
+        cache.append(kn, vn, counts=c)
+        for b in range(B):
+            L, m = int(before[b]), counts[b]
+            assert torch.equal(cache.k[b, :, L:L + m], kn[b, :, :m])
+            assert torch.equal(cache.v[b, :, L:L + m], vn[b, :, :m])
+        expect += c
+        assert torch.equal(cache.seqlens, expect)
+        assert_summaries_exact(cache)
+
+
+@pytest.mark.gpu
+def test_overflow_is_refused_or_flagged():
+    B, H, D = 2, 1, 128
+    cache = hydra.HydraKVCache(B, H, D, 40, device=DEV)
+    cache.prefill(rand(B, H, 38, D, seed=5), rand(B, H, 38, D, seed=6))
+    with pytest.raises(ValueError, match="hydra: appending 3 token\\(s\\) to sequences of 38 would pass max_seq_len=40"):
+        cache.append(rand(B, H, 3, D, seed=7), rand(B, H, 3, D, seed=8))
+    assert torch.equal(cache.seqlens, torch.tensor([38, 38], dtype=torch.int32, device=DEV))
+    # Ragged: the host cannot know, so the kernel drops the excess and raises the device flag.
+    c = torch.tensor([1, 3], dtype=torch.int32, device=DEV)
+    cache.append(rand(B, H, 3, D, seed=9), rand(B, H, 3, D, seed=10), counts=c)
+    assert cache.seqlens.tolist() == [39, 40]
+    with pytest.raises(ValueError, match="hydra: an append passed max_seq_len=40"):
+        cache.check_overflow()
+    assert_summaries_exact(cache)
+
+
+@pytest.mark.gpu
+def test_reset_and_memory_bytes():
+    B, H, D = 3, 2, 128
+    cache = hydra.HydraKVCache(B, H, D, 100, device=DEV)
+    cache.prefill(rand(B, H, 50, D, seed=11), rand(B, H, 50, D, seed=12))
+    cache.reset([1])
+    assert cache.seqlens.tolist() == [50, 0, 50]
+    assert_summaries_exact(cache)
+    cache.append(rand(B, H, 2, D, seed=13), rand(B, H, 2, D, seed=14))
+    assert cache.seqlens.tolist() == [52, 2, 52]
+    assert_summaries_exact(cache)
+    n_pages = -(-100 // 16)
+    expected = 2 * B * H * 100 * D * 2 + B * H * n_pages * 2 * D * 2 + B * 4 + 4
+    assert cache.memory_bytes() == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.kernels_ci
+def test_attend_matches_reference():
+    from test_gpu import check_output, check_selection, mask_from_pages
+
+    B, Hq, H, D, T = 2, 8, 2, 128, 5000
+    cache = hydra.HydraKVCache(B, H, D, 6000, device=DEV)
+    k, v = rand(B, H, T, D, seed=15), rand(B, H, T, D, seed=16)
+    lens = torch.tensor([T, 4500], dtype=torch.int32, device=DEV)
+    cache.prefill(k, v, seqlens=lens)
+    q = rand(B, Hq, 1, D, seed=17)
+    out = cache.attend(q, out=torch.full_like(q, float("nan")))
+    pages = hydra.select_pages(q, cache.k, cache_seqlens=cache.seqlens, page_summaries=cache.summaries)
+    kk, vv = cache.k.clone(), cache.v.clone()
+    for b, L in enumerate(lens.tolist()):  # never-written positions must not matter
+        kk[b, :, L:] = 0
+        vv[b, :, L:] = 0
+    check_selection(pages, q, kk, cache.policy, lens=lens, summaries=cache.summaries)
+    check_output(out, q, kk, vv, mask_from_pages(pages, cache.max_seq_len, 16, lens))
+
+
+@pytest.mark.gpu
+@pytest.mark.kernels_ci
+def test_graph_replay_of_a_decode_step_stack():
+    """append + attend for every layer of a 2-layer stack, captured once, replayed
+    while lengths grow across page boundaries; each replay equals an eager attend."""
+    B, Hq, H, D, layers = 2, 8, 2, 128, 2
+    pol = hydra.HydraPolicy(budget_tokens=64, sink_tokens=16, recent_tokens=16)
+    caches = [hydra.HydraKVCache(B, H, D, 256, device=DEV, policy=pol) for _ in range(layers)]
+    for i, c in enumerate(caches):
+        c.prefill(rand(B, H, 60, D, seed=30 + i), rand(B, H, 60, D, seed=40 + i),
+                  seqlens=torch.tensor([60, 45], dtype=torch.int32, device=DEV))
+    q = rand(B, Hq, 1, D, seed=50)
+    k_new, v_new = rand(B, H, 1, D, seed=51), rand(B, H, 1, D, seed=52)
+    outs = [torch.empty_like(q) for _ in range(layers)]
+
+    def step():
+        for c, o in zip(caches, outs):
+            c.append(k_new, v_new)
+            c.attend(q, out=o)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # capture runs nothing: no length moves here
+        step()
+    for i in range(30):
+        q.copy_(rand(B, Hq, 1, D, seed=60 + i))
+        k_new.copy_(rand(B, H, 1, D, seed=90 + i))
+        v_new.copy_(rand(B, H, 1, D, seed=120 + i))
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for c, o in zip(caches, outs):
+            assert c.seqlens.tolist() == [61 + i, 46 + i]
+            assert torch.equal(o, c.attend(q)), f"replay {i} differs from eager"
+    for c in caches:
+        assert_summaries_exact(c)
+        c.check_overflow()
+
+
+@pytest.mark.gpu
+def test_opcheck_cache_ops():
+    from hydra import ops
+
+    B, H, D = 2, 2, 128
+    cache = hydra.HydraKVCache(B, H, D, 64, device=DEV)
+    k, v = rand(B, H, 20, D, seed=70), rand(B, H, 20, D, seed=71)
+    torch.library.opcheck(ops.cache_prefill.default,
+                          (k, v, None, 16, cache.k, cache.v, cache.summaries, cache._lengths, cache._overflow))
+    kn, vn = rand(B, H, 2, D, seed=72), rand(B, H, 2, D, seed=73)
+    counts = torch.tensor([1, 2], dtype=torch.int32, device=DEV)
+    torch.library.opcheck(ops.cache_append.default,
+                          (kn, vn, counts, 16, cache.k, cache.v, cache.summaries, cache._lengths, cache._overflow))
+

@@ -1,0 +1,196 @@
+"""HydraKVCache: a preallocated decode cache whose page summaries stay current.
+
+A decode step with cached summaries reads only the summaries and the selected
+pages; this cache keeps them up to date as tokens arrive, with one kernel launch
+per ``append`` and no host sync, so a whole step (append + attend per layer) can
+be captured in one CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._ops import ops
+from ._validate import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, _ALIGN, _tensor
+from .policy import HydraPolicy, resolve_policy
+
+__all__ = ["HydraKVCache"]
+
+
+def _positive_int(x, name):
+    if not isinstance(x, int) or isinstance(x, bool) or x < 1:
+        raise ValueError(f"hydra: HydraKVCache {name} must be a positive int, got {x!r}")
+
+
+class HydraKVCache:
+    """One attention layer's KV cache with incrementally maintained page summaries.
+
+    Parameters
+    ----------
+    batch_size, num_kv_heads, head_dim, max_seq_len : int
+        Buffers are ``k``, ``v`` (B, Hkv, max_seq_len, D) and ``summaries``
+        (B, Hkv, ceil(max_seq_len / page_size), 2, D), allocated once.
+    dtype : torch.dtype, bf16.
+    device : CUDA device.
+    policy, precision : as in :func:`hydra.hydra`; fix the page size of the summaries
+        and are the defaults of :meth:`attend`.
+
+    Examples
+    --------
+    >>> cache = hydra.HydraKVCache(B, Hkv, 128, 65536, dtype=torch.bfloat16, device="cuda")
+    >>> cache.prefill(k_prompt, v_prompt)                    # (B, Hkv, T, 128)
+    >>> for _ in range(steps):
+    ...     cache.append(k_new, v_new)                       # (B, Hkv, 1, 128)
+    ...     out = cache.attend(q)                            # (B, Hq, 1, 128)
+
+    Notes
+    -----
+    Lengths live on the device (:attr:`seqlens`). An ``append`` past ``max_seq_len``
+    is refused with a ``ValueError`` before any kernel runs when the host knows every
+    length (uniform prefill and appends, no ``counts``); otherwise, and during CUDA-graph
+    replay where the host sees nothing, the kernel drops the tokens that do not fit and
+    raises a device flag that :meth:`check_overflow` reports (automatically after each
+    ``append`` in debug mode, ``hydra.set_debug(True)``).
+    """
+
+    def __init__(self, batch_size, num_kv_heads, head_dim, max_seq_len, *, dtype=torch.bfloat16, device="cuda",
+                 policy: Optional[HydraPolicy] = None, precision: str = "high"):
+        for name, value in (("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("max_seq_len", max_seq_len)):
+            _positive_int(value, name)
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"hydra: HydraKVCache dtype must be bf16 (fp16 is planned), got {dtype}")
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"hydra: HydraKVCache head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"hydra: HydraKVCache needs a CUDA device, got {device}")
+        self.policy = resolve_policy(precision, policy)
+        self.precision, self._policy_arg = precision, policy
+        B, H, D, P = batch_size, num_kv_heads, head_dim, self.policy.page_size
+        self.max_seq_len = max_seq_len
+        self.max_pages = math.ceil(max_seq_len / P)
+        self.k = torch.empty(B, H, max_seq_len, D, dtype=dtype, device=device)
+        self.v = torch.empty(B, H, max_seq_len, D, dtype=dtype, device=device)
+        self.summaries = torch.empty(B, H, self.max_pages, 2, D, dtype=dtype, device=device)
+        self._lengths = torch.zeros(B, dtype=torch.int32, device=device)
+        self._overflow = torch.zeros(1, dtype=torch.int32, device=device)
+        self._len_bound = 0        # host upper bound of every length
+        self._len_exact = True     # ... and exact: every length equals it
+        self.reset()
+
+    # -- state -------------------------------------------------------------------
+    @property
+    def seqlens(self) -> torch.Tensor:
+        """int32 (B,) valid lengths, on the device (pass as ``cache_seqlens``)."""
+        return self._lengths
+
+    def memory_bytes(self) -> int:
+        """Bytes held on the device: K, V, summaries, lengths and the overflow flag."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.summaries, self._lengths,
+                                                          self._overflow))
+
+    def reset(self, indices=None) -> None:
+        """Empty every sequence, or those in ``indices`` (ints or a tensor of indices)."""
+        inf = float("inf")
+        if indices is None:
+            self._lengths.zero_()
+            self.summaries[:, :, :, 0].fill_(inf)
+            self.summaries[:, :, :, 1].fill_(-inf)
+            self._overflow.zero_()
+            self._len_bound, self._len_exact = 0, True
+            return
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self._lengths.device).reshape(-1)
+        self._lengths[idx] = 0
+        self.summaries[idx, :, :, 0] = inf
+        self.summaries[idx, :, :, 1] = -inf
+        self._len_exact = False  # the bound still holds, for the rest
+
+    def check_overflow(self) -> None:
+        """Raise if an append has passed ``max_seq_len`` since the last reset (host sync)."""
+        if int(self._overflow.item()):
+            raise ValueError(f"hydra: an append passed max_seq_len={self.max_seq_len}; the tokens that did "
+                             "not fit were dropped")
+
+    # -- writes ------------------------------------------------------------------
+    def _check_new(self, k, v, name_k, name_v):
+        B, H, _, D = self.k.shape
+        for name, t in ((name_k, k), (name_v, v)):
+            _tensor(t, name)
+            if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D or t.shape[2] < 1:
+                raise ValueError(f"hydra: {name} must be ({B}, {H}, n >= 1, {D}), got {tuple(t.shape)}")
+            if t.dtype != self.k.dtype:
+                raise TypeError(f"hydra: {name} must be {self.k.dtype} like the cache, got {t.dtype}")
+            if t.stride(-1) != 1 or any(s % _ALIGN for s in t.stride()[:-1]):
+                raise ValueError(f"hydra: {name} needs a contiguous last dimension and 16-byte aligned strides, "
+                                 f"got strides {t.stride()}")
+            if t.device != self.k.device:
+                raise ValueError(f"hydra: {name} must be on the cache's device {self.k.device}, got {t.device}")
+        if v.shape != k.shape:
+            raise ValueError(f"hydra: {name_v} must have {name_k}'s shape {tuple(k.shape)}, got {tuple(v.shape)}")
+
+    def _check_counts(self, counts, name):
+        if counts is None:
+            return
+        _tensor(counts, name)
+        if counts.dtype != torch.int32 or tuple(counts.shape) != (self.k.shape[0],) or not counts.is_contiguous():
+            raise ValueError(f"hydra: {name} must be a contiguous int32 tensor of shape ({self.k.shape[0]},), "
+                             f"got {counts.dtype} {tuple(counts.shape)}")
+        if counts.device != self.k.device:
+            raise ValueError(f"hydra: {name} must be on the cache's device {self.k.device}, got {counts.device}")
+
+    def prefill(self, k, v, seqlens=None) -> None:
+        """Write a prompt's K/V (B, Hkv, T, D) and build every page summary, in one pass.
+
+        ``seqlens`` (int32 (B,), on the device) gives ragged prompt lengths ``<= T``;
+        positions past them are not copied. Replaces what the cache held.
+        """
+        self._check_new(k, v, "k", "v")
+        self._check_counts(seqlens, "seqlens")
+        T = k.shape[2]
+        if T > self.max_seq_len:
+            raise ValueError(f"hydra: prefill of T={T} tokens does not fit max_seq_len={self.max_seq_len}")
+        self._overflow.zero_()
+        ops.cache_prefill(k, v, seqlens, self.policy.page_size, self.k, self.v, self.summaries, self._lengths,
+                          self._overflow)
+        self._len_bound, self._len_exact = T, seqlens is None
+
+    def append(self, k_new, v_new, counts=None) -> None:
+        """Write new tokens (B, Hkv, n, D) after each sequence's end and fold them into
+        the affected page summaries, in one launch with no host sync.
+
+        ``counts`` (int32 (B,), on the device): how many of the n new tokens each
+        sequence takes (ragged appends); default all n.
+        """
+        self._check_new(k_new, v_new, "k_new", "v_new")
+        self._check_counts(counts, "counts")
+        n = k_new.shape[2]
+        if self._len_exact and counts is None and self._len_bound + n > self.max_seq_len:
+            raise ValueError(f"hydra: appending {n} token(s) to sequences of {self._len_bound} would pass "
+                             f"max_seq_len={self.max_seq_len}")
+        ops.cache_append(k_new, v_new, counts, self.policy.page_size, self.k, self.v, self.summaries,
+                         self._lengths, self._overflow)
+        self._len_bound += n
+        self._len_exact = self._len_exact and counts is None
+        from . import _debug_enabled
+
+        if _debug_enabled():
+            self.check_overflow()
+
+    # -- reads -------------------------------------------------------------------
+    def attend(self, q, **policy_kwargs):
+        """Decode attention of q (B, Hq, 1, D) over the cache, through :func:`hydra.hydra`.
+
+        Keyword arguments go to :func:`hydra.hydra` (``policy_layer_idx``,
+        ``return_lse``, ``out``, ``sliding_window``, ``scale``...); ``precision`` and
+        ``policy`` default to the cache's.
+        """
+        from . import hydra as _hydra
+
+        policy_kwargs.setdefault("precision", self.precision)
+        policy_kwargs.setdefault("policy", self._policy_arg)
+        return _hydra(q, self.k, self.v, cache_seqlens=self._lengths, page_summaries=self.summaries,
+                      **policy_kwargs)
