@@ -1,0 +1,253 @@
+"""Fidelity of hydra's bounded attention against full attention (issue 4, first part).
+
+    python3 benchmarks/fidelity.py --synthetic                    # CPU-sized defaults
+    python3 benchmarks/fidelity.py --synthetic --device cuda --T 4096,16384,65536
+    python3 benchmarks/fidelity.py --captured qkv.pt              # real attention, see below
+
+For each scorer and page size at equal token budget, per layer and KV-head group:
+- mass recall: the share of the dense softmax mass that falls in the attended set;
+- top-10 recall: how many of the 10 highest-weight keys are attended;
+- best-page rank: the rank, by the scorer, of the candidate page holding the
+  highest-weight key (0 = ranked first; only when that key lies in a candidate page);
+- rel err: ||o - o_hat|| / ||o|| of the attention output against dense attention;
+- metadata bytes a decode step reads to score (summaries per page).
+
+Scorers (all select the same number of pages on top of the same sink and recent pages):
+- ``quest_sum`` (hydra's default, ``hydra.reference.page_scores``): Quest's bound
+  sum_j sum_d max(q_jd kmin_d, q_jd kmax_d), summed over the GQA group;
+- ``group_max``: the same bound, max over the group instead of the sum;
+- ``centre_radius``: a ball bound, sum_j (q_j . c + ||q_j|| ||r||), c and r the box's
+  centre and half-width;
+- ``mean_spread``: sum_j (q_j . mu + sum_d |q_jd| sigma_d), the page's key mean and
+  standard deviation (the same metadata size as min/max);
+- ``streaming``: sink pages and the most recent pages up to the same budget
+  (StreamingLLM), the floor.
+
+Inputs: ``--synthetic`` draws random keys with planted needle keys (aligned with the
+group's query) at random depths; ``--captured FILE`` loads a dict saved with
+torch.save holding lists (one entry per layer) ``q`` (B, Hq, 1, D), ``k`` and ``v``
+(B, Hkv, T, D) captured from a real model's decode step.
+
+This is the harness only: the real-model capture, passkey retrieval and the
+evidence file of issue 4 are still to do. It runs on hydra.reference, so it needs
+no GPU (``--device cuda`` only moves the arithmetic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "torch-ext"))
+from hydra import reference as ref  # noqa: E402
+from hydra.policy import HydraPolicy  # noqa: E402
+
+SCORERS = ("quest_sum", "group_max", "centre_radius", "mean_spread", "streaming")
+
+
+# ----------------------------------------------------------------------------
+# Page metadata and scores, all fp32: (B, Hkv, n_pages) per scorer
+# ----------------------------------------------------------------------------
+def _pages(k, P):
+    """k (B, H, T, D) -> (B, H, n_pages, P, D) zero-padded, and a validity mask (n_pages, P)."""
+    B, H, T, D = k.shape
+    n = math.ceil(T / P)
+    pad = n * P - T
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(B, H, n, P, D)
+    valid = (torch.arange(n * P, device=k.device) < T).view(n, P)
+    return kp, valid
+
+
+def page_scores(scorer, q, k, P):
+    """Scores of every page for each KV head's group; q (B, Hq, 1, D), k (B, Hkv, T, D)."""
+    B, Hq, _, D = q.shape
+    H = k.shape[1]
+    G = Hq // H
+    qg = q.float().view(B, H, G, D)
+    if scorer == "quest_sum":
+        return ref.page_scores(q, ref.page_summaries(k, page_size=P), page_size=P)
+    kp, valid = _pages(k, P)
+    big = torch.finfo(torch.float32).max
+    vmask = valid.view(1, 1, *valid.shape, 1)
+    kmin = torch.where(vmask, kp, big).amin(3)   # (B, H, n, D)
+    kmax = torch.where(vmask, kp, -big).amax(3)
+    if scorer == "group_max":
+        per_head = torch.maximum(qg[:, :, :, None] * kmin[:, :, None], qg[:, :, :, None] * kmax[:, :, None]).sum(-1)
+        return per_head.amax(2)
+    if scorer == "centre_radius":
+        c, r = (kmin + kmax) / 2, (kmax - kmin) / 2
+        return (torch.einsum("bhgd,bhnd->bhn", qg, c)
+                + qg.norm(dim=-1).sum(2, keepdim=True) * r.norm(dim=-1))
+    if scorer == "mean_spread":
+        cnt = valid.sum(1).clamp_min(1).view(1, 1, -1, 1).float()
+        mu = (kp * vmask).sum(3) / cnt
+        var = (((kp - mu[:, :, :, None]) ** 2) * vmask).sum(3) / cnt
+        return torch.einsum("bhgd,bhnd->bhn", qg, mu) + torch.einsum("bhgd,bhnd->bhn", qg.abs(), var.sqrt())
+    if scorer == "streaming":
+        return torch.full(kmin.shape[:3], -math.inf, device=k.device)
+    raise ValueError(f"unknown scorer {scorer!r}; one of {SCORERS}")
+
+
+def select_from_scores(scores, T, policy):
+    """(B, H, n_pages) bool: sink + recent pages and the top-k candidates by score
+    (ties to the lower page), the rule of SPEC section 2 with any score."""
+    P = policy.page_size
+    n = math.ceil(T / P)
+    sel = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if T <= policy.budget_tokens:
+        sel[:] = True
+        return sel
+    sink = min(policy.sink_pages, n)
+    first_recent = max(T - policy.recent_tokens, 0) // P
+    sel[..., :sink] = True
+    sel[..., first_recent:] = True
+    k = policy.n_sel - int(sel[0, 0].sum())
+    lo, hi = sink, max(first_recent, sink)
+    if k > 0 and hi > lo:
+        cand = scores[..., lo:hi]
+        if torch.isinf(cand).all():  # the streaming floor: the budget goes to the most recent pages
+            sel[..., max(hi - k, lo):hi] = True
+            return sel
+        # stable descending sort: equal scores keep their page order
+        order = torch.sort(cand, dim=-1, descending=True, stable=True).indices[..., :k]
+        sel[..., lo:hi].scatter_(-1, order, True)
+    return sel
+
+
+# ----------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------
+def fidelity_metrics(q, k, v, scorer, policy, scale=None):
+    """Per (b, KV head) metrics, averaged over the group's query heads; returns a dict of
+    (B, Hkv) tensors and the metadata bytes per decode step."""
+    B, Hq, _, D = q.shape
+    H, T = k.shape[1], k.shape[2]
+    G, P = Hq // H, policy.page_size
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    qg = q.float().view(B, H, G, D)
+    logits = torch.einsum("bhgd,bhtd->bhgt", qg, k.float()) * scale
+    p = logits.softmax(-1)                                           # dense weights (B, H, G, T)
+    o = torch.einsum("bhgt,bhtd->bhgd", p, v.float())
+    scores = page_scores(scorer, q, k, P)
+    pages = select_from_scores(scores, T, policy)                    # (B, H, n)
+    mask = pages.repeat_interleave(P, dim=-1)[..., :T]               # (B, H, T)
+    m = mask[:, :, None, :]
+    mass = (p * m).sum(-1)
+    top10 = p.topk(min(10, T), dim=-1).indices
+    top10_recall = torch.gather(m.expand_as(p), -1, top10).float().mean(-1)
+    p_hat = torch.where(m, logits, -math.inf).softmax(-1)
+    o_hat = torch.einsum("bhgt,bhtd->bhgd", p_hat, v.float())
+    rel_err = (o - o_hat).norm(dim=-1) / o.norm(dim=-1).clamp_min(1e-30)
+    # rank of the best key's page among candidate pages, by the scorer
+    n = scores.shape[-1]
+    sink = min(policy.sink_pages, n)
+    first_recent = max(T - policy.recent_tokens, 0) // P
+    best_page = p.sum(2).argmax(-1) // P                              # group's heaviest key
+    rank = torch.full((B, H), -1, dtype=torch.long, device=q.device)
+    for b in range(B):
+        for h in range(H):
+            bp = int(best_page[b, h])
+            if sink <= bp < first_recent and scorer != "streaming":
+                cand = scores[b, h, sink:first_recent]
+                rank[b, h] = int((cand > cand[bp - sink]).sum())
+    return {"mass_recall": mass.mean(2), "top10_recall": top10_recall.mean(2), "rel_err": rel_err.mean(2),
+            "best_page_rank": rank, "metadata_bytes": B * H * n * 2 * D * 2}
+
+
+# ----------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------
+def synthetic_layer(B, Hq, H, T, D, seed, device, n_needles=4, strength=3.0):
+    """Random q/k/v with n_needles keys per KV head aligned with the group's mean query,
+    at random depths outside the sink and recent windows."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    k = torch.randn(B, H, T, D, generator=g)
+    v = torch.randn(B, H, T, D, generator=g)
+    qbar = q.view(B, H, Hq // H, D).mean(2)
+    lo, hi = min(128, T // 4), max(T - 1024, T // 2)
+    for b in range(B):
+        for h in range(H):
+            for t in torch.randint(lo, hi, (n_needles,), generator=g).tolist():
+                k[b, h, t] = strength * qbar[b, h] / qbar[b, h].norm() * math.sqrt(D)
+    to = dict(device=device, dtype=torch.bfloat16)
+    return q.to(**to), k.to(**to), v.to(**to)
+
+
+def policies(budgets, page_sizes):
+    for budget in budgets:
+        for P in page_sizes:
+            yield budget, P, HydraPolicy(page_size=P, budget_tokens=budget, sink_tokens=64,
+                                         recent_tokens=min(512, budget // 4))
+
+
+def run(layers, budgets, page_sizes, scorers, source):
+    rows = []
+    for li, (q, k, v) in enumerate(layers):
+        T = k.shape[2]
+        for budget, P, pol in policies(budgets, page_sizes):
+            if budget >= T:
+                continue
+            for scorer in scorers:
+                if scorer == "streaming" and P != page_sizes[0]:
+                    continue
+                m = fidelity_metrics(q, k, v, scorer, pol)
+                ranks = m["best_page_rank"][m["best_page_rank"] >= 0]
+                rows.append({"name": f"{source}_{scorer}_p{P}", "scorer": scorer, "page_size": P,
+                             "budget": budget, "T": T, "layer": li,
+                             "mass_recall": float(m["mass_recall"].mean()),
+                             "top10_recall": float(m["top10_recall"].mean()),
+                             "rel_err": float(m["rel_err"].mean()),
+                             "best_page_rank_median": float(ranks.float().median()) if ranks.numel() else None,
+                             "metadata_bytes": m["metadata_bytes"]})
+    return rows
+
+
+def table(rows):
+    out = ["| source/scorer | P | budget | T | layer | mass recall | top-10 recall | rel err | best-page rank | metadata MB |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        rank = "-" if r["best_page_rank_median"] is None else f"{r['best_page_rank_median']:.0f}"
+        out.append(f"| {r['name']} | {r['page_size']} | {r['budget']} | {r['T']:,} | {r['layer']} | "
+                   f"{r['mass_recall']:.3f} | {r['top10_recall']:.2f} | {r['rel_err']:.3f} | {rank} | "
+                   f"{r['metadata_bytes'] / 1e6:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--synthetic", action="store_true")
+    src.add_argument("--captured", help="torch.save'd dict of per-layer lists q, k, v")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--T", default="4096,8192", help="synthetic context lengths")
+    ap.add_argument("--budgets", default="512,1024,2048,4096")
+    ap.add_argument("--page-sizes", default="8,16,32")
+    ap.add_argument("--scorers", default=",".join(SCORERS))
+    ap.add_argument("--json", help="write the rows here (not evidence/: that is for GPU runs)")
+    args = ap.parse_args(argv)
+    budgets = [int(x) for x in args.budgets.split(",")]
+    page_sizes = [int(x) for x in args.page_sizes.split(",")]
+    scorers = args.scorers.split(",")
+    if args.synthetic:
+        layers = [synthetic_layer(1, 32, 8, T, 128, seed=T, device=args.device)
+                  for T in (int(x) for x in args.T.split(","))]
+        source = "synthetic"
+    else:
+        d = torch.load(args.captured, map_location=args.device)
+        layers = list(zip(d["q"], d["k"], d["v"]))
+        source = "real"
+    rows = run(layers, budgets, page_sizes, scorers, source)
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"kind": "fidelity", "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

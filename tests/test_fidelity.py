@@ -1,0 +1,55 @@
+"""CPU checks of the fidelity harness (benchmarks/fidelity.py): the bounds it compares
+really bound q.k, selection keeps the budget, and the metrics read 1 / 0 where they must."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import fidelity  # noqa: E402
+from hydra.policy import HydraPolicy  # noqa: E402
+
+
+def _inputs(T=640, seed=0):
+    return fidelity.synthetic_layer(1, 8, 2, T, 128, seed=seed, device="cpu")
+
+
+@pytest.mark.parametrize("scorer", ["quest_sum", "centre_radius", "group_max", "mean_spread"])
+def test_scores_are_finite_and_bounds_hold(scorer):
+    q, k, _ = _inputs()
+    P = 16
+    s = fidelity.page_scores(scorer, q, k, P)
+    assert s.shape == (1, 2, 40) and torch.isfinite(s).all()
+    qk = torch.einsum("bhgd,bhtd->bhgt", q.float().view(1, 2, 4, 128), k.float()).view(1, 2, 4, 40, P)
+    per_head_max = qk.amax(-1)                                   # (1, 2, 4, n)
+    if scorer in ("quest_sum", "centre_radius"):                 # upper bounds on sum_j max_t q_j.k_t
+        assert (s + 1e-2 >= per_head_max.sum(2)).all()
+    if scorer == "group_max":                                    # an upper bound on max_j max_t q_j.k_t
+        assert (s + 1e-2 >= per_head_max.amax(2)).all()
+
+
+def test_selection_keeps_the_budget_and_forced_pages():
+    q, k, _ = _inputs()
+    pol = HydraPolicy(page_size=16, budget_tokens=256, sink_tokens=32, recent_tokens=64)
+    sel = fidelity.select_from_scores(fidelity.page_scores("quest_sum", q, k, 16), 640, pol)
+    assert (sel.sum(-1) == pol.n_sel).all()
+    assert sel[..., :2].all() and sel[..., 36:].all()
+    floor = fidelity.select_from_scores(fidelity.page_scores("streaming", q, k, 16), 640, pol)
+    assert (floor.sum(-1) == pol.n_sel).all() and floor[..., :2].all() and floor[..., 40 - 14:].all()
+
+
+def test_metrics_exact_under_budget_and_floor_below_scorers():
+    q, k, v = _inputs()
+    exact = fidelity.fidelity_metrics(q, k, v, "quest_sum", HydraPolicy(budget_tokens=1024))
+    assert torch.allclose(exact["mass_recall"], torch.ones(1, 2), atol=1e-5)
+    assert (exact["rel_err"] < 1e-5).all() and (exact["top10_recall"] == 1).all()
+    pol = HydraPolicy(page_size=16, budget_tokens=256, sink_tokens=32, recent_tokens=64)
+    quest = fidelity.fidelity_metrics(q, k, v, "quest_sum", pol)
+    floor = fidelity.fidelity_metrics(q, k, v, "streaming", pol)
+    assert (quest["mass_recall"] > floor["mass_recall"]).all()   # the planted needles are found
+    assert math.isclose(quest["metadata_bytes"], 1 * 2 * 40 * 2 * 128 * 2)
