@@ -6,7 +6,6 @@ pages), so a reference bug cannot hide behind a shared helper.
 """
 
 import math
-import os
 import sys
 from pathlib import Path
 
