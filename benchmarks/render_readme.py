@@ -213,14 +213,16 @@ def cache_step_table(rows) -> str:
     picked = [r for r in rows if r.get("name") == "hydra_cache_step" and r.get("us") is not None]
     if not picked:
         return ""
-    out = ["| B | T | mode | step (µs) | attend alone (µs) | step / attend | append (µs) | append / attend | max rel err |",
-           "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| B | T | mode | step (µs) | attend alone (µs) | step / attend | append cost: step − attend (µs) "
+           "| append / attend | separate append launch (µs) | max rel err |",
+           "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(picked, key=lambda r: (r["B"], r["T"], r["mode"])):
         ratio, share = r.get("step_over_attend"), r.get("append_share_of_attend")
         out.append(f"| {r['B']} | {_t(r['T'])} | {r['mode']} | {_us(r['us'])} | {_us(r.get('attend_us'))} | "
                    f"{_ratio(ratio)}{_mark(r.get('meets_step_target')) if ratio is not None else ''} | "
                    f"{_us(r.get('append_us'))} | "
                    f"{'-' if share is None else f'{share:.1%}'}{_mark(r.get('meets_append_target')) if share is not None else ''} | "
+                   f"{_us(r.get('append_launch_us'))} | "
                    f"{_err(r.get('max_rel_err'))} |")
     return "\n".join(out)
 

@@ -4,8 +4,10 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <cuda_runtime.h>
 
 #include "hydra_params.h"
@@ -48,17 +50,94 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// Valid length of sequence b, clamped to [0, Tkv].
-__device__ __forceinline__ int seq_len(const int* seqlens, int b, int Tkv) {
+// Valid length of sequence b (plus `add` new tokens), clamped to [0, Tkv].
+__device__ __forceinline__ int seq_len(const int* seqlens, int b, int Tkv, int add = 0) {
   if (seqlens == nullptr) return Tkv;
-  int L = seqlens[b];
+  int L = seqlens[b] + add;
   return L < 0 ? 0 : (L > Tkv ? Tkv : L);
 }
 
-// First page holding a token of the recent window [L - recent, L).
+// First page holding a token of the recent window [L - recent, L); with no window
+// (recent_tokens == 0) the page count, so every page (the partial last one included)
+// is a candidate.
 __device__ __forceinline__ int first_recent_page(int L, int recent_tokens, int page_size) {
+  if (recent_tokens <= 0) return (L + page_size - 1) / page_size;
   int lo = L - recent_tokens;
   return (lo > 0 ? lo : 0) / page_size;
+}
+
+// Shared memory one block may opt into on the current device, in bytes. The
+// environment variable HYDRA_MAX_SMEM_PER_BLOCK lowers it, so that the configurations
+// chosen for GPUs with less shared memory (RTX 30/40/50: ~100 KB) can be tested on any GPU.
+inline int max_smem_per_block() {
+  static int cache[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
+  int v = 0;
+  cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (const char* env = std::getenv("HYDRA_MAX_SMEM_PER_BLOCK")) {
+    const int cap = std::atoi(env);
+    if (cap > 0 && cap < v) v = cap;
+  }
+  if (v <= 0) v = 48 * 1024;
+  if (dev >= 0 && dev < 64) cache[dev] = v;
+  return v;
+}
+
+// Programmatic dependent launch (sm_90+): the decode step's kernels are launched so
+// that each can be scheduled while its predecessor finishes; every such kernel calls
+// pdl_wait() before it touches memory, which returns once the predecessor grid has
+// completed and its writes are visible. On older GPUs both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+// Lets the next kernel in the stream start launching (it still waits in pdl_wait()).
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+
+// Whether launches use programmatic dependent launch: sm_90+ unless HYDRA_PDL=0.
+inline bool use_pdl() {
+  static int cache[64] = {};  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev >= 0 && dev < 64 && cache[dev] != 0) return cache[dev] == 2;
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  const char* env = std::getenv("HYDRA_PDL");
+  const bool on = major >= 9 && !(env != nullptr && env[0] == '0');
+  if (dev >= 0 && dev < 64) cache[dev] = on ? 2 : 1;
+  return on;
+}
+
+// Launch with the programmatic-dependent-launch attribute where use_pdl().
+template <typename... Params, typename... Args>
+inline cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                    cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = use_pdl() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+// The step's kernels ask for the largest shared-memory carveout, so consecutive kernels
+// (scoring uses none, selection and attention ~100-200 KB) run under one SM
+// configuration instead of reconfiguring the SMs between launches.
+template <typename... Params>
+inline void prefer_max_shared(void (*kernel)(Params...)) {
+  cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared));
 }
 
 inline void check_launch(const char* what) {

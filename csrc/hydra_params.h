@@ -20,6 +20,24 @@ struct SummaryParams {
   int B, Hkv, Tkv, D, n_pages, page_size;
 };
 
+// HydraKVCache writes (prefill and append).
+struct CacheWriteParams {
+  const bf16_t* k_src;   // [B, Hkv, n_src, D] new keys
+  const bf16_t* v_src;   // [B, Hkv, n_src, D] new values
+  int64_t ks_batch_stride, ks_head_stride, ks_row_stride;
+  int64_t vs_batch_stride, vs_head_stride, vs_row_stride;
+  bf16_t* k_cache;       // [B, Hkv, max_seq_len, D]
+  bf16_t* v_cache;       // [B, Hkv, max_seq_len, D]
+  int64_t kc_batch_stride, kc_head_stride, kc_row_stride;
+  int64_t vc_batch_stride, vc_head_stride, vc_row_stride;
+  bf16_t* summaries;     // [B, Hkv, max_pages, 2, D]: min row then max row
+  int64_t s_batch_stride, s_head_stride, s_page_stride;
+  int* lengths;          // [B] valid lengths: set by prefill, advanced by append
+  const int* counts;     // [B] tokens of src to take per sequence, or nullptr (all n_src)
+  int* overflow;         // [1] set to 1 when an append would pass max_seq_len (the excess is dropped)
+  int B, Hkv, D, n_src, max_seq_len, max_pages, page_size;
+};
+
 // Page scoring: Quest's bound summed over the GQA group, for candidate pages only
 // (pages between the sink pages and the first recent page).
 struct ScoreParams {
@@ -33,6 +51,11 @@ struct ScoreParams {
   float* scores;         // [B, Hkv, n_pages] fp32; only candidate entries are written
   int B, Hq, Hkv, group, Tkv, D, n_pages, page_size;
   int sink_pages, recent_tokens, n_sel;
+  // Fused append (HydraKVCache.step): the step's length is seqlens[b] + len_add, and the
+  // token at seqlens[b] (k_new, not yet in the summaries) is folded into its page's bound.
+  int len_add;
+  const bf16_t* k_new;   // [B, Hkv, 1, D] or nullptr
+  int64_t kn_batch_stride, kn_head_stride;
 };
 
 // Top-k selection over the scores, plus sink and recent pages by index arithmetic.
@@ -43,6 +66,12 @@ struct SelectParams {
   int* counters;         // [B * Hkv] split-merge counters to zero for the attention kernel, or nullptr
   int B, Hkv, Tkv, n_pages, page_size;
   int sink_pages, recent_tokens, n_sel;
+  // Fused append: each CTA first writes its head's new K/V row at seqlens[b] and folds
+  // it into that page's summary (append.k_src == nullptr: no append); the step's
+  // lengths seqlens[b] + len_add (clamped to Tkv) go to lens_out for the attention.
+  int len_add;
+  CacheWriteParams append;
+  int* lens_out;         // [B]
 };
 
 // Split-KV sparse decode attention. One CTA per (split, KV head, sequence)
@@ -66,27 +95,10 @@ struct DecodeParams {
   float* part_o;         // [B, Hq, n_splits, D] normalised partial outputs (n_splits > 1)
   float* part_lse;       // [B, Hq, n_splits] partial log2-sum-exp
   int* counters;         // [B * Hkv] zero on entry; the last CTA of each head merges and re-zeroes
+  int* lengths_out;      // [B] or nullptr: the fused append's cache lengths, advanced to L here
   int B, Hq, Hkv, group, Tkv, D, page_size, log2_page;
   int n_entries, window, n_splits, entries_per_split;
   float scale_log2;      // softmax scale * log2(e)
-};
-
-// HydraKVCache writes (prefill and append).
-struct CacheWriteParams {
-  const bf16_t* k_src;   // [B, Hkv, n_src, D] new keys
-  const bf16_t* v_src;   // [B, Hkv, n_src, D] new values
-  int64_t ks_batch_stride, ks_head_stride, ks_row_stride;
-  int64_t vs_batch_stride, vs_head_stride, vs_row_stride;
-  bf16_t* k_cache;       // [B, Hkv, max_seq_len, D]
-  bf16_t* v_cache;       // [B, Hkv, max_seq_len, D]
-  int64_t kc_batch_stride, kc_head_stride, kc_row_stride;
-  int64_t vc_batch_stride, vc_head_stride, vc_row_stride;
-  bf16_t* summaries;     // [B, Hkv, max_pages, 2, D]: min row then max row
-  int64_t s_batch_stride, s_head_stride, s_page_stride;
-  int* lengths;          // [B] valid lengths: set by prefill, advanced by append
-  const int* counts;     // [B] tokens of src to take per sequence, or nullptr (all n_src)
-  int* overflow;         // [1] set to 1 when an append would pass max_seq_len (the excess is dropped)
-  int B, Hkv, D, n_src, max_seq_len, max_pages, page_size;
 };
 
 void launch_page_summaries(const SummaryParams& p, cudaStream_t stream);

@@ -5,6 +5,8 @@
 //          = sum_d (sum_j max(q_jd, 0)) * kmax_pd + (sum_j min(q_jd, 0)) * kmin_pd
 // The second form folds the GQA group into two D-vectors once per CTA, so the
 // per-page cost does not grow with the group size.
+#include <algorithm>
+
 #include "common.cuh"
 
 namespace hydra {
@@ -56,7 +58,9 @@ template <int D, bool FROM_K>
 __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams p) {
   using S = ScoreShape<D>;
   const int b = blockIdx.z, h = blockIdx.y;
-  const int L = seq_len(p.seqlens, b, p.Tkv);
+  pdl_wait();
+  pdl_launch_dependents();  // the select kernel may be placed as the last CTAs run
+  const int L = seq_len(p.seqlens, b, p.Tkv, p.len_add);
   const int n_pages_b = (L + p.page_size - 1) / p.page_size;
   if (n_pages_b <= p.n_sel) return;  // every page is attended; nothing to rank
   const int cand_lo = min(p.sink_pages, n_pages_b);
@@ -86,11 +90,22 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
     }
     float qpos[8], qneg[8];
     group_query_bounds(p, b, h, d0, qpos, qneg);
+    // Fused append: the new token's page is scored with the token folded in (its
+    // summary is updated by the select kernel, after this one). It is a candidate
+    // only when recent_tokens == 0 and the token completes the page.
+    const int L_old = p.k_new != nullptr ? p.seqlens[b] : -1;
+    const int append_page = L_old >= 0 && L_old < p.Tkv ? L_old / p.page_size : -1;
 #pragma unroll
     for (int i = 0; i < kScorePasses; ++i) {
       float fmn[8], fmx[8];
       unpack8(mn[i], fmn);
       unpack8(mx[i], fmx);
+      if (page0 + i * S::kPagesPerPass + grp == append_page && append_page >= cand_lo && append_page < cand_hi) {
+        float f[8];
+        unpack8(ldg16(p.k_new + b * p.kn_batch_stride + h * p.kn_head_stride + d0), f);
+#pragma unroll
+        for (int d = 0; d < 8; ++d) { fmn[d] = fminf(fmn[d], f[d]); fmx[d] = fmaxf(fmx[d], f[d]); }
+      }
       float acc = 0.f;
 #pragma unroll
       for (int d = 0; d < 8; ++d) acc += qpos[d] * fmx[d] + qneg[d] * fmn[d];
@@ -106,13 +121,14 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
       const int page = page0 + i * S::kPagesPerPass + grp;
       const bool cand = page >= cand_lo && page < cand_hi;
       float acc = 0.f;
-      if (cand) {  // candidate pages lie wholly before the recent window, so they are full
+      if (cand) {  // only the last page can be partial (when recent_tokens == 0)
         float mn[8], mx[8];
 #pragma unroll
         for (int d = 0; d < 8; ++d) { mn[d] = __int_as_float(0x7f800000); mx[d] = -mn[d]; }
         const bf16_t* kp = k + (int64_t)page * p.page_size * p.k_row_stride;
+        const int n_tok = min(p.page_size, L - page * p.page_size);
 #pragma unroll 8
-        for (int t = 0; t < p.page_size; ++t) {
+        for (int t = 0; t < n_tok; ++t) {
           float f[8];
           unpack8(ldg16(kp + t * p.k_row_stride), f);
 #pragma unroll
@@ -131,11 +147,16 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
     constexpr int kPagesPerCta = ScoreShape<kD>::kPagesPerCta;
     dim3 grid((p.n_pages + kPagesPerCta - 1) / kPagesPerCta, p.Hkv, p.B);
-    if (p.summaries != nullptr) {
-      score_pages_kernel<kD, false><<<grid, kScoreThreads, 0, stream>>>(p);
-    } else {
-      score_pages_kernel<kD, true><<<grid, kScoreThreads, 0, stream>>>(p);
+    auto kernel = p.summaries != nullptr ? score_pages_kernel<kD, false> : score_pages_kernel<kD, true>;
+    static bool configured[64] = {};
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (dev < 0 || dev >= 64 || !configured[dev]) {
+      prefer_max_shared(score_pages_kernel<kD, false>);
+      prefer_max_shared(score_pages_kernel<kD, true>);
+      if (dev >= 0 && dev < 64) configured[dev] = true;
     }
+    launch_maybe_pdl(kernel, grid, dim3(kScoreThreads), 0, stream, p);
     check_launch("score_pages_kernel");
   });
 }
@@ -183,19 +204,63 @@ __device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* w
   return before + x - v;
 }
 
+// Fused append (HydraKVCache.step), one warp of the select CTA of (b, h): write the
+// new K/V row at the old length and fold the key into its page's summary. Nothing
+// else reads that row or summary during selection (the score kernel has finished
+// and folded the key itself where it needed to); the attention runs after. The
+// new lengths go to lens_out; the attention kernel writes them to the cache.
+__device__ __forceinline__ void append_one_token(const SelectParams& sp, int b, int h, int L, int lane) {
+  const CacheWriteParams& p = sp.append;
+  const int L_old = sp.seqlens[b];
+  if (L_old >= 0 && L_old < p.max_seq_len) {
+    const int page = L_old / p.page_size;
+    const bool first = L_old % p.page_size == 0;  // a new page: its summary is the key itself
+    const bf16_t* ks = p.k_src + b * p.ks_batch_stride + h * p.ks_head_stride;
+    const bf16_t* vs = p.v_src + b * p.vs_batch_stride + h * p.vs_head_stride;
+    bf16_t* kc = p.k_cache + b * p.kc_batch_stride + h * p.kc_head_stride + (int64_t)L_old * p.kc_row_stride;
+    bf16_t* vc = p.v_cache + b * p.vc_batch_stride + h * p.vc_head_stride + (int64_t)L_old * p.vc_row_stride;
+    bf16_t* sm = p.summaries + b * p.s_batch_stride + h * p.s_head_stride + (int64_t)page * p.s_page_stride;
+    for (int d0 = lane * 8; d0 < p.D; d0 += 32 * 8) {
+      const uint4 kv = ldg16(ks + d0);
+      const uint4 vv = ldg16(vs + d0);
+      uint4 mn4 = kv, mx4 = kv;
+      if (!first) {
+        float f[8], mn[8], mx[8];
+        unpack8(kv, f);
+        unpack8(*reinterpret_cast<const uint4*>(sm + d0), mn);
+        unpack8(*reinterpret_cast<const uint4*>(sm + p.D + d0), mx);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
+        mn4 = pack8(mn);
+        mx4 = pack8(mx);
+      }
+      *reinterpret_cast<uint4*>(kc + d0) = kv;
+      *reinterpret_cast<uint4*>(vc + d0) = vv;
+      *reinterpret_cast<uint4*>(sm + d0) = mn4;
+      *reinterpret_cast<uint4*>(sm + p.D + d0) = mx4;
+    }
+  } else if (h == 0 && lane == 0 && L_old >= p.max_seq_len) {
+    atomicExch(p.overflow, 1);  // the token is dropped; check_overflow() reports it
+  }
+  if (h == 0 && lane == 0) sp.lens_out[b] = L;
+}
+
 __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectParams p, int smem_keys) {
   extern __shared__ uint32_t skeys[];  // [smem_keys] candidate keys, when they fit
   const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid & 31;
+  pdl_wait();
+  pdl_launch_dependents();  // the attention's CTAs may be placed while this one selects
   __shared__ int hist[256];
   __shared__ int hist_all[32 * 256];
   __shared__ uint64_t warp_tot[32];
   __shared__ int s_bin, s_above, s_n, s_need;
   __shared__ uint32_t s_list[32], s_thr;
 
-  const int L = seq_len(p.seqlens, b, p.Tkv);
+  const int L = seq_len(p.seqlens, b, p.Tkv, p.len_add);
   const int n_pages_b = (L + p.page_size - 1) / p.page_size;
   int* out = p.pages + ((int64_t)b * p.Hkv + h) * p.n_sel;
   if (p.counters != nullptr && tid == 0) p.counters[b * p.Hkv + h] = 0;
+  if (p.append.k_src != nullptr && tid >= kSelectThreads - 32) append_one_token(p, b, h, L, tid & 31);
 
   if (n_pages_b <= p.n_sel) {  // L <= budget: every page, exactly
     for (int i = tid; i < p.n_sel; i += kSelectThreads) out[i] = i < n_pages_b ? i : -1;
@@ -379,21 +444,28 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
 }
 
 void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
-  // Cache up to 40,960 candidate keys (160 KB, 640k tokens at 16-token pages) in shared memory;
-  // longer sequences read their keys from L2 on each pass.
-  constexpr int kMaxSmemKeys = 40960;
-  const int smem_keys = p.n_pages < kMaxSmemKeys ? p.n_pages : kMaxSmemKeys;
-  const size_t smem = size_t(smem_keys) * sizeof(uint32_t);
-  static bool smem_raised[64] = {};
+  // Cache up to 40,960 candidate keys (160 KB, 640k tokens at 16-token pages) in shared
+  // memory, fewer where the GPU allows less per block (~16k keys on ~100 KB GPUs); longer
+  // sequences read their keys from L2 on each pass instead.
+  static int max_keys[64] = {};
   int dev = 0;
   cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64 || !smem_raised[dev]) {
+  int cap = dev >= 0 && dev < 64 ? max_keys[dev] : 0;
+  if (cap == 0) {
+    cudaFuncAttributes attr{};
+    cudaFuncGetAttributes(&attr, select_pages_kernel);
+    const int dyn = max_smem_per_block() - int(attr.sharedSizeBytes);
+    cap = dyn > 0 ? std::min(40960, dyn / int(sizeof(uint32_t))) : 0;
+    cap = std::max(cap, 1);
     cudaFuncSetAttribute(select_pages_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         int(kMaxSmemKeys * sizeof(uint32_t)));
-    if (dev >= 0 && dev < 64) smem_raised[dev] = true;
+                         int(cap * sizeof(uint32_t)));
+    prefer_max_shared(select_pages_kernel);
+    if (dev >= 0 && dev < 64) max_keys[dev] = cap;
   }
+  const int smem_keys = p.n_pages < cap ? p.n_pages : cap;
+  const size_t smem = size_t(smem_keys) * sizeof(uint32_t);
   dim3 grid(p.Hkv, p.B);
-  select_pages_kernel<<<grid, kSelectThreads, smem, stream>>>(p, smem_keys);
+  launch_maybe_pdl(select_pages_kernel, grid, dim3(kSelectThreads), smem, stream, p, smem_keys);
   check_launch("select_pages_kernel");
 }
 

@@ -13,13 +13,13 @@
 
 namespace hydra {
 
-template <int D>
+template <int D, int STAGES>
 struct DecodeShape {
   static constexpr int kThreads = 128;
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kRows = 16;                   // MMA rows: query heads of the group
   static constexpr int kStride = D + 8;              // smem row pitch: a 16-byte skew keeps ldmatrix conflict-free
-  static constexpr int kStages = 3;
+  static constexpr int kStages = STAGES;  // 3, or 2 where shared memory is ~100 KB a block
   static constexpr int kChunksPerRow = D / 8;
   static constexpr int kTileElems = kTileTokens * kStride;
   static constexpr int kKSteps = D / 16;             // k-steps of QK^T
@@ -58,9 +58,9 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <int D>
+template <int D, int STAGES>
 __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
-  using S = DecodeShape<D>;
+  using S = DecodeShape<D, STAGES>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16_t* sk = reinterpret_cast<bf16_t*>(smem_raw);              // [kStages][64][kStride]
   bf16_t* sv = sk + S::kStages * S::kTileElems;                   // [kStages][64][kStride]
@@ -69,7 +69,10 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
 
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
+  pdl_wait();
   const int L = seq_len(p.seqlens, b, p.Tkv);
+  // Fused append: every kernel of the step has read the old lengths; advance them.
+  if (p.lengths_out != nullptr && split == 0 && h == 0 && tid == 0) p.lengths_out[b] = L;
   const bool explicit_pages = p.pages != nullptr;
   const int split_lo = split * p.entries_per_split;
   int split_hi = min(split_lo + p.entries_per_split, p.n_entries);
@@ -347,6 +350,31 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   if (tid == 0) p.counters[b * p.Hkv + h] = 0;  // ready for the next step (and graph replay)
 }
 
+template <int D, int STAGES>
+void launch_decode_stages(const DecodeParams& p, cudaStream_t stream) {
+  using S = DecodeShape<D, STAGES>;
+  if (size_t(p.group) * (p.n_splits + 1) * sizeof(float) > S::kSmemBytes) {
+    throw std::invalid_argument("hydra: n_splits=" + std::to_string(p.n_splits) + " is too many to merge");
+  }
+  if (S::kSmemBytes > size_t(max_smem_per_block())) {
+    throw std::runtime_error("hydra: the decode kernel needs " + std::to_string(S::kSmemBytes) +
+                             " bytes of shared memory per block; this GPU allows " +
+                             std::to_string(max_smem_per_block()));
+  }
+  auto kernel = sparse_decode_kernel<D, STAGES>;
+  static bool smem_raised[64] = {};  // per device: raising the limit once is enough
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64 || !smem_raised[dev]) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)S::kSmemBytes);
+    prefer_max_shared(kernel);
+    if (dev >= 0 && dev < 64) smem_raised[dev] = true;
+  }
+  dim3 grid(p.n_splits, p.Hkv, p.B);
+  launch_maybe_pdl(kernel, grid, dim3(S::kThreads), S::kSmemBytes, stream, p);
+  check_launch("sparse_decode_kernel");
+}
+
 void launch_sparse_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.pages != nullptr && p.entries_per_split > kMaxEntriesPerSplit) {
     throw std::invalid_argument("hydra: entries_per_split=" + std::to_string(p.entries_per_split) +
@@ -357,21 +385,13 @@ void launch_sparse_decode(const DecodeParams& p, cudaStream_t stream) {
                                 " (supported: 1 to 16)");
   }
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
-    using S = DecodeShape<kD>;
-    if (size_t(p.group) * (p.n_splits + 1) * sizeof(float) > S::kSmemBytes) {
-      throw std::invalid_argument("hydra: n_splits=" + std::to_string(p.n_splits) + " is too many to merge");
+    // Three pipeline stages where a block may hold them (~106 KB: A100, H100, H200),
+    // else two (~72 KB: GPUs with ~100 KB a block, such as the sm_86/89/120 cards).
+    if (size_t(max_smem_per_block()) >= DecodeShape<kD, 3>::kSmemBytes) {
+      launch_decode_stages<kD, 3>(p, stream);
+    } else {
+      launch_decode_stages<kD, 2>(p, stream);
     }
-    auto kernel = sparse_decode_kernel<kD>;
-    static bool smem_raised[64] = {};  // per device: raising the limit once is enough
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev < 0 || dev >= 64 || !smem_raised[dev]) {
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)S::kSmemBytes);
-      if (dev >= 0 && dev < 64) smem_raised[dev] = true;
-    }
-    dim3 grid(p.n_splits, p.Hkv, p.B);
-    kernel<<<grid, S::kThreads, S::kSmemBytes, stream>>>(p);
-    check_launch("sparse_decode_kernel");
   });
 }
 

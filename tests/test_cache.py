@@ -201,3 +201,146 @@ def test_opcheck_cache_ops():
     torch.library.opcheck(ops.cache_append.default,
                           (kn, vn, counts, 16, cache.k, cache.v, cache.summaries, cache._lengths, cache._overflow))
 
+
+
+# -- HydraKVCache.step: append + attend fused into the selection kernels -------------
+
+def assert_same_contents(a, b):
+    """Equal lengths, K/V below them (the rest was never written) and summaries."""
+    assert torch.equal(a.seqlens, b.seqlens)
+    for i, L in enumerate(a.seqlens.tolist()):
+        assert torch.equal(a.k[i, :, :L], b.k[i, :, :L]) and torch.equal(a.v[i, :, :L], b.v[i, :, :L])
+    assert torch.equal(a.summaries, b.summaries)
+
+
+STEP_CASES = {
+    # selecting, the usual case: the new token's page is always in the recent window
+    "select": dict(policy=hydra.HydraPolicy(page_size=16, budget_tokens=128, sink_tokens=16, recent_tokens=32)),
+    # recent_tokens=0: the page the new token completes is a scored candidate
+    "no_recent": dict(policy=hydra.HydraPolicy(page_size=8, budget_tokens=64, sink_tokens=8, recent_tokens=0)),
+    # paths without selection: one append launch, then the attention
+    "exact": dict(precision="exact"),
+    "window": dict(sliding_window=40),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_step_equals_append_then_attend(case):
+    """step() leaves the cache exactly as append() does and returns exactly attend()'s
+    output, across page boundaries, with ragged lengths (one sequence within the budget)."""
+    kw = dict(STEP_CASES[case])
+    pol = kw.pop("policy", None)
+    B, Hq, H, D, T0, steps = 3, 12, 3, 128, 230, 37
+    fused, plain = (hydra.HydraKVCache(B, H, D, 400, device=DEV, policy=pol) for _ in range(2))
+    lens = torch.tensor([T0, 171, 40], dtype=torch.int32, device=DEV)
+    k, v = rand(B, H, T0, D, seed=300), rand(B, H, T0, D, seed=301)
+    fused.prefill(k, v, seqlens=lens)
+    plain.prefill(k, v, seqlens=lens)
+    for i in range(steps):
+        q = rand(B, Hq, 1, D, seed=400 + i)
+        kn, vn = rand(B, H, 1, D, seed=500 + i), rand(B, H, 1, D, seed=600 + i)
+        got = fused.step(q, kn, vn, out=torch.full_like(q, float("nan")), **kw)
+        plain.append(kn, vn)
+        want = plain.attend(q, **kw)
+        assert not torch.isnan(got).any()
+        assert torch.equal(got, want), f"step {i}: fused output differs from append + attend"
+        assert torch.equal(fused.seqlens, plain.seqlens)
+    assert torch.equal(fused.seqlens, lens + steps)
+    assert_same_contents(fused, plain)
+    assert_summaries_exact(fused)
+    if case in ("select", "no_recent"):  # and against the fp32 reference, on the last step
+        from test_gpu import check_output, check_selection, mask_from_pages
+
+        pages = hydra.select_pages(q, fused.k, policy=pol, cache_seqlens=fused.seqlens,
+                                   page_summaries=fused.summaries)
+        kk, vv = fused.k.clone(), fused.v.clone()
+        for b, L in enumerate(fused.seqlens.tolist()):
+            kk[b, :, L:] = 0
+            vv[b, :, L:] = 0
+        check_selection(pages, q, kk, pol, lens=fused.seqlens, summaries=fused.summaries)
+        check_output(got, q, kk, vv, mask_from_pages(pages, fused.max_seq_len, pol.page_size, fused.seqlens))
+
+
+@pytest.mark.gpu
+@pytest.mark.kernels_ci
+def test_graph_replay_of_fused_steps():
+    """step() for every layer of a 2-layer stack, captured once and replayed while the
+    lengths cross page boundaries; each replay equals an eager append + attend."""
+    B, Hq, H, D, layers = 2, 8, 2, 128, 2
+    pol = hydra.HydraPolicy(budget_tokens=64, sink_tokens=16, recent_tokens=16)
+    caches = [hydra.HydraKVCache(B, H, D, 256, device=DEV, policy=pol) for _ in range(layers)]
+    twins = [hydra.HydraKVCache(B, H, D, 256, device=DEV, policy=pol) for _ in range(layers)]
+    for i, (c, t) in enumerate(zip(caches, twins)):
+        k, v = rand(B, H, 70, D, seed=700 + i), rand(B, H, 70, D, seed=710 + i)
+        lens = torch.tensor([70, 52], dtype=torch.int32, device=DEV)
+        c.prefill(k, v, seqlens=lens)
+        t.prefill(k, v, seqlens=lens)
+    q = rand(B, Hq, 1, D, seed=720)
+    k_new, v_new = rand(B, H, 1, D, seed=721), rand(B, H, 1, D, seed=722)
+    outs = [torch.empty_like(q) for _ in range(layers)]
+
+    def step():
+        for c, o in zip(caches, outs):
+            c.step(q, k_new, v_new, out=o)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for i in range(25):
+        q.copy_(rand(B, Hq, 1, D, seed=730 + i))
+        k_new.copy_(rand(B, H, 1, D, seed=760 + i))
+        v_new.copy_(rand(B, H, 1, D, seed=790 + i))
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for c, t, o in zip(caches, twins, outs):
+            t.append(k_new, v_new)
+            assert c.seqlens.tolist() == [71 + i, 53 + i]
+            assert torch.equal(o, t.attend(q)), f"replay {i} differs from eager append + attend"
+    for c, t in zip(caches, twins):
+        assert_same_contents(c, t)
+        c.check_overflow()
+
+
+@pytest.mark.gpu
+def test_step_overflow_is_refused_or_flagged():
+    B, Hq, H, D, M = 2, 4, 1, 128, 96  # M > budget: the step selects, so the append is fused
+    pol = hydra.HydraPolicy(budget_tokens=64, sink_tokens=16, recent_tokens=16)
+    cache = hydra.HydraKVCache(B, H, D, M, device=DEV, policy=pol)
+    q = rand(B, Hq, 1, D, seed=800)
+    kn, vn = rand(B, H, 1, D, seed=801), rand(B, H, 1, D, seed=802)
+    cache.prefill(rand(B, H, M, D, seed=803), rand(B, H, M, D, seed=804))
+    with pytest.raises(ValueError, match=f"hydra: appending 1 token to sequences of {M} would pass max_seq_len={M}"):
+        cache.step(q, kn, vn)
+    with pytest.raises(ValueError, match=r"hydra: HydraKVCache.step appends one token per sequence"):
+        cache.step(q, rand(B, H, 2, D, seed=805), rand(B, H, 2, D, seed=806))
+    # Ragged lengths: the host cannot know; the full sequence drops its token and flags it.
+    cache.prefill(rand(B, H, M, D, seed=807), rand(B, H, M, D, seed=808),
+                  seqlens=torch.tensor([M, M - 1], dtype=torch.int32, device=DEV))
+    out = cache.step(q, kn, vn)
+    assert cache.seqlens.tolist() == [M, M]
+    assert torch.equal(cache.k[1, :, M - 1], kn[1, :, 0])
+    assert torch.equal(out, cache.attend(q))
+    with pytest.raises(ValueError, match=f"hydra: an append passed max_seq_len={M}"):
+        cache.check_overflow()
+    assert_summaries_exact(cache)
+
+
+@pytest.mark.gpu
+def test_opcheck_decode_append():
+    from hydra import ops
+
+    B, Hq, H, D = 2, 4, 2, 128
+    pol = hydra.HydraPolicy(budget_tokens=64, sink_tokens=16, recent_tokens=16)
+    cache = hydra.HydraKVCache(B, H, D, 128, device=DEV, policy=pol)
+    cache.prefill(rand(B, H, 90, D, seed=810), rand(B, H, 90, D, seed=811))
+    q = rand(B, Hq, 1, D, seed=812)
+    kn, vn = rand(B, H, 1, D, seed=813), rand(B, H, 1, D, seed=814)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, 1, dtype=torch.float32, device=DEV)
+    torch.library.opcheck(ops.decode_append.default,
+                          (q, kn, vn, cache.k, cache.v, cache.summaries, cache._lengths, cache._overflow, 16,
+                           16, 16, 64, 0, D ** -0.5, out, lse))

@@ -317,3 +317,90 @@ def test_opcheck_every_op():
     ops.decode(q, k, v, None, summ, lens, 16, 64, 64, 256, 0, 0.088, out, lse)
     assert torch.equal(o2, out) and torch.equal(lse2, lse)
     assert add_op_namespace_prefix("decode").endswith("::decode")
+
+
+@pytest.mark.parametrize("dist", ["outliers", "normal", "ties"])
+def test_selection_score_distributions(dist):
+    """Top-k selection on skewed score distributions: a few far outliers, a normal
+    spread, and a handful of distinct values (ties at the threshold). Scores are set
+    directly through crafted summaries (kmin = kmax = alpha * q / |q|^2)."""
+    _need_ops()
+    P, n_pages = 16, 9000
+    T = n_pages * P
+    g = torch.Generator(device=DEV).manual_seed(21)
+    q = torch.randn(1, 1, 1, 128, device=DEV, generator=g).to(BF16)
+    k = torch.randn(1, 1, 1, 128, device=DEV, generator=g).to(BF16).expand(1, 1, T, 128)
+    if dist == "outliers":  # 2% of pages far above the rest; k is ~3%
+        alpha = torch.rand(n_pages, device=DEV, generator=g)
+        alpha[torch.randperm(n_pages, device=DEV, generator=g)[: n_pages // 50]] += 100.0
+    elif dist == "normal":
+        alpha = torch.randn(n_pages, device=DEV, generator=g) * 3.0 + 10.0
+    else:  # a handful of distinct values: ties at the threshold
+        alpha = torch.randint(0, 4, (n_pages,), device=DEV, generator=g).float()
+    qf = q.float().reshape(128)
+    x = alpha.view(n_pages, 1) * (qf / qf.dot(qf)).view(1, 128)
+    summ = torch.stack([x, x], dim=1).view(1, 1, n_pages, 2, 128).to(BF16)
+    pol = hydra.HydraPolicy()
+    pages = hydra.select_pages(q, k, page_summaries=summ)
+    check_selection(pages, q, k, pol, summaries=summ)
+    if dist == "ties":  # equal scores: the lowest page indices win, exactly as the reference
+        assert torch.equal(pages, ref.select_pages(q, k, policy=pol, page_summaries=summ))
+
+
+_SMALL_SMEM_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import hydra
+from test_gpu import make_qkv, check_selection, check_output, mask_from_pages, nan_like
+names = set()
+pol = hydra.HydraPolicy(page_size=8, budget_tokens=1024, sink_tokens=64, recent_tokens=256)
+for T in (4097, 8 * 12000 + 5):  # the second has more pages than a ~80 KB block can cache
+    q, k, v = make_qkv(1, 8, 2, T, seed=T)
+    summ = hydra.page_summaries(k, page_size=8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        o = hydra.hydra(q, k, v, policy=pol, page_summaries=summ, out=nan_like(q))
+        torch.cuda.synchronize()
+    names |= {e.name for e in prof.events()}
+    pages = hydra.select_pages(q, k, policy=pol, page_summaries=summ)
+    check_selection(pages, q, k, pol, summaries=summ)
+    check_output(o, q, k, v, mask_from_pages(pages, T, 8))
+assert any("sparse_decode_kernel<128, 2>" in n for n in names), sorted(names)
+print("ok")
+"""
+
+
+def test_small_shared_memory_configuration():
+    """GPUs with ~100 KB of shared memory per block (RTX 30/40/50) get a 2-stage
+    attention pipeline and a smaller selection key cache; HYDRA_MAX_SMEM_PER_BLOCK
+    forces that configuration here, in a fresh process."""
+    _need_ops()
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    hydra_dir = os.path.dirname(os.path.dirname(os.path.abspath(hydra.__file__)))  # the package's parent
+    env = dict(os.environ, HYDRA_MAX_SMEM_PER_BLOCK="80000",
+               PYTHONPATH=os.pathsep.join([hydra_dir, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _SMALL_SMEM_SCRIPT, here], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("P", [8, 16])
+def test_no_recent_window(P):
+    """recent_tokens=0: every page but the sinks is scored, the partial last page included
+    (the stateless path must not read past L when it builds that page's bound)."""
+    _need_ops()
+    B, T = 3, 700
+    pol = hydra.HydraPolicy(page_size=P, budget_tokens=8 * P, sink_tokens=P, recent_tokens=0)
+    q, k, v = make_qkv(B, 8, 2, T, seed=40 + P, slack=32)
+    lens = torch.tensor([T, 300 + P // 2 + 1, 5 * P], dtype=torch.int32, device=DEV)
+    poison_past(k, v, lens)
+    summ = hydra.page_summaries(k, page_size=P, cache_seqlens=lens)
+    for s in (summ, None):
+        o = hydra.hydra(q, k, v, policy=pol, cache_seqlens=lens, page_summaries=s, out=nan_like(q))
+        pages = hydra.select_pages(q, k, policy=pol, cache_seqlens=lens, page_summaries=s)
+        check_selection(pages, q, k.nan_to_num(0.0), pol, lens=lens, summaries=summ)
+        check_output(o, q, k, v, mask_from_pages(pages, T, P, lens))

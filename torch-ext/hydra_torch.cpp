@@ -71,7 +71,8 @@ void check_page_size(int64_t page_size) {
 // Fills the score/select parameters and runs both kernels into `pages_out`.
 void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
                    const int* seqlens, const Shapes& s, int page_size, int sink_tokens, int recent_tokens,
-                   int n_sel, int* pages_out, int* counters, float* scores, cudaStream_t stream) {
+                   int n_sel, int* pages_out, int* counters, float* scores, cudaStream_t stream,
+                   const hydra::CacheWriteParams* append = nullptr, int* lens_out = nullptr) {
   const int n_pages = (s.Tkv + page_size - 1) / page_size;
   hydra::ScoreParams sp{};
   sp.q = bf16_ptr(q);
@@ -100,6 +101,12 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
   sp.sink_pages = (sink_tokens + page_size - 1) / page_size;
   sp.recent_tokens = recent_tokens;
   sp.n_sel = n_sel;
+  if (append != nullptr) {
+    sp.len_add = 1;
+    sp.k_new = append->k_src;
+    sp.kn_batch_stride = append->ks_batch_stride;
+    sp.kn_head_stride = append->ks_head_stride;
+  }
   hydra::launch_score_pages(sp, stream);
 
   hydra::SelectParams se{};
@@ -109,6 +116,11 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
   se.counters = counters;
   se.B = s.B; se.Hkv = s.Hkv; se.Tkv = s.Tkv; se.n_pages = n_pages; se.page_size = page_size;
   se.sink_pages = sp.sink_pages; se.recent_tokens = recent_tokens; se.n_sel = n_sel;
+  if (append != nullptr) {
+    se.len_add = 1;
+    se.append = *append;
+    se.lens_out = lens_out;
+  }
   hydra::launch_select_pages(se, stream);
 }
 
@@ -177,10 +189,15 @@ void select_pages(const at::Tensor& q, const at::Tensor& k, const std::optional<
                 c10::cuda::getCurrentCUDAStream());
 }
 
-void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pages,
-            const std::optional<at::Tensor>& summaries, const std::optional<at::Tensor>& cache_seqlens,
-            int64_t page_size, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens, int64_t window,
-            double scale, at::Tensor& out, at::Tensor& lse) {
+namespace {
+
+// One decode step; `append` (HydraKVCache.step) first appends one token per sequence
+// to the cache that k/v view, fused into the selection kernels when the step selects.
+void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& pages, const std::optional<at::Tensor>& summaries,
+                 const int* seqlens, int64_t page_size, int64_t sink_tokens, int64_t recent_tokens,
+                 int64_t budget_tokens, int64_t window, double scale, at::Tensor& out, at::Tensor& lse,
+                 const hydra::CacheWriteParams* append) {
   check_bf16_cuda(q, "q");
   check_bf16_cuda(k, "k");
   check_bf16_cuda(v, "v");
@@ -198,7 +215,6 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int P = (int)page_size;
   const int n_pages = (s.Tkv + P - 1) / P;
-  const int* seqlens = seqlens_ptr(cache_seqlens, s.B);
 
   // Which entries the attention walks.
   enum { kExplicit, kSelect, kRange } mode;
@@ -221,6 +237,8 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
     n_entries = window > 0 ? std::min<int64_t>(n_pages, (window + P - 1) / P + 1) : n_pages;
   }
   if (n_entries == 0) n_entries = 1;  // still write the (empty-set) output
+  const bool fused_append = append != nullptr && mode == kSelect;
+  if (append != nullptr && !fused_append) hydra::launch_cache_append(*append, stream);
 
   // Split the entries so that B * Hkv * splits fills the GPU's CTA slots (two per SM)
   // in one wave: rounding down avoids a nearly empty second wave.
@@ -243,6 +261,7 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   const size_t i_part_o = ws.add(splits > 1 ? sizeof(float) * s.B * s.Hq * splits * s.D : 0);
   const size_t i_part_lse = ws.add(splits > 1 ? sizeof(float) * s.B * s.Hq * splits : 0);
   const size_t i_counters = ws.add(splits > 1 ? sizeof(int) * s.B * s.Hkv : 0);
+  const size_t i_lens = ws.add(fused_append ? sizeof(int) * s.B : 0);
   at::Tensor buf = at::empty({(int64_t)std::max<size_t>(ws.total, 1)}, q.options().dtype(at::kByte));
   char* base = reinterpret_cast<char*>(buf.data_ptr());
   auto at_off = [&](size_t i) { return base + ws.offsets[i]; };
@@ -251,8 +270,13 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   hydra::DecodeParams p{};
   if (mode == kSelect) {
     int* sel = reinterpret_cast<int*>(at_off(i_pages));
+    int* lens = fused_append ? reinterpret_cast<int*>(at_off(i_lens)) : nullptr;
     run_selection(q, k, summaries, seqlens, s, P, (int)sink_tokens, (int)recent_tokens, n_entries, sel, counters,
-                  reinterpret_cast<float*>(at_off(i_scores)), stream);
+                  reinterpret_cast<float*>(at_off(i_scores)), stream, fused_append ? append : nullptr, lens);
+    if (fused_append) {  // the attention reads the step's lengths; it writes them to the cache
+      seqlens = lens;
+      p.lengths_out = append->lengths;
+    }
     p.pages = sel;
     p.p_batch_stride = (int64_t)s.Hkv * n_entries;
     p.p_head_stride = n_entries;
@@ -290,6 +314,17 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   p.entries_per_split = per_split;
   p.scale_log2 = (float)(scale * 1.4426950408889634);
   hydra::launch_sparse_decode(p, stream);
+}
+
+}  // namespace
+
+void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pages,
+            const std::optional<at::Tensor>& summaries, const std::optional<at::Tensor>& cache_seqlens,
+            int64_t page_size, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens, int64_t window,
+            double scale, at::Tensor& out, at::Tensor& lse) {
+  const Shapes s = decode_shapes(q, k);
+  decode_impl(q, k, v, pages, summaries, seqlens_ptr(cache_seqlens, s.B), page_size, sink_tokens,
+              recent_tokens, budget_tokens, window, scale, out, lse, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_alloc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -372,4 +407,17 @@ void cache_append(const at::Tensor& k_new, const at::Tensor& v_new, const std::o
       cache_params(k_new, v_new, counts, page_size, k_cache, v_cache, summaries, lengths, overflow);
   if (p.B == 0 || p.Hkv == 0) return;
   hydra::launch_cache_append(p, c10::cuda::getCurrentCUDAStream());
+}
+
+void decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
+                   at::Tensor& v_cache, at::Tensor& summaries, at::Tensor& lengths, at::Tensor& overflow,
+                   int64_t page_size, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
+                   int64_t window, double scale, at::Tensor& out, at::Tensor& lse) {
+  TORCH_CHECK(k_new.dim() == 4 && k_new.size(2) == 1, "hydra: a fused step appends one token per sequence: k_new "
+              "must be (B, Hkv, 1, D), got ", k_new.sizes());
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  const hydra::CacheWriteParams cw =
+      cache_params(k_new, v_new, std::nullopt, page_size, k_cache, v_cache, summaries, lengths, overflow);
+  decode_impl(q, k_cache, v_cache, std::nullopt, summaries, lengths.data_ptr<int>(), page_size, sink_tokens,
+              recent_tokens, budget_tokens, window, scale, out, lse, &cw);
 }

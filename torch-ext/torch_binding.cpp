@@ -40,6 +40,14 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "cache_append(Tensor k_new, Tensor v_new, Tensor? counts, int page_size, Tensor! k_cache, Tensor! v_cache, "
       "Tensor! summaries, Tensor! lengths, Tensor! overflow) -> ()");
   ops.impl("cache_append", c10::kCUDA, &cache_append);
+
+  // HydraKVCache.step: append one token per sequence (k_new/v_new [B, Hkv, 1, D]), then
+  // decode q over the grown cache (the append is fused into selection when it selects).
+  ops.def(
+      "decode_append(Tensor q, Tensor k_new, Tensor v_new, Tensor! k_cache, Tensor! v_cache, Tensor! summaries, "
+      "Tensor! lengths, Tensor! overflow, int page_size, int sink_tokens, int recent_tokens, int budget_tokens, "
+      "int window, float scale, Tensor! out, Tensor! lse) -> ()");
+  ops.impl("decode_append", c10::kCUDA, &decode_append);
 }
 
 REGISTER_EXTENSION(TORCH_EXTENSION_NAME)

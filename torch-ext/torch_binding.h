@@ -33,3 +33,11 @@ void cache_prefill(const at::Tensor& k, const at::Tensor& v, const std::optional
 void cache_append(const at::Tensor& k_new, const at::Tensor& v_new, const std::optional<at::Tensor>& counts,
                   int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& summaries,
                   at::Tensor& lengths, at::Tensor& overflow);
+
+// HydraKVCache.step: append one token per sequence (k_new/v_new [B, Hkv, 1, D]) and run
+// the decode step over the grown cache. When the step selects pages, the append is
+// fused into the selection kernels (no extra launch); lengths advance on the device.
+void decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
+                   at::Tensor& v_cache, at::Tensor& summaries, at::Tensor& lengths, at::Tensor& overflow,
+                   int64_t page_size, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
+                   int64_t window, double scale, at::Tensor& out, at::Tensor& lse);

@@ -144,6 +144,31 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
     return (out, lse) if return_lse else out
 
 
+def _cache_step(cache, q, k_new, v_new, *, sliding_window=None, policy_layer_idx=None, precision="high",
+                policy=None, scale=None, return_lse=False, out=None):
+    """HydraKVCache.step: append one token per sequence, then decode over the grown cache."""
+    pol = _policy(precision, policy)
+    if pol.page_size != cache.policy.page_size:
+        raise ValueError(f"hydra: the step's policy page_size={pol.page_size} differs from the cache's "
+                         f"summaries (page_size={cache.policy.page_size})")
+    info = validate_decode_call(q, cache.k, cache.v, is_causal=True, sliding_window=sliding_window,
+                                policy_layer_idx=policy_layer_idx, policy=pol, cache_seqlens=cache.seqlens,
+                                page_summaries=cache.summaries, scale=scale, out=out)
+    _require_ops()
+    if sliding_window is not None:
+        budget, window = 0, int(sliding_window)
+    elif _is_exact(pol, policy_layer_idx):
+        budget, window = 0, 0
+    else:
+        budget, window = pol.budget_tokens, 0
+    if out is None:
+        out = torch.empty_like(q)
+    lse = torch.empty((q.shape[0], q.shape[1], 1), dtype=torch.float32, device=q.device)
+    ops.decode_append(q, k_new, v_new, cache.k, cache.v, cache.summaries, cache.seqlens, cache._overflow,
+                      pol.page_size, pol.sink_tokens, pol.recent_tokens, budget, window, info["scale"], out, lse)
+    return (out, lse) if return_lse else out
+
+
 def select_pages(q, k, *, is_causal=True, sliding_window=None, policy_layer_idx=None, precision="high",
                  policy=None, cache_seqlens=None, page_summaries=None):
     """The pages a decode step attends to, per (sequence, KV head).
@@ -254,6 +279,11 @@ if ops is not None:
 
     @torch.library.register_fake(add_op_namespace_prefix("cache_append"))
     def _cache_append_fake(k_new, v_new, counts, page_size, k_cache, v_cache, summaries, lengths, overflow):
+        return None
+
+    @torch.library.register_fake(add_op_namespace_prefix("decode_append"))
+    def _decode_append_fake(q, k_new, v_new, k_cache, v_cache, summaries, lengths, overflow, page_size,
+                            sink_tokens, recent_tokens, budget_tokens, window, scale, out, lse):
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("decode_alloc"))

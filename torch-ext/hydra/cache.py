@@ -43,8 +43,8 @@ class HydraKVCache:
     >>> cache = hydra.HydraKVCache(B, Hkv, 128, 65536, dtype=torch.bfloat16, device="cuda")
     >>> cache.prefill(k_prompt, v_prompt)                    # (B, Hkv, T, 128)
     >>> for _ in range(steps):
-    ...     cache.append(k_new, v_new)                       # (B, Hkv, 1, 128)
-    ...     out = cache.attend(q)                            # (B, Hq, 1, 128)
+    ...     out = cache.step(q, k_new, v_new)                # append + attend, fused
+    ...     # or: cache.append(k_new, v_new); out = cache.attend(q)
 
     Notes
     -----
@@ -179,6 +179,35 @@ class HydraKVCache:
 
         if _debug_enabled():
             self.check_overflow()
+
+    # -- a whole decode step ----------------------------------------------------------
+    def step(self, q, k_new, v_new, **policy_kwargs):
+        """Append one token per sequence (k_new, v_new: (B, Hkv, 1, D)) and attend q
+        (B, Hq, 1, D) over the grown cache: ``append`` then ``attend``, fused.
+
+        When the step selects pages (the usual long-context case) the append runs inside
+        the selection kernels, so a step costs what ``attend`` costs; otherwise (dense
+        layers, sliding windows, sequences within the budget) it is one append launch
+        plus the attention. Lengths advance on the device, with no host sync; keyword
+        arguments are those of :meth:`attend`. Overflow is handled as in :meth:`append`.
+        """
+        from . import _cache_step, _debug_enabled
+
+        self._check_new(k_new, v_new, "k_new", "v_new")
+        if k_new.shape[2] != 1:
+            raise ValueError(f"hydra: HydraKVCache.step appends one token per sequence: k_new must be "
+                             f"({self.k.shape[0]}, {self.k.shape[1]}, 1, {self.k.shape[3]}), got "
+                             f"{tuple(k_new.shape)}; use append() for more")
+        if self._len_exact and self._len_bound + 1 > self.max_seq_len:
+            raise ValueError(f"hydra: appending 1 token to sequences of {self._len_bound} would pass "
+                             f"max_seq_len={self.max_seq_len}")
+        policy_kwargs.setdefault("precision", self.precision)
+        policy_kwargs.setdefault("policy", self._policy_arg)
+        result = _cache_step(self, q, k_new, v_new, **policy_kwargs)
+        self._len_bound += 1
+        if _debug_enabled():
+            self.check_overflow()
+        return result
 
     # -- reads -------------------------------------------------------------------
     def attend(self, q, **policy_kwargs):
