@@ -133,6 +133,13 @@ CACHE_HEADROOM = 32768        # tokens past T: every timed call appends one
 TARGET_STEP_OVER_ATTEND = 1.10
 TARGET_APPEND_SHARE = 0.05
 
+# Coarse-to-fine rows (issue 6): flat selection over 8-token pages against coarse-to-fine
+# with the same fine pages (superpages of 16 pages = 128 tokens, a shortlist of 4x the budget).
+HIER_SHAPES = [(1, 131072), (1, 524288), (1, 1048576), (8, 262144)]
+HIER_PAGE, HIER_SUPERPAGE, HIER_SHORTLIST = 8, 16, 4
+TARGET_HIER = {(1, 131072): {"speedup_vs_best_dense": 8.0, "floor_ratio": 1.25},
+               (1, 1048576): {"speedup_vs_best_dense": 20.0, "speedup_vs_flat": 1.5}}
+
 SET_BYTES_CAP = 2e9        # rotate several input sets only while they total less than this
 FLASHINFER_PAGE = 16
 FLASHINFER_WORKSPACE = 256 << 20
@@ -237,6 +244,29 @@ def step_bytes(name: str, B: int, T: int, summary_elem: int = 2) -> int:
     if name == "hydra_stateless":
         return kv_bytes(B, T) + kv_bytes(B, sel) + qo_bytes(B)
     return 2 * kv_bytes(B, T) + qo_bytes(B)
+
+
+def hier_policies(hydra):
+    flat = hydra.HydraPolicy(page_size=HIER_PAGE, budget_tokens=BUDGET_TOKENS, sink_tokens=SINK_TOKENS,
+                             recent_tokens=RECENT_TOKENS)
+    hier = hydra.HydraPolicy(page_size=HIER_PAGE, budget_tokens=BUDGET_TOKENS, sink_tokens=SINK_TOKENS,
+                             recent_tokens=RECENT_TOKENS, superpage=HIER_SUPERPAGE, shortlist=HIER_SHORTLIST)
+    return flat, hier
+
+
+def hier_step_bytes(name: str, B: int, T: int) -> int:
+    """Bytes a step must read: flat = all 8-token page summaries + the selected K/V;
+    coarse-to-fine = superpage summaries + the shortlisted pages' summaries + the selected K/V."""
+    sel = min(T, BUDGET_TOKENS)
+    n_pages = ceil_div(T, HIER_PAGE)
+    per_summary = 2 * HEAD_DIM * 2
+    if name == "hydra_flat8":
+        meta = n_pages
+    else:
+        n_sel = BUDGET_TOKENS // HIER_PAGE
+        n_short = ceil_div(HIER_SHORTLIST * n_sel, HIER_SUPERPAGE)
+        meta = ceil_div(n_pages, HIER_SUPERPAGE) + min(n_short * HIER_SUPERPAGE, n_pages)
+    return B * HKV * meta * per_summary + 2 * kv_bytes(B, sel) + qo_bytes(B)
 
 
 def gbps(nbytes: int, us):
@@ -693,6 +723,52 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
         del case, hydra_ref, sparse_ref
         torch.cuda.empty_cache()
 
+    # -- coarse-to-fine (issue 6): flat 8-token pages vs superpages over them ------
+    if (B, T) in HIER_SHAPES and not args.no_hier:
+        flat_pol, hier_pol = hier_policies(hydra)
+        try:
+            for st in sets:
+                st["S8"] = hydra.page_summaries(st["k"], page_size=HIER_PAGE)
+                st["SS"] = hydra.superpage_summaries(st["S8"], HIER_SUPERPAGE)
+            for name, pol in (("hydra_flat8", flat_pol), ("hydra_hier", hier_pol)):
+                S8, SS = sub(s0["S8"]), sub(s0["SS"]) if name == "hydra_hier" else None
+                want = ref.hydra(q0, k0, v0, policy=pol, page_summaries=S8, superpage_summaries=SS).float()
+                pages_k = sub(hydra.select_pages(s0["q"], s0["k"], policy=pol, page_summaries=s0["S8"],
+                                                 superpage_summaries=s0["SS"] if SS is not None else None))
+                pages_r = ref.select_pages(q0, k0, policy=pol, page_summaries=S8, superpage_summaries=SS)
+                same_pages = bool(torch.equal(pages_k.cpu(), pages_r.cpu()))
+
+                def check_out(out, want=want, same_pages=same_pages):
+                    err = max_rel_err(sub(out), want)
+                    return {"max_rel_err": err, "checked_batch_indices": check_idx, "selection_ok": same_pages,
+                            "correct": err is not None and err < MAX_REL_ERR and same_pages}
+
+                def make(st, pol=pol, coarse=name == "hydra_hier"):
+                    SSs = st["SS"] if coarse else None
+                    return lambda: hydra.hydra(st["q"], st["k"], st["v"], policy=pol, page_summaries=st["S8"],
+                                               superpage_summaries=SSs)
+
+                case = Case(name, None, [make(st) for st in sets], check_out, hier_step_bytes(name, B, T))
+                for row in run_case(case, B, T, args, copy_gbps).values():
+                    row.update({"n_sets": n_sets, "page_size": HIER_PAGE})
+                    if name == "hydra_hier":
+                        row.update({"superpage": HIER_SUPERPAGE, "shortlist": HIER_SHORTLIST})
+                    shape_rows.append(row)
+                del case, want, pages_k, pages_r
+            torch.cuda.empty_cache()
+        except Exception as e:
+            log(f"  coarse-to-fine rows failed: {short_reason(e)}")
+            if args.verbose:
+                traceback.print_exc()
+            for name in ("hydra_flat8", "hydra_hier"):
+                for mode in modes:
+                    shape_rows.append({"name": name, "B": B, "T": T, "D": HEAD_DIM, "mode": mode, "us": None,
+                                       "skipped": f"failed: {short_reason(e)}"})
+        for st in sets:
+            st.pop("S8", None)
+            st.pop("SS", None)
+        torch.cuda.empty_cache()
+
     # -- HydraKVCache: append + attend, the whole cached decode step -------------
     if T >= CACHE_STEP_MIN_T and B <= CACHE_STEP_MAX_B and not summaries_error:
         try:
@@ -806,12 +882,19 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
                  and r.get("us") is not None and r.get("correct")]
         best = min(peers, key=lambda r: r["us"]) if peers else None
         for r in shape_rows:
-            if r["name"] not in HYDRA_NAMES + ("hydra_cache_step",) or r["mode"] != mode or r.get("us") is None:
+            if r["name"] not in HYDRA_NAMES + ("hydra_cache_step", "hydra_flat8", "hydra_hier") \
+                    or r["mode"] != mode or r.get("us") is None:
                 continue
             r["best_dense_us"] = best["us"] if best else None
             r["best_dense_name"] = best["name"] if best else None
             r["speedup_vs_best_dense"] = best["us"] / r["us"] if best else None
             r["floor_ratio"] = r["us"] / r["floor_us"]
+        flat = next((r for r in shape_rows if r["name"] == "hydra_flat8" and r["mode"] == mode
+                     and r.get("us") is not None), None)
+        for r in shape_rows:
+            if r["name"] == "hydra_hier" and r["mode"] == mode and r.get("us") is not None and flat is not None:
+                r["flat_us"] = flat["us"]
+                r["speedup_vs_flat"] = flat["us"] / r["us"]
     target_mode = "eager" if args.no_graph else "graph"
     for r in shape_rows:
         if r["mode"] != target_mode or r.get("us") is None:
@@ -823,6 +906,13 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
             if T >= FLOOR_MIN_T:
                 r["target_floor_ratio"] = TARGET_FLOOR_RATIO
                 r["meets_floor_target"] = bool(r["floor_ratio"] <= TARGET_FLOOR_RATIO)
+        if r["name"] == "hydra_hier" and (B, T) in TARGET_HIER:
+            checks = {}
+            for key, target in TARGET_HIER[(B, T)].items():
+                value = r.get(key)
+                ok = value is not None and (value <= target if key == "floor_ratio" else value >= target)
+                checks[key] = {"value": value, "target": target, "met": bool(ok and r.get("correct"))}
+            r["hier_targets"] = checks
         if r["name"] == "hydra_stateless" and (B, T) in TARGET_STATELESS_SPEEDUP:
             r["target_speedup"] = TARGET_STATELESS_SPEEDUP[(B, T)]
             r["meets_target"] = bool(sp is not None and sp >= r["target_speedup"] and r.get("correct"))
@@ -906,12 +996,14 @@ def main(argv=None) -> int:
     p.add_argument("--rep", type=int, default=None, help="do_bench repetition time in ms (default 200, quick 50)")
     p.add_argument("--sets", type=int, default=None, help="number of rotating input sets (default: by size)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of skipped cases")
+    p.add_argument("--no-hier", action="store_true", help="skip the coarse-to-fine rows (hydra_flat8, hydra_hier)")
     args = p.parse_args(argv)
 
     if not torch.cuda.is_available():
         log("benchmark_hydra_decode: no CUDA device; nothing to time")
         return 2
-    shapes = parse_shapes(args.shapes) if args.shapes else (QUICK_SHAPES if args.quick else SPEC_SHAPES)
+    full = SPEC_SHAPES + ([] if args.no_hier else [x for x in HIER_SHAPES if x not in SPEC_SHAPES])
+    shapes = parse_shapes(args.shapes) if args.shapes else (QUICK_SHAPES if args.quick else full)
     if args.rep is None:
         args.rep = 50 if args.quick else 200
 
@@ -939,7 +1031,9 @@ def main(argv=None) -> int:
 
     overhead = host_overhead(rows, args.no_graph)
     checks = target_checks(rows, overhead, args.no_graph)
-    partial = sorted(set(shapes)) != sorted(SPEC_SHAPES)
+    hier_checks = [{"check": f"hydra_hier {key} ({r['mode']}) B={r['B']} T={r['T']}", **c}
+                   for r in rows if r.get("hier_targets") for key, c in r["hier_targets"].items()]
+    partial = not set(SPEC_SHAPES) <= set(shapes)
     extra = {
         "copy_gbps": copy["copy_gbps"],
         "copy": copy,
@@ -962,6 +1056,10 @@ def main(argv=None) -> int:
                     "speedup_hydra_stateless": {f"{b}x{t}": s for (b, t), s in TARGET_STATELESS_SPEEDUP.items()},
                     "floor_ratio_max": TARGET_FLOOR_RATIO, "floor_min_T": FLOOR_MIN_T,
                     "eager_host_overhead_us_max": TARGET_HOST_OVERHEAD_US, "max_rel_err": MAX_REL_ERR},
+        "coarse_to_fine": {"page_size": HIER_PAGE, "superpage": HIER_SUPERPAGE, "shortlist": HIER_SHORTLIST,
+                           "shapes": [f"{b}x{t}" for b, t in HIER_SHAPES],
+                           "targets": {f"{b}x{t}": t_ for (b, t), t_ in TARGET_HIER.items()},
+                           "checks": hier_checks},
         "eager_host_overhead": overhead,
         "target_checks": checks,
         "all_targets_met": (not partial) and all(c["met"] for c in checks),
@@ -976,6 +1074,9 @@ def main(argv=None) -> int:
         log(f"  [{'met' if c['met'] else 'MISSED'}] {c['check']}: {value} (target {c['target']})")
     if partial:
         log("  (a partial matrix: all_targets_met needs the six SPEC 7 shapes)")
+    for c in hier_checks:
+        value = "n/a" if c["value"] is None else f"{c['value']:.3g}"
+        log(f"  [{'met' if c['met'] else 'MISSED'}] {c['check']}: {value} (target {c['target']})")
 
     if args.out:
         command = "python3 " + " ".join(sys.argv)

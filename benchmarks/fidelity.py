@@ -22,6 +22,10 @@ Scorers (all select the same number of pages on top of the same sink and recent 
   standard deviation (the same metadata size as min/max);
 - ``streaming``: sink pages and the most recent pages up to the same budget
   (StreamingLLM), the floor.
+- ``quest_sum_c2f``: ``quest_sum`` with coarse-to-fine selection
+  (``HydraPolicy(superpage=16, shortlist=4)``): superpages of 16 pages are scored, the
+  best ``4 x budget`` tokens' worth are shortlisted, and only their pages are ranked;
+  the metadata read is the superpage summaries plus the shortlisted pages' summaries.
 
 Inputs: ``--synthetic`` draws random keys with planted needle keys (aligned with the
 group's query) at random depths; ``--captured FILE`` loads a dict saved with
@@ -36,6 +40,7 @@ no GPU (``--device cuda`` only moves the arithmetic).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -47,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "torch-ext"))
 from hydra import reference as ref  # noqa: E402
 from hydra.policy import HydraPolicy  # noqa: E402
 
-SCORERS = ("quest_sum", "group_max", "centre_radius", "mean_spread", "streaming")
+SCORERS = ("quest_sum", "group_max", "centre_radius", "mean_spread", "streaming", "quest_sum_c2f")
+C2F_SUPERPAGE, C2F_SHORTLIST = 16, 4
 
 
 # ----------------------------------------------------------------------------
@@ -133,8 +139,19 @@ def fidelity_metrics(q, k, v, scorer, policy, scale=None):
     logits = torch.einsum("bhgd,bhtd->bhgt", qg, k.float()) * scale
     p = logits.softmax(-1)                                           # dense weights (B, H, G, T)
     o = torch.einsum("bhgt,bhtd->bhgd", p, v.float())
-    scores = page_scores(scorer, q, k, P)
-    pages = select_from_scores(scores, T, policy)                    # (B, H, n)
+    if scorer == "quest_sum_c2f":  # hydra's coarse-to-fine selection, through the reference
+        scores = page_scores("quest_sum", q, k, P)
+        c2f = dataclasses.replace(policy, superpage=C2F_SUPERPAGE, shortlist=C2F_SHORTLIST)
+        listed = ref.select_pages(q, k, policy=c2f)
+        n = scores.shape[-1]
+        pages = torch.zeros((B, H, n + 1), dtype=torch.bool, device=q.device)
+        pages.scatter_(-1, torch.where(listed >= 0, listed.long(), n), True)
+        pages = pages[..., :n]
+        meta_pages = math.ceil(n / C2F_SUPERPAGE) + min(c2f.n_short * C2F_SUPERPAGE, n)
+    else:
+        scores = page_scores(scorer, q, k, P)
+        pages = select_from_scores(scores, T, policy)                # (B, H, n)
+        meta_pages = scores.shape[-1]
     mask = pages.repeat_interleave(P, dim=-1)[..., :T]               # (B, H, T)
     m = mask[:, :, None, :]
     mass = (p * m).sum(-1)
@@ -156,7 +173,7 @@ def fidelity_metrics(q, k, v, scorer, policy, scale=None):
                 cand = scores[b, h, sink:first_recent]
                 rank[b, h] = int((cand > cand[bp - sink]).sum())
     return {"mass_recall": mass.mean(2), "top10_recall": top10_recall.mean(2), "rel_err": rel_err.mean(2),
-            "best_page_rank": rank, "metadata_bytes": B * H * n * 2 * D * 2}
+            "best_page_rank": rank, "metadata_bytes": B * H * meta_pages * 2 * D * 2}
 
 
 # ----------------------------------------------------------------------------

@@ -197,6 +197,14 @@ def decode_section(record, path: Path, stale) -> str:
     if cache_table:
         lines += ["", "HydraKVCache step (append one token + attend) against the cached-summary attend alone "
                       "(issue 5 targets: step within 1.10x of attend, append under 5% of it):", "", cache_table]
+    hier = hier_table(rows, tm)
+    if hier:
+        c2f = record.get("coarse_to_fine", {})
+        lines += ["", f"Coarse-to-fine selection (`HydraPolicy(page_size={c2f.get('page_size', 8)}, "
+                      f"superpage={c2f.get('superpage', 16)}, shortlist={c2f.get('shortlist', 4)})`) against flat "
+                      f"selection over the same {c2f.get('page_size', 8)}-token pages and the best dense peer "
+                      "(issue 6 targets: ≥ 8x dense and ≤ 1.25x floor at 131k; ≥ 20x dense and ≥ 1.5x flat at 1M):",
+                  "", hier]
     checks = record.get("target_checks")
     if checks is not None:
         missed = [c for c in checks if not c.get("met")]
@@ -206,6 +214,28 @@ def decode_section(record, path: Path, stale) -> str:
     lines += ["", "<details><summary>Every timed case</summary>", "", decode_detail_table(rows), "",
               "</details>"]
     return "\n".join(lines)
+
+
+def hier_table(rows, mode="graph") -> str:
+    """hydra_hier rows beside hydra_flat8, or "" when the run has none."""
+    picked = [r for r in rows if r.get("name") == "hydra_hier" and r.get("mode") == mode and r.get("us") is not None]
+    if not picked:
+        return ""
+    out = ["| B | T | best dense (µs) | flat, 8-token pages (µs) | coarse-to-fine (µs) | vs dense | vs flat "
+           "| × byte floor | max rel err |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(picked, key=lambda r: (r["B"], r["T"])):
+        t = r.get("hier_targets", {})
+
+        def cell(key, fmt):
+            v = r.get(key)
+            return "-" if v is None else fmt(v) + (_mark(t[key]["met"]) if key in t else "")
+
+        out.append(f"| {r['B']} | {_t(r['T'])} | {_us(r.get('best_dense_us'))} | {_us(r.get('flat_us'))} | "
+                   f"{_us(r['us'])} | {cell('speedup_vs_best_dense', _ratio)} | {cell('speedup_vs_flat', _ratio)} | "
+                   f"{cell('floor_ratio', _ratio)} | {_err(r.get('max_rel_err'))}"
+                   f"{' WRONG' if r.get('correct') is False else ''} |")
+    return "\n".join(out)
 
 
 def cache_step_table(rows) -> str:

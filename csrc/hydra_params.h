@@ -32,6 +32,9 @@ struct CacheWriteParams {
   int64_t vc_batch_stride, vc_head_stride, vc_row_stride;
   bf16_t* summaries;     // [B, Hkv, max_pages, 2, D]: min row then max row
   int64_t s_batch_stride, s_head_stride, s_page_stride;
+  bf16_t* super_summaries;  // [B, Hkv, max_super, 2, D] superpage min/max, or nullptr
+  int64_t ss_batch_stride, ss_head_stride, ss_page_stride;
+  int superpage;         // fine pages per superpage (when super_summaries is set)
   int* lengths;          // [B] valid lengths: set by prefill, advanced by append
   const int* counts;     // [B] tokens of src to take per sequence, or nullptr (all n_src)
   int* overflow;         // [1] set to 1 when an append would pass max_seq_len (the excess is dropped)
@@ -40,6 +43,12 @@ struct CacheWriteParams {
 
 // Page scoring: Quest's bound summed over the GQA group, for candidate pages only
 // (pages between the sink pages and the first recent page).
+//
+// Coarse-to-fine selection (superpage > 1) runs scoring twice. Stage 1 scores
+// superpages (summaries = superpage summaries; scores indexed by superpage) over the
+// superpages that hold a candidate page. Stage 2 (shortlist set) scores the fine pages
+// of the shortlisted superpages: scores[c] for compact slot c = slot * superpage + j
+// is fine page shortlist[slot] * superpage + j, or -inf when that is not a candidate.
 struct ScoreParams {
   const bf16_t* q;       // [B, Hq, D]
   int64_t q_batch_stride, q_head_stride;
@@ -56,16 +65,27 @@ struct ScoreParams {
   int len_add;
   const bf16_t* k_new;   // [B, Hkv, 1, D] or nullptr
   int64_t kn_batch_stride, kn_head_stride;
+  int superpage;         // 0: flat; > 1: coarse-to-fine stage 1 (shortlist null) or 2
+  const int* shortlist;  // [B, Hkv, n_short] ascending superpages, -1 padded (stage 2)
+  int n_short;
 };
 
 // Top-k selection over the scores, plus sink and recent pages by index arithmetic.
+// mode 0 (flat): scores indexed by page; out = sinks, the top pages, recents.
+// mode 1 (coarse-to-fine stage 1): scores indexed by superpage; out = the top n_out
+//   superpages holding a candidate page (the shortlist), no forced entries.
+// mode 2 (stage 2): scores[c] over the compact slots of the shortlist (-inf: not a
+//   candidate); out = sinks, the top fine pages, recents.
 struct SelectParams {
-  const float* scores;   // [B, Hkv, n_pages]
+  const float* scores;   // see mode
   const int* seqlens;    // [B] or nullptr
-  int* pages;            // [B, Hkv, n_sel] ascending page indices, -1 padded
+  int* pages;            // [B, Hkv, n_out] ascending indices, -1 padded
   int* counters;         // [B * Hkv] split-merge counters to zero for the attention kernel, or nullptr
   int B, Hkv, Tkv, n_pages, page_size;
-  int sink_pages, recent_tokens, n_sel;
+  int sink_pages, recent_tokens, n_sel;  // n_sel: the fine-page budget
+  int mode, n_out, superpage, n_scores;  // n_scores: length of each (b, h) score row
+  const int* shortlist;  // mode 2: [B, Hkv, n_short]
+  int n_short;
   // Fused append: each CTA first writes its head's new K/V row at seqlens[b] and folds
   // it into that page's summary (append.k_src == nullptr: no append); the step's
   // lengths seqlens[b] + len_add (clamped to Tkv) go to lens_out for the attention.

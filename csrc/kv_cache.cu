@@ -70,19 +70,25 @@ __global__ void __launch_bounds__(kCacheThreads) cache_append_kernel(CacheWriteP
     *reinterpret_cast<uint4*>(p.v_cache + b * p.vc_batch_stride + h * p.vc_head_stride + t * p.vc_row_stride + d0) =
         ldg16(p.v_src + b * p.vs_batch_stride + h * p.vs_head_stride + (int64_t)i * p.vs_row_stride + d0);
   }
-  // Affected pages: fold the new tokens into each one's summary.
-  if (cnt > 0) {
-    const int p0 = L / p.page_size, p1 = (L + cnt - 1) / p.page_size;
+  // Affected pages (then superpages): fold the new tokens into each one's summary.
+  // Summaries past the length are empty (+inf / -inf), so a new page folds from there.
+  for (int level = 0; level < (p.super_summaries != nullptr ? 2 : 1) && cnt > 0; ++level) {
+    const int span = level == 0 ? p.page_size : p.page_size * p.superpage;
+    bf16_t* const base = level == 0 ? p.summaries : p.super_summaries;
+    const int64_t sb = level == 0 ? p.s_batch_stride : p.ss_batch_stride;
+    const int64_t sh = level == 0 ? p.s_head_stride : p.ss_head_stride;
+    const int64_t sp = level == 0 ? p.s_page_stride : p.ss_page_stride;
+    const int p0 = L / span, p1 = (L + cnt - 1) / span;
     const int n_pg = p1 - p0 + 1;
     for (int idx = tid; idx < p.Hkv * n_pg * kChunks; idx += kCacheThreads) {
       const int c = idx % kChunks, pair = idx / kChunks;
       const int h = pair / n_pg, page = p0 + pair % n_pg;
       const int d0 = c * 8;
-      bf16_t* s = p.summaries + b * p.s_batch_stride + h * p.s_head_stride + page * p.s_page_stride + d0;
+      bf16_t* s = base + b * sb + h * sh + page * sp + d0;
       float mn[8], mx[8];
       unpack8(*reinterpret_cast<const uint4*>(s), mn);
       unpack8(*reinterpret_cast<const uint4*>(s + D), mx);
-      const int t0 = max(page * p.page_size, L), t1 = min(page * p.page_size + p.page_size, L + cnt);
+      const int t0 = max(page * span, L), t1 = min(page * span + span, L + cnt);
       const bf16_t* ks = p.k_src + b * p.ks_batch_stride + h * p.ks_head_stride + d0;
       for (int t = t0; t < t1; ++t) {
         float f[8];

@@ -63,10 +63,17 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
   const int L = seq_len(p.seqlens, b, p.Tkv, p.len_add);
   const int n_pages_b = (L + p.page_size - 1) / p.page_size;
   if (n_pages_b <= p.n_sel) return;  // every page is attended; nothing to rank
-  const int cand_lo = min(p.sink_pages, n_pages_b);
-  const int cand_hi = max(first_recent_page(L, p.recent_tokens, p.page_size), cand_lo);
+  int cand_lo = min(p.sink_pages, n_pages_b);
+  int cand_hi = max(first_recent_page(L, p.recent_tokens, p.page_size), cand_lo);
+  const bool stage1 = p.superpage > 1 && p.shortlist == nullptr;
+  const bool stage2 = p.shortlist != nullptr;
+  if (stage1) {  // superpages holding at least one candidate page
+    const int sp_lo = cand_lo / p.superpage;
+    cand_hi = cand_hi > cand_lo ? (cand_hi + p.superpage - 1) / p.superpage : sp_lo;
+    cand_lo = sp_lo;
+  }
   const int page0 = blockIdx.x * S::kPagesPerCta;
-  if (page0 >= cand_hi || page0 + S::kPagesPerCta <= cand_lo) return;
+  if (stage2 ? page0 >= p.n_short * p.superpage : (page0 >= cand_hi || page0 + S::kPagesPerCta <= cand_lo)) return;
 
   const int lane = threadIdx.x % S::kThreadsPerPage;
   const int grp = threadIdx.x / S::kThreadsPerPage;
@@ -74,13 +81,24 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
   float* scores = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
   if constexpr (!FROM_K) {
     const bf16_t* s = p.summaries + b * p.s_batch_stride + h * p.s_head_stride + d0;
+    const int* sl = stage2 ? p.shortlist + ((int64_t)b * p.Hkv + h) * p.n_short : nullptr;
+    // Slot x of this CTA's index space -> the page (or superpage) it scores, -1 if none.
+    auto page_of = [&](int x) -> int {
+      if (!stage2) return (x >= cand_lo && x < cand_hi) ? x : -1;
+      const int slot = x / p.superpage;
+      const int sp = slot < p.n_short ? sl[slot] : -1;
+      const int pg = sp >= 0 ? sp * p.superpage + x % p.superpage : -1;
+      return (pg >= cand_lo && pg < cand_hi) ? pg : -1;
+    };
     uint4 mn[kScorePasses], mx[kScorePasses];
+    int pages[kScorePasses];
     // Issue every summary load before the query loads and before the first use:
     // 2 * kScorePasses 16-byte loads in flight.
 #pragma unroll
     for (int i = 0; i < kScorePasses; ++i) {
-      const int page = page0 + i * S::kPagesPerPass + grp;
-      if (page >= cand_lo && page < cand_hi) {
+      const int page = page_of(page0 + i * S::kPagesPerPass + grp);
+      pages[i] = page;
+      if (page >= 0) {
         mn[i] = ldg16(s + page * p.s_page_stride);
         mx[i] = ldg16(s + page * p.s_page_stride + D);
       } else {
@@ -90,17 +108,18 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
     }
     float qpos[8], qneg[8];
     group_query_bounds(p, b, h, d0, qpos, qneg);
-    // Fused append: the new token's page is scored with the token folded in (its
-    // summary is updated by the select kernel, after this one). It is a candidate
-    // only when recent_tokens == 0 and the token completes the page.
+    // Fused append: the new token's page (or superpage) is scored with the token folded
+    // in (its summaries are updated by the last select kernel, after this one). A fine
+    // page is a candidate only when recent_tokens == 0 and the token completes it; a
+    // superpage, when the recent window is shorter than a superpage.
     const int L_old = p.k_new != nullptr ? p.seqlens[b] : -1;
-    const int append_page = L_old >= 0 && L_old < p.Tkv ? L_old / p.page_size : -1;
+    const int append_page = L_old >= 0 && L_old < p.Tkv ? L_old / (p.page_size * (stage1 ? p.superpage : 1)) : -1;
 #pragma unroll
     for (int i = 0; i < kScorePasses; ++i) {
       float fmn[8], fmx[8];
       unpack8(mn[i], fmn);
       unpack8(mx[i], fmx);
-      if (page0 + i * S::kPagesPerPass + grp == append_page && append_page >= cand_lo && append_page < cand_hi) {
+      if (pages[i] >= 0 && pages[i] == append_page) {
         float f[8];
         unpack8(ldg16(p.k_new + b * p.kn_batch_stride + h * p.kn_head_stride + d0), f);
 #pragma unroll
@@ -110,8 +129,14 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
 #pragma unroll
       for (int d = 0; d < 8; ++d) acc += qpos[d] * fmx[d] + qneg[d] * fmn[d];
       acc = reduce_page<S::kThreadsPerPage>(acc);
-      const int page = page0 + i * S::kPagesPerPass + grp;
-      if (lane == 0 && page >= cand_lo && page < cand_hi) scores[page] = acc;
+      const int x = page0 + i * S::kPagesPerPass + grp;
+      if (lane == 0) {
+        if (stage2) {
+          if (x < p.n_short * p.superpage) scores[x] = pages[i] >= 0 ? acc : -INFINITY;
+        } else if (pages[i] >= 0) {
+          scores[x] = acc;
+        }
+      }
     }
   } else {
     float qpos[8], qneg[8];
@@ -238,6 +263,24 @@ __device__ __forceinline__ void append_one_token(const SelectParams& sp, int b, 
       *reinterpret_cast<uint4*>(vc + d0) = vv;
       *reinterpret_cast<uint4*>(sm + d0) = mn4;
       *reinterpret_cast<uint4*>(sm + p.D + d0) = mx4;
+      if (p.super_summaries != nullptr) {  // and into its superpage's summary
+        const int span = p.page_size * p.superpage;
+        bf16_t* ss = p.super_summaries + b * p.ss_batch_stride + h * p.ss_head_stride +
+                     (int64_t)(L_old / span) * p.ss_page_stride;
+        uint4 smn4 = kv, smx4 = kv;
+        if (L_old % span != 0) {
+          float f[8], mn[8], mx[8];
+          unpack8(kv, f);
+          unpack8(*reinterpret_cast<const uint4*>(ss + d0), mn);
+          unpack8(*reinterpret_cast<const uint4*>(ss + p.D + d0), mx);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
+          smn4 = pack8(mn);
+          smx4 = pack8(mx);
+        }
+        *reinterpret_cast<uint4*>(ss + d0) = smn4;
+        *reinterpret_cast<uint4*>(ss + p.D + d0) = smx4;
+      }
     }
   } else if (h == 0 && lane == 0 && L_old >= p.max_seq_len) {
     atomicExch(p.overflow, 1);  // the token is dropped; check_overflow() reports it
@@ -258,20 +301,41 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
 
   const int L = seq_len(p.seqlens, b, p.Tkv, p.len_add);
   const int n_pages_b = (L + p.page_size - 1) / p.page_size;
-  int* out = p.pages + ((int64_t)b * p.Hkv + h) * p.n_sel;
+  int* out = p.pages + ((int64_t)b * p.Hkv + h) * p.n_out;
   if (p.counters != nullptr && tid == 0) p.counters[b * p.Hkv + h] = 0;
   if (p.append.k_src != nullptr && tid >= kSelectThreads - 32) append_one_token(p, b, h, L, tid & 31);
 
-  if (n_pages_b <= p.n_sel) {  // L <= budget: every page, exactly
-    for (int i = tid; i < p.n_sel; i += kSelectThreads) out[i] = i < n_pages_b ? i : -1;
+  if (n_pages_b <= p.n_sel) {  // L <= budget: every page, exactly (mode 1: nothing to shortlist)
+    for (int i = tid; i < p.n_out; i += kSelectThreads) out[i] = (p.mode != 1 && i < n_pages_b) ? i : -1;
     return;
   }
+  // The output is n_head forced pages (the sinks), then the chosen candidates in
+  // candidate order (ascending pages), then n_tail forced pages from tail_start (the
+  // recent window). k: candidates to choose.
   const int cand_lo = min(p.sink_pages, n_pages_b);
   const int cand_hi = max(first_recent_page(L, p.recent_tokens, p.page_size), cand_lo);
-  const int n_cand = cand_hi - cand_lo;
-  const int n_forced = cand_lo + (n_pages_b - cand_hi);
-  const int k = p.n_sel - n_forced;  // scored pages to take (< n_cand here)
-  const float* sc = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages + cand_lo;
+  int n_head = cand_lo, n_cand = cand_hi - cand_lo, n_tail = n_pages_b - cand_hi, score_off = cand_lo;
+  int cand_first = cand_lo;
+  if (p.mode == 1) {  // superpages holding a candidate page; no forced entries
+    const int sp_lo = cand_lo / p.superpage;
+    const int sp_hi = cand_hi > cand_lo ? (cand_hi + p.superpage - 1) / p.superpage : sp_lo;
+    n_head = 0;
+    n_tail = 0;
+    n_cand = sp_hi - sp_lo;
+    score_off = cand_first = sp_lo;
+  } else if (p.mode == 2) {  // the compact slots of the shortlist
+    n_cand = p.n_short * p.superpage;
+    score_off = 0;
+  }
+  const int k = p.mode == 1 ? min(p.n_out, n_cand) : p.n_sel - n_head - n_tail;
+  const bool take_all = k >= n_cand;
+  const int* sl = p.mode == 2 ? p.shortlist + ((int64_t)b * p.Hkv + h) * p.n_short : nullptr;
+  auto page_of_cand = [&](int c) -> int {
+    if (p.mode != 2) return cand_first + c;
+    const int sp = sl[c / p.superpage];
+    return sp >= 0 ? sp * p.superpage + c % p.superpage : -1;
+  };
+  const float* sc = p.scores + ((int64_t)b * p.Hkv + h) * p.n_scores + score_off;
   const bool cached = n_cand <= smem_keys;
   // Read the candidate keys once (into shared memory when they fit) and find their
   // min and max: the radix passes start below the bits that all keys share.
@@ -320,7 +384,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
   // already fixed; the prefix test keeps that correct.
   uint32_t prefix = kmin, mask = 0xffffffffu;
   int remaining = k;  // after the passes: how many candidates equal to the threshold to take
-  if (k > 0 && kmin != kmax) {
+  if (k > 0 && kmin != kmax && !take_all) {
     const int high_bit = 31 - __clz(kmin ^ kmax);
     mask = high_bit == 31 ? 0u : ~((2u << high_bit) - 1u);
     prefix = kmin & mask;
@@ -402,22 +466,34 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
   }
   const int need_eq = k > 0 ? remaining : 0;
 
-  // Ordered compaction, kSelectItems consecutive pages per thread:
-  // position = (#definite before) + min(#equal before, need_eq).
+  // Ordered compaction over the output order (head, candidates, tail), kSelectItems
+  // consecutive items per thread: position = (#definite before) + min(#equal before, need_eq).
+  // A candidate scored -inf (mode 2: a slot that is no candidate page) is never taken.
+  constexpr uint32_t kNegInfKey = 0x007fffffu;  // order_key(-inf)
+  const int n_items = n_head + n_cand + n_tail;
   int base_def = 0, base_eq = 0;
-  for (int chunk = 0; chunk < n_pages_b; chunk += kSelectThreads * kSelectItems) {
+  for (int chunk = 0; chunk < n_items; chunk += kSelectThreads * kSelectItems) {
     const int i0 = chunk + tid * kSelectItems;
     uint32_t def_bits = 0, eq_bits = 0;
+    int item_page[kSelectItems];
 #pragma unroll
     for (int it = 0; it < kSelectItems; ++it) {
       const int i = i0 + it;
-      if (i >= n_pages_b) break;
-      if (i < cand_lo || i >= cand_hi) {
+      item_page[it] = -1;
+      if (i >= n_items) break;
+      if (i < n_head) {
         def_bits |= 1u << it;
+        item_page[it] = i;
+      } else if (i >= n_head + n_cand) {
+        def_bits |= 1u << it;
+        item_page[it] = cand_hi + (i - n_head - n_cand);
       } else if (k > 0) {
-        const uint32_t u = key_at(i - cand_lo);
-        if (u > prefix) def_bits |= 1u << it;
+        const int c = i - n_head;
+        const uint32_t u = key_at(c);
+        if (p.mode == 2 && u == kNegInfKey) continue;
+        if (take_all || u > prefix) def_bits |= 1u << it;
         else if (u == prefix) eq_bits |= 1u << it;
+        item_page[it] = page_of_cand(c);
       }
     }
     uint64_t total;
@@ -435,12 +511,12 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
         if (eq_before < need_eq) pos = def_before + eq_before;
         ++eq_before;
       }
-      if (pos >= 0 && pos < p.n_sel) out[pos] = i0 + it;
+      if (pos >= 0 && pos < p.n_out) out[pos] = item_page[it];
     }
     base_def += (int)(total & 0xffffffffu);
     base_eq += (int)(total >> 32);
   }
-  for (int i = base_def + min(base_eq, need_eq) + tid; i < p.n_sel; i += kSelectThreads) out[i] = -1;
+  for (int i = base_def + min(base_eq, need_eq) + tid; i < p.n_out; i += kSelectThreads) out[i] = -1;
 }
 
 void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
@@ -462,7 +538,7 @@ void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
     prefer_max_shared(select_pages_kernel);
     if (dev >= 0 && dev < 64) max_keys[dev] = cap;
   }
-  const int smem_keys = p.n_pages < cap ? p.n_pages : cap;
+  const int smem_keys = p.n_scores < cap ? p.n_scores : cap;
   const size_t smem = size_t(smem_keys) * sizeof(uint32_t);
   dim3 grid(p.Hkv, p.B);
   launch_maybe_pdl(select_pages_kernel, grid, dim3(kSelectThreads), smem, stream, p, smem_keys);

@@ -31,6 +31,9 @@ def assert_summaries_exact(cache):
             continue
         want = ref.page_summaries(cache.k[b:b + 1], page_size=P, cache_seqlens=cache.seqlens[b:b + 1])
         assert torch.equal(got, want), f"sequence {b}: incremental summaries differ from a recomputation"
+    if cache.superpage_summaries is not None:
+        want = ref.superpage_summaries(cache.summaries, cache.policy.superpage)
+        assert torch.equal(cache.superpage_summaries, want), "superpage summaries differ from a recomputation"
 
 
 def test_constructor_errors():
@@ -74,9 +77,11 @@ def test_prefill_then_appends_match_recomputation(P):
 
 
 @pytest.mark.gpu
-def test_ragged_multi_token_appends():
+@pytest.mark.parametrize("superpage", [0, 4])
+def test_ragged_multi_token_appends(superpage):
     B, H, D = 3, 2, 128
-    cache = hydra.HydraKVCache(B, H, D, 200, device=DEV)
+    cache = hydra.HydraKVCache(B, H, D, 200, device=DEV, policy=hydra.HydraPolicy(superpage=superpage))
+    assert (cache.superpage_summaries is not None) == (superpage > 0)
     cache.prefill(rand(B, H, 30, D, seed=3), rand(B, H, 30, D, seed=4))
     expect = torch.full((B,), 30, dtype=torch.int32, device=DEV)
     for step, counts in enumerate(([0, 5, 16], [33, 0, 1], [7, 7, 7])):
@@ -199,7 +204,8 @@ def test_opcheck_cache_ops():
     kn, vn = rand(B, H, 2, D, seed=72), rand(B, H, 2, D, seed=73)
     counts = torch.tensor([1, 2], dtype=torch.int32, device=DEV)
     torch.library.opcheck(ops.cache_append.default,
-                          (kn, vn, counts, 16, cache.k, cache.v, cache.summaries, cache._lengths, cache._overflow))
+                          (kn, vn, counts, 16, cache.k, cache.v, cache.summaries, None, 0, cache._lengths,
+                           cache._overflow))
 
 
 
@@ -211,6 +217,8 @@ def assert_same_contents(a, b):
     for i, L in enumerate(a.seqlens.tolist()):
         assert torch.equal(a.k[i, :, :L], b.k[i, :, :L]) and torch.equal(a.v[i, :, :L], b.v[i, :, :L])
     assert torch.equal(a.summaries, b.summaries)
+    if a.superpage_summaries is not None:
+        assert torch.equal(a.superpage_summaries, b.superpage_summaries)
 
 
 STEP_CASES = {
@@ -218,6 +226,12 @@ STEP_CASES = {
     "select": dict(policy=hydra.HydraPolicy(page_size=16, budget_tokens=128, sink_tokens=16, recent_tokens=32)),
     # recent_tokens=0: the page the new token completes is a scored candidate
     "no_recent": dict(policy=hydra.HydraPolicy(page_size=8, budget_tokens=64, sink_tokens=8, recent_tokens=0)),
+    # coarse-to-fine: superpage summaries maintained by the fused append too
+    "coarse": dict(policy=hydra.HydraPolicy(page_size=8, budget_tokens=96, sink_tokens=8, recent_tokens=16,
+                                            superpage=4, shortlist=1)),
+    # coarse-to-fine with no recent window: the new token's superpage can be a candidate
+    "coarse_no_recent": dict(policy=hydra.HydraPolicy(page_size=8, budget_tokens=64, sink_tokens=8,
+                                                      recent_tokens=0, superpage=2, shortlist=2)),
     # paths without selection: one append launch, then the attention
     "exact": dict(precision="exact"),
     "window": dict(sliding_window=40),
@@ -250,11 +264,14 @@ def test_step_equals_append_then_attend(case):
     assert torch.equal(fused.seqlens, lens + steps)
     assert_same_contents(fused, plain)
     assert_summaries_exact(fused)
-    if case in ("select", "no_recent"):  # and against the fp32 reference, on the last step
+    if pol is not None:  # and against the fp32 reference, on the last step
         from test_gpu import check_output, check_selection, mask_from_pages
 
         pages = hydra.select_pages(q, fused.k, policy=pol, cache_seqlens=fused.seqlens,
-                                   page_summaries=fused.summaries)
+                                   page_summaries=fused.summaries, superpage_summaries=fused.superpage_summaries)
+        assert torch.equal(pages, ref.select_pages(q, fused.k, policy=pol, cache_seqlens=fused.seqlens,
+                                                   page_summaries=fused.summaries,
+                                                   superpage_summaries=fused.superpage_summaries))
         kk, vv = fused.k.clone(), fused.v.clone()
         for b, L in enumerate(fused.seqlens.tolist()):
             kk[b, :, L:] = 0
@@ -342,5 +359,5 @@ def test_opcheck_decode_append():
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, 1, dtype=torch.float32, device=DEV)
     torch.library.opcheck(ops.decode_append.default,
-                          (q, kn, vn, cache.k, cache.v, cache.summaries, cache._lengths, cache._overflow, 16,
-                           16, 16, 64, 0, D ** -0.5, out, lse))
+                          (q, kn, vn, cache.k, cache.v, cache.summaries, None, cache._lengths, cache._overflow, 16,
+                           0, 0, 16, 16, 64, 0, D ** -0.5, out, lse))

@@ -53,3 +53,22 @@ def test_metrics_exact_under_budget_and_floor_below_scorers():
     floor = fidelity.fidelity_metrics(q, k, v, "streaming", pol)
     assert (quest["mass_recall"] > floor["mass_recall"]).all()   # the planted needles are found
     assert math.isclose(quest["metadata_bytes"], 1 * 2 * 40 * 2 * 128 * 2)
+
+
+def test_coarse_to_fine_in_the_harness():
+    """quest_sum_c2f keeps the budget, reads less metadata than flat quest_sum at a long
+    context, and with a shortlist covering every superpage selects exactly like it."""
+    q, k, v = _inputs(T=8192, seed=3)
+    pol = HydraPolicy(page_size=8, budget_tokens=512, sink_tokens=64, recent_tokens=128)
+    flat = fidelity.fidelity_metrics(q, k, v, "quest_sum", pol)
+    c2f = fidelity.fidelity_metrics(q, k, v, "quest_sum_c2f", pol)
+    assert c2f["metadata_bytes"] < flat["metadata_bytes"]
+    assert (c2f["mass_recall"] <= 1 + 1e-6).all() and (c2f["mass_recall"] > 0).all()
+    wide = pol.__class__(page_size=8, budget_tokens=512, sink_tokens=64, recent_tokens=128)
+    old = fidelity.C2F_SHORTLIST
+    try:
+        fidelity.C2F_SHORTLIST = 1000
+        same = fidelity.fidelity_metrics(q, k, v, "quest_sum_c2f", wide)
+    finally:
+        fidelity.C2F_SHORTLIST = old
+    assert torch.equal(same["mass_recall"], flat["mass_recall"])

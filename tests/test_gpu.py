@@ -307,15 +307,19 @@ def test_opcheck_every_op():
     summ = hydra.page_summaries(k, cache_seqlens=lens)
     torch.library.opcheck(ops.page_summaries.default, (k, lens, 16, summ))
     pages = torch.empty(1, 2, 16, dtype=torch.int32, device=DEV)
-    torch.library.opcheck(ops.select_pages.default, (q, k, summ, lens, 16, 64, 64, 256, pages))
+    torch.library.opcheck(ops.select_pages.default, (q, k, summ, None, lens, 16, 0, 0, 64, 64, 256, pages))
     out = torch.empty_like(q)
     lse = torch.empty(1, 8, 1, dtype=torch.float32, device=DEV)
-    torch.library.opcheck(ops.decode.default, (q, k, v, None, summ, lens, 16, 64, 64, 256, 0, 0.088, out, lse))
-    torch.library.opcheck(ops.decode.default, (q, k, v, pages, None, lens, 16, 0, 0, 0, 0, 0.088, out, lse))
-    torch.library.opcheck(ops.decode_alloc.default, (q, k, v, None, summ, lens, 16, 64, 64, 256, 0, 0.088))
-    o2, lse2 = ops.decode_alloc(q, k, v, None, summ, lens, 16, 64, 64, 256, 0, 0.088)
-    ops.decode(q, k, v, None, summ, lens, 16, 64, 64, 256, 0, 0.088, out, lse)
+    torch.library.opcheck(ops.decode.default, (q, k, v, None, summ, None, lens, 16, 0, 0, 64, 64, 256, 0, 0.088, out, lse))
+    torch.library.opcheck(ops.decode.default, (q, k, v, pages, None, None, lens, 16, 0, 0, 0, 0, 0, 0, 0.088, out, lse))
+    torch.library.opcheck(ops.decode_alloc.default, (q, k, v, None, summ, None, lens, 16, 0, 0, 64, 64, 256, 0, 0.088))
+    o2, lse2 = ops.decode_alloc(q, k, v, None, summ, None, lens, 16, 0, 0, 64, 64, 256, 0, 0.088)
+    ops.decode(q, k, v, None, summ, None, lens, 16, 0, 0, 64, 64, 256, 0, 0.088, out, lse)
     assert torch.equal(o2, out) and torch.equal(lse2, lse)
+    # coarse-to-fine: superpages of 4 pages, a shortlist of 3
+    sup = hydra.superpage_summaries(summ, 4)
+    torch.library.opcheck(ops.select_pages.default, (q, k, summ, sup, lens, 16, 4, 3, 64, 64, 256, pages))
+    torch.library.opcheck(ops.decode.default, (q, k, v, None, summ, sup, lens, 16, 4, 3, 64, 64, 256, 0, 0.088, out, lse))
     assert add_op_namespace_prefix("decode").endswith("::decode")
 
 
@@ -404,3 +408,43 @@ def test_no_recent_window(P):
         pages = hydra.select_pages(q, k, policy=pol, cache_seqlens=lens, page_summaries=s)
         check_selection(pages, q, k.nan_to_num(0.0), pol, lens=lens, summaries=summ)
         check_output(o, q, k, v, mask_from_pages(pages, T, P, lens))
+
+
+
+COARSE = [
+    hydra.HydraPolicy(page_size=8, budget_tokens=512, sink_tokens=64, recent_tokens=128, superpage=16, shortlist=2),
+    hydra.HydraPolicy(page_size=16, budget_tokens=1024, sink_tokens=16, recent_tokens=0, superpage=4, shortlist=1),
+    hydra.HydraPolicy(page_size=8, budget_tokens=256, sink_tokens=8, recent_tokens=40, superpage=2, shortlist=3),
+]
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("pi", range(len(COARSE)))
+def test_coarse_to_fine_matches_reference(pi):
+    """Coarse-to-fine selection (superpage scores, shortlist, fine scores of the shortlisted
+    superpages, top-k) against the reference, with ragged lengths and the output parity."""
+    _need_ops()
+    pol = COARSE[pi]
+    B, T = 3, 9001
+    q, k, v = make_qkv(B, 12, 3, T, seed=90 + pi, slack=16)
+    lens = torch.tensor([T, 5003, 300], dtype=torch.int32, device=DEV)  # the last is within the budget
+    poison_past(k, v, lens)
+    summ = hydra.page_summaries(k, page_size=pol.page_size, cache_seqlens=lens)
+    sup = hydra.superpage_summaries(summ, pol.superpage)
+    assert torch.equal(sup, ref.superpage_summaries(summ, pol.superpage))
+    for supers in (sup, None):  # cached, or built from the page summaries
+        pages = hydra.select_pages(q, k, policy=pol, cache_seqlens=lens, page_summaries=summ,
+                                   superpage_summaries=supers)
+        want = ref.select_pages(q, k.nan_to_num(0.0), policy=pol, cache_seqlens=lens, page_summaries=summ,
+                                superpage_summaries=sup)
+        assert torch.equal(pages, want), "coarse-to-fine selection differs from the reference"
+        o = hydra.hydra(q, k, v, policy=pol, cache_seqlens=lens, page_summaries=summ, superpage_summaries=supers,
+                        out=nan_like(q))
+        check_output(o, q, k, v, mask_from_pages(pages, T, pol.page_size, lens))
+    # the stateless call builds both levels itself and selects the same pages
+    assert torch.equal(hydra.select_pages(q, k, policy=pol, cache_seqlens=lens), pages)
+    # with a shortlist covering every superpage, coarse-to-fine is flat selection
+    wide = hydra.HydraPolicy(**{**pol.__dict__, "shortlist": 10**4})
+    flat = hydra.HydraPolicy(**{**pol.__dict__, "superpage": 0})
+    assert torch.equal(hydra.select_pages(q, k, policy=wide, cache_seqlens=lens, page_summaries=summ),
+                       hydra.select_pages(q, k, policy=flat, cache_seqlens=lens, page_summaries=summ))

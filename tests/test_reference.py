@@ -577,3 +577,58 @@ def test_errors():
         ref.hydra(q, k, v, policy=SMALL, page_summaries=torch.zeros(1, 2, 7, 2, 32))
     with pytest.raises(ValueError, match="Tq == 1"):
         ref.select_pages(*qkv(1, 8, 2, 64, 64, 32, seed=1)[:2])
+
+
+# -- coarse-to-fine selection (superpages) -------------------------------------------
+
+def test_superpage_summaries_are_coarser_page_summaries():
+    """Folding pages' min/max equals summarising K by superpage-sized pages (exact)."""
+    k = randn(2, 3, 1000, 32, seed=60, dtype=torch.bfloat16)
+    lens = torch.tensor([1000, 437])
+    fine = ref.page_summaries(k, page_size=8, cache_seqlens=lens)
+    for S in (2, 16, 128):
+        coarse = ref.superpage_summaries(fine, S)
+        direct = ref.page_summaries(k, page_size=8 * S, cache_seqlens=lens)
+        assert torch.equal(coarse, direct)
+    with pytest.raises(ValueError, match="hydra: superpage must be a power of two >= 2, got 3"):
+        ref.superpage_summaries(fine, 3)
+
+
+def test_coarse_to_fine_selection_semantics():
+    """Every chosen page lies in a shortlisted superpage; the chosen pages are the top
+    scores among the shortlisted candidates; a shortlist covering everything is flat."""
+    P, S = 8, 4
+    pol = HydraPolicy(page_size=P, sink_tokens=16, recent_tokens=40, budget_tokens=128, superpage=S, shortlist=2)
+    flat = HydraPolicy(page_size=P, sink_tokens=16, recent_tokens=40, budget_tokens=128)
+    q, k, _ = qkv(2, 8, 2, 1, 2000, 32, seed=61)
+    lens = torch.tensor([2000, 1337])
+    pages = ref.select_pages(q, k, policy=pol, cache_seqlens=lens)
+    summ = ref.page_summaries(k, page_size=P, cache_seqlens=lens)
+    fine = ref.page_scores(q, summ, cache_seqlens=lens, page_size=P)
+    coarse = ref.page_scores(q, ref.superpage_summaries(summ, S), cache_seqlens=lens, page_size=P * S)
+    for b, L in enumerate(lens.tolist()):
+        n_pages = -(-L // P)
+        sink = set(range(pol.sink_pages))
+        recent = set(range((L - pol.recent_tokens) // P, n_pages))
+        cand = [p for p in range(n_pages) if p not in sink | recent]
+        sp_cand = sorted({p // S for p in cand})
+        for h in range(2):
+            sp_rank = sorted(sp_cand, key=lambda x: (-coarse[b, h, x].item(), x))[: pol.n_short]
+            allowed = [p for p in cand if p // S in sp_rank]
+            k_top = pol.n_sel - len(sink | recent)
+            want = sorted(sorted(allowed, key=lambda p: (-fine[b, h, p].item(), p))[:k_top])
+            got = [p for p in pages[b, h].tolist() if p >= 0]
+            assert got == sorted(sink | recent | set(want)), (b, h)
+    wide = HydraPolicy(page_size=P, sink_tokens=16, recent_tokens=40, budget_tokens=128, superpage=S,
+                       shortlist=1000)
+    assert torch.equal(ref.select_pages(q, k, policy=wide, cache_seqlens=lens),
+                       ref.select_pages(q, k, policy=flat, cache_seqlens=lens))
+
+
+def test_coarse_policy_fields():
+    assert HydraPolicy(page_size=8, budget_tokens=4096, superpage=16, shortlist=4).n_short == 128
+    assert HydraPolicy().n_short == 0 and not HydraPolicy().coarse
+    with pytest.raises(ValueError, match=r"hydra: HydraPolicy.superpage must be 0 \(flat\) or a power of two"):
+        HydraPolicy(superpage=3)
+    with pytest.raises(ValueError, match="hydra: HydraPolicy.shortlist must be >= 1, got 0"):
+        HydraPolicy(superpage=4, shortlist=0)

@@ -68,11 +68,54 @@ void check_page_size(int64_t page_size) {
               "hydra: page_size must be a power of two in [1, 64], got ", page_size);
 }
 
-// Fills the score/select parameters and runs both kernels into `pages_out`.
+// Coarse-to-fine selection settings of one call: superpage summaries, superpage size,
+// shortlist length (superpages). Inactive (flat selection) when summaries is null.
+struct Coarse {
+  const at::Tensor* summaries = nullptr;
+  int superpage = 0;
+  int n_short = 0;
+};
+
+int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// fp32 score workspace (elements) the selection needs: one score row per (b, h) for
+// flat selection; a superpage row, the shortlist (ints) and the compact fine row for
+// coarse-to-fine.
+size_t selection_floats(const Shapes& s, int n_pages, const Coarse& c) {
+  const size_t bh = size_t(s.B) * s.Hkv;
+  if (c.summaries == nullptr) return bh * std::max(n_pages, 1);
+  return bh * (ceil_div(n_pages, c.superpage) + c.n_short + size_t(c.n_short) * c.superpage);
+}
+
+Coarse coarse_args(const std::optional<at::Tensor>& super_summaries, int64_t superpage, int64_t shortlist_pages,
+                   const std::optional<at::Tensor>& summaries, const Shapes& s, int n_pages) {
+  Coarse c;
+  if (!super_summaries.has_value() || superpage <= 1 || !summaries.has_value()) return c;
+  const at::Tensor& ss = *super_summaries;
+  check_bf16_cuda(ss, "superpage_summaries");
+  TORCH_CHECK(superpage <= 1024 && (superpage & (superpage - 1)) == 0,
+              "hydra: superpage must be a power of two in [2, 1024], got ", superpage);
+  const int n_super = ceil_div(n_pages, (int)superpage);
+  TORCH_CHECK(ss.dim() == 5 && ss.size(0) == s.B && ss.size(1) == s.Hkv && ss.size(2) >= n_super &&
+                  ss.size(3) == 2 && ss.size(4) == s.D && ss.stride(3) == s.D,
+              "hydra: superpage_summaries must be (", s.B, ", ", s.Hkv, ", >=", n_super, ", 2, ", s.D,
+              ") with a contiguous (2, D) block, got ", ss.sizes());
+  TORCH_CHECK(shortlist_pages >= 1, "hydra: the shortlist must hold at least one superpage, got ",
+              shortlist_pages);
+  c.summaries = &ss;
+  c.superpage = (int)superpage;
+  c.n_short = (int)std::min<int64_t>(shortlist_pages, n_super);
+  return c;
+}
+
+// Fills the score/select parameters and runs the selection into `pages_out`: score and
+// select (flat), or score superpages, shortlist, score their fine pages, select
+// (coarse-to-fine). `work` holds selection_floats() floats.
 void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
                    const int* seqlens, const Shapes& s, int page_size, int sink_tokens, int recent_tokens,
-                   int n_sel, int* pages_out, int* counters, float* scores, cudaStream_t stream,
-                   const hydra::CacheWriteParams* append = nullptr, int* lens_out = nullptr) {
+                   int n_sel, int* pages_out, int* counters, float* work, cudaStream_t stream,
+                   const hydra::CacheWriteParams* append = nullptr, int* lens_out = nullptr,
+                   const Coarse& coarse = Coarse()) {
   const int n_pages = (s.Tkv + page_size - 1) / page_size;
   hydra::ScoreParams sp{};
   sp.q = bf16_ptr(q);
@@ -95,7 +138,7 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
   sp.k_head_stride = k.stride(1);
   sp.k_row_stride = k.stride(2);
   sp.seqlens = seqlens;
-  sp.scores = scores;
+  sp.scores = work;
   sp.B = s.B; sp.Hq = s.Hq; sp.Hkv = s.Hkv; sp.group = s.Hq / s.Hkv; sp.Tkv = s.Tkv; sp.D = s.D;
   sp.n_pages = n_pages; sp.page_size = page_size;
   sp.sink_pages = (sink_tokens + page_size - 1) / page_size;
@@ -107,21 +150,73 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
     sp.kn_batch_stride = append->ks_batch_stride;
     sp.kn_head_stride = append->ks_head_stride;
   }
-  hydra::launch_score_pages(sp, stream);
 
   hydra::SelectParams se{};
-  se.scores = scores;
+  se.scores = work;
   se.seqlens = seqlens;
   se.pages = pages_out;
   se.counters = counters;
   se.B = s.B; se.Hkv = s.Hkv; se.Tkv = s.Tkv; se.n_pages = n_pages; se.page_size = page_size;
   se.sink_pages = sp.sink_pages; se.recent_tokens = recent_tokens; se.n_sel = n_sel;
+  se.n_out = n_sel;
+  se.n_scores = n_pages;
   if (append != nullptr) {
     se.len_add = 1;
     se.append = *append;
     se.lens_out = lens_out;
   }
-  hydra::launch_select_pages(se, stream);
+  if (coarse.summaries == nullptr) {
+    hydra::launch_score_pages(sp, stream);
+    hydra::launch_select_pages(se, stream);
+    return;
+  }
+  // Coarse-to-fine: workspace = superpage scores | shortlist (int) | compact fine scores.
+  const int S = coarse.superpage, n_super = ceil_div(n_pages, S), n_short = coarse.n_short;
+  const size_t bh = size_t(s.B) * s.Hkv;
+  float* scores1 = work;
+  int* shortlist = reinterpret_cast<int*>(work + bh * n_super);
+  float* scores2 = work + bh * (n_super + n_short);
+  const at::Tensor& ss = *coarse.summaries;
+
+  hydra::ScoreParams s1 = sp;
+  s1.summaries = bf16_ptr(ss);
+  s1.s_batch_stride = ss.stride(0);
+  s1.s_head_stride = ss.stride(1);
+  s1.s_page_stride = ss.stride(2);
+  s1.superpage = S;
+  s1.n_pages = n_super;
+  s1.scores = scores1;
+  hydra::launch_score_pages(s1, stream);
+
+  hydra::SelectParams e1 = se;
+  e1.mode = 1;
+  e1.scores = scores1;
+  e1.n_scores = n_super;
+  e1.pages = shortlist;
+  e1.n_out = n_short;
+  e1.superpage = S;
+  e1.counters = nullptr;
+  e1.len_add = se.len_add;
+  e1.append = hydra::CacheWriteParams{};  // the final select appends
+  e1.lens_out = nullptr;
+  hydra::launch_select_pages(e1, stream);
+
+  hydra::ScoreParams s2 = sp;
+  s2.superpage = S;
+  s2.shortlist = shortlist;
+  s2.n_short = n_short;
+  s2.n_pages = n_short * S;
+  s2.scores = scores2;
+  hydra::launch_score_pages(s2, stream);
+
+  hydra::SelectParams e2 = se;
+  e2.mode = 2;
+  e2.scores = scores2;
+  e2.n_scores = n_short * S;
+  e2.superpage = S;
+  e2.shortlist = shortlist;
+  e2.n_short = n_short;
+  hydra::launch_select_pages(e2, stream);
 }
 
 // Carves one byte buffer into aligned pieces: one allocator call per step.
@@ -168,7 +263,8 @@ void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_
 }
 
 void select_pages(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
-                  const std::optional<at::Tensor>& cache_seqlens, int64_t page_size, int64_t sink_tokens,
+                  const std::optional<at::Tensor>& super_summaries, const std::optional<at::Tensor>& cache_seqlens,
+                  int64_t page_size, int64_t superpage, int64_t shortlist_pages, int64_t sink_tokens,
                   int64_t recent_tokens, int64_t budget_tokens, at::Tensor& pages) {
   check_bf16_cuda(q, "q");
   check_bf16_cuda(k, "k");
@@ -183,10 +279,11 @@ void select_pages(const at::Tensor& q, const at::Tensor& k, const std::optional<
               pages.scalar_type(), " ", pages.sizes());
   const c10::cuda::CUDAGuard guard(q.device());
   const int n_pages = (s.Tkv + (int)page_size - 1) / (int)page_size;
-  at::Tensor scores = at::empty({(int64_t)s.B * s.Hkv * std::max(n_pages, 1)}, q.options().dtype(at::kFloat));
+  const Coarse coarse = coarse_args(super_summaries, superpage, shortlist_pages, summaries, s, n_pages);
+  at::Tensor scores = at::empty({(int64_t)selection_floats(s, n_pages, coarse)}, q.options().dtype(at::kFloat));
   run_selection(q, k, summaries, seqlens_ptr(cache_seqlens, s.B), s, (int)page_size, (int)sink_tokens,
                 (int)recent_tokens, n_sel, pages.data_ptr<int>(), nullptr, scores.data_ptr<float>(),
-                c10::cuda::getCurrentCUDAStream());
+                c10::cuda::getCurrentCUDAStream(), nullptr, nullptr, coarse);
 }
 
 namespace {
@@ -195,6 +292,7 @@ namespace {
 // to the cache that k/v view, fused into the selection kernels when the step selects.
 void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& pages, const std::optional<at::Tensor>& summaries,
+                 const std::optional<at::Tensor>& super_summaries, int64_t superpage, int64_t shortlist_pages,
                  const int* seqlens, int64_t page_size, int64_t sink_tokens, int64_t recent_tokens,
                  int64_t budget_tokens, int64_t window, double scale, at::Tensor& out, at::Tensor& lse,
                  const hydra::CacheWriteParams* append) {
@@ -256,7 +354,9 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   splits = (n_entries + per_split - 1) / per_split;
 
   Workspace ws;
-  const size_t i_scores = ws.add(mode == kSelect ? sizeof(float) * s.B * s.Hkv * n_pages : 0);
+  const Coarse coarse = mode == kSelect ? coarse_args(super_summaries, superpage, shortlist_pages, summaries, s, n_pages)
+                                         : Coarse();
+  const size_t i_scores = ws.add(mode == kSelect ? sizeof(float) * selection_floats(s, n_pages, coarse) : 0);
   const size_t i_pages = ws.add(mode == kSelect ? sizeof(int) * s.B * s.Hkv * n_entries : 0);
   const size_t i_part_o = ws.add(splits > 1 ? sizeof(float) * s.B * s.Hq * splits * s.D : 0);
   const size_t i_part_lse = ws.add(splits > 1 ? sizeof(float) * s.B * s.Hq * splits : 0);
@@ -272,7 +372,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     int* sel = reinterpret_cast<int*>(at_off(i_pages));
     int* lens = fused_append ? reinterpret_cast<int*>(at_off(i_lens)) : nullptr;
     run_selection(q, k, summaries, seqlens, s, P, (int)sink_tokens, (int)recent_tokens, n_entries, sel, counters,
-                  reinterpret_cast<float*>(at_off(i_scores)), stream, fused_append ? append : nullptr, lens);
+                  reinterpret_cast<float*>(at_off(i_scores)), stream, fused_append ? append : nullptr, lens, coarse);
     if (fused_append) {  // the attention reads the step's lengths; it writes them to the cache
       seqlens = lens;
       p.lengths_out = append->lengths;
@@ -319,25 +419,29 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }  // namespace
 
 void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pages,
-            const std::optional<at::Tensor>& summaries, const std::optional<at::Tensor>& cache_seqlens,
-            int64_t page_size, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens, int64_t window,
-            double scale, at::Tensor& out, at::Tensor& lse) {
+            const std::optional<at::Tensor>& summaries, const std::optional<at::Tensor>& super_summaries,
+            const std::optional<at::Tensor>& cache_seqlens, int64_t page_size, int64_t superpage,
+            int64_t shortlist_pages, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
+            int64_t window, double scale, at::Tensor& out, at::Tensor& lse) {
   const Shapes s = decode_shapes(q, k);
-  decode_impl(q, k, v, pages, summaries, seqlens_ptr(cache_seqlens, s.B), page_size, sink_tokens,
+  decode_impl(q, k, v, pages, summaries, super_summaries, superpage, shortlist_pages,
+              seqlens_ptr(cache_seqlens, s.B), page_size, sink_tokens,
               recent_tokens, budget_tokens, window, scale, out, lse, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_alloc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const std::optional<at::Tensor>& pages,
                                                 const std::optional<at::Tensor>& summaries,
+                                                const std::optional<at::Tensor>& super_summaries,
                                                 const std::optional<at::Tensor>& cache_seqlens, int64_t page_size,
+                                                int64_t superpage, int64_t shortlist_pages,
                                                 int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
                                                 int64_t window, double scale) {
   TORCH_CHECK(q.dim() == 4, "hydra: q must be (B, Hq, 1, D), got ", q.sizes());
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  decode(q, k, v, pages, summaries, cache_seqlens, page_size, sink_tokens, recent_tokens, budget_tokens, window,
-         scale, out, lse);
+  decode(q, k, v, pages, summaries, super_summaries, cache_seqlens, page_size, superpage, shortlist_pages,
+         sink_tokens, recent_tokens, budget_tokens, window, scale, out, lse);
   return {out, lse};
 }
 
@@ -345,7 +449,9 @@ namespace {
 
 hydra::CacheWriteParams cache_params(const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& counts,
                                      int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache,
-                                     at::Tensor& summaries, at::Tensor& lengths, at::Tensor& overflow) {
+                                     at::Tensor& summaries, at::Tensor& lengths, at::Tensor& overflow,
+                                     const std::optional<at::Tensor>& super_summaries = std::nullopt,
+                                     int64_t superpage = 0) {
   for (auto* t : {&k, &v}) check_bf16_cuda(*t, "new k/v");
   check_bf16_cuda(k_cache, "k_cache");
   check_bf16_cuda(v_cache, "v_cache");
@@ -382,6 +488,17 @@ hydra::CacheWriteParams cache_params(const at::Tensor& k, const at::Tensor& v, c
   p.max_seq_len = (int)k_cache.size(2);
   p.max_pages = (int)max_pages;
   p.page_size = (int)page_size;
+  if (super_summaries.has_value() && superpage > 1) {
+    const at::Tensor& ss = *super_summaries;
+    check_bf16_cuda(ss, "superpage_summaries");
+    const int64_t max_super = (max_pages + superpage - 1) / superpage;
+    TORCH_CHECK(ss.dim() == 5 && ss.size(0) == k.size(0) && ss.size(1) == k.size(1) && ss.size(2) == max_super &&
+                    ss.size(3) == 2 && ss.size(4) == k.size(3) && ss.stride(3) == k.size(3),
+                "hydra: cache superpage summaries must be (B, Hkv, ", max_super, ", 2, D), got ", ss.sizes());
+    p.super_summaries = reinterpret_cast<bf16_t*>(ss.data_ptr());
+    p.ss_batch_stride = ss.stride(0); p.ss_head_stride = ss.stride(1); p.ss_page_stride = ss.stride(2);
+    p.superpage = (int)superpage;
+  }
   return p;
 }
 
@@ -401,23 +518,26 @@ void cache_prefill(const at::Tensor& k, const at::Tensor& v, const std::optional
 
 void cache_append(const at::Tensor& k_new, const at::Tensor& v_new, const std::optional<at::Tensor>& counts,
                   int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& summaries,
-                  at::Tensor& lengths, at::Tensor& overflow) {
+                  const std::optional<at::Tensor>& super_summaries, int64_t superpage, at::Tensor& lengths,
+                  at::Tensor& overflow) {
   const c10::cuda::CUDAGuard guard(k_cache.device());
-  const hydra::CacheWriteParams p =
-      cache_params(k_new, v_new, counts, page_size, k_cache, v_cache, summaries, lengths, overflow);
+  const hydra::CacheWriteParams p = cache_params(k_new, v_new, counts, page_size, k_cache, v_cache, summaries,
+                                                 lengths, overflow, super_summaries, superpage);
   if (p.B == 0 || p.Hkv == 0) return;
   hydra::launch_cache_append(p, c10::cuda::getCurrentCUDAStream());
 }
 
 void decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
-                   at::Tensor& v_cache, at::Tensor& summaries, at::Tensor& lengths, at::Tensor& overflow,
-                   int64_t page_size, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
+                   at::Tensor& v_cache, at::Tensor& summaries, const std::optional<at::Tensor>& super_summaries,
+                   at::Tensor& lengths, at::Tensor& overflow, int64_t page_size, int64_t superpage,
+                   int64_t shortlist_pages, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
                    int64_t window, double scale, at::Tensor& out, at::Tensor& lse) {
   TORCH_CHECK(k_new.dim() == 4 && k_new.size(2) == 1, "hydra: a fused step appends one token per sequence: k_new "
               "must be (B, Hkv, 1, D), got ", k_new.sizes());
   const c10::cuda::CUDAGuard guard(k_cache.device());
-  const hydra::CacheWriteParams cw =
-      cache_params(k_new, v_new, std::nullopt, page_size, k_cache, v_cache, summaries, lengths, overflow);
-  decode_impl(q, k_cache, v_cache, std::nullopt, summaries, lengths.data_ptr<int>(), page_size, sink_tokens,
-              recent_tokens, budget_tokens, window, scale, out, lse, &cw);
+  const hydra::CacheWriteParams cw = cache_params(k_new, v_new, std::nullopt, page_size, k_cache, v_cache, summaries,
+                                                  lengths, overflow, super_summaries, superpage);
+  decode_impl(q, k_cache, v_cache, std::nullopt, summaries, super_summaries, superpage, shortlist_pages,
+              lengths.data_ptr<int>(), page_size, sink_tokens, recent_tokens, budget_tokens, window, scale, out,
+              lse, &cw);
 }

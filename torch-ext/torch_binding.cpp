@@ -11,23 +11,24 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
 
   // Decode page selection -> pages [B, Hkv, budget_tokens / page_size], ascending, -1 padded.
   ops.def(
-      "select_pages(Tensor q, Tensor k, Tensor? summaries, Tensor? cache_seqlens, int page_size, "
-      "int sink_tokens, int recent_tokens, int budget_tokens, Tensor! pages) -> ()");
+      "select_pages(Tensor q, Tensor k, Tensor? summaries, Tensor? super_summaries, Tensor? cache_seqlens, "
+      "int page_size, int superpage, int shortlist_pages, int sink_tokens, int recent_tokens, int budget_tokens, "
+      "Tensor! pages) -> ()");
   ops.impl("select_pages", c10::kCUDA, &select_pages);
 
   // One decode step. pages given: attend over them. Else budget_tokens > 0: select, then
   // attend. Else attend over [L - window, L) (window 0: every token < L).
   ops.def(
-      "decode(Tensor q, Tensor k, Tensor v, Tensor? pages, Tensor? summaries, Tensor? cache_seqlens, "
-      "int page_size, int sink_tokens, int recent_tokens, int budget_tokens, int window, float scale, "
-      "Tensor! out, Tensor! lse) -> ()");
+      "decode(Tensor q, Tensor k, Tensor v, Tensor? pages, Tensor? summaries, Tensor? super_summaries, "
+      "Tensor? cache_seqlens, int page_size, int superpage, int shortlist_pages, int sink_tokens, "
+      "int recent_tokens, int budget_tokens, int window, float scale, Tensor! out, Tensor! lse) -> ()");
   ops.impl("decode", c10::kCUDA, &decode);
 
   // The same step returning a new out (B, Hq, 1, D) and fp32 lse (B, Hq, 1).
   ops.def(
-      "decode_alloc(Tensor q, Tensor k, Tensor v, Tensor? pages, Tensor? summaries, Tensor? cache_seqlens, "
-      "int page_size, int sink_tokens, int recent_tokens, int budget_tokens, int window, float scale) "
-      "-> (Tensor, Tensor)");
+      "decode_alloc(Tensor q, Tensor k, Tensor v, Tensor? pages, Tensor? summaries, Tensor? super_summaries, "
+      "Tensor? cache_seqlens, int page_size, int superpage, int shortlist_pages, int sink_tokens, "
+      "int recent_tokens, int budget_tokens, int window, float scale) -> (Tensor, Tensor)");
   ops.impl("decode_alloc", c10::kCUDA, &decode_alloc);
 
   // HydraKVCache writes. k/v [B, Hkv, n, D] into caches [B, Hkv, max_seq_len, D],
@@ -38,15 +39,16 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.impl("cache_prefill", c10::kCUDA, &cache_prefill);
   ops.def(
       "cache_append(Tensor k_new, Tensor v_new, Tensor? counts, int page_size, Tensor! k_cache, Tensor! v_cache, "
-      "Tensor! summaries, Tensor! lengths, Tensor! overflow) -> ()");
+      "Tensor! summaries, Tensor!? super_summaries, int superpage, Tensor! lengths, Tensor! overflow) -> ()");
   ops.impl("cache_append", c10::kCUDA, &cache_append);
 
   // HydraKVCache.step: append one token per sequence (k_new/v_new [B, Hkv, 1, D]), then
   // decode q over the grown cache (the append is fused into selection when it selects).
   ops.def(
       "decode_append(Tensor q, Tensor k_new, Tensor v_new, Tensor! k_cache, Tensor! v_cache, Tensor! summaries, "
-      "Tensor! lengths, Tensor! overflow, int page_size, int sink_tokens, int recent_tokens, int budget_tokens, "
-      "int window, float scale, Tensor! out, Tensor! lse) -> ()");
+      "Tensor!? super_summaries, Tensor! lengths, Tensor! overflow, int page_size, int superpage, "
+      "int shortlist_pages, int sink_tokens, int recent_tokens, int budget_tokens, int window, float scale, "
+      "Tensor! out, Tensor! lse) -> ()");
   ops.impl("decode_append", c10::kCUDA, &decode_append);
 }
 

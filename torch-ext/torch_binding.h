@@ -9,19 +9,23 @@ void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_
                     at::Tensor& out);
 
 void select_pages(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
-                  const std::optional<at::Tensor>& cache_seqlens, int64_t page_size, int64_t sink_tokens,
+                  const std::optional<at::Tensor>& super_summaries, const std::optional<at::Tensor>& cache_seqlens,
+                  int64_t page_size, int64_t superpage, int64_t shortlist_pages, int64_t sink_tokens,
                   int64_t recent_tokens, int64_t budget_tokens, at::Tensor& pages);
 
 void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pages,
-            const std::optional<at::Tensor>& summaries, const std::optional<at::Tensor>& cache_seqlens,
-            int64_t page_size, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens, int64_t window,
-            double scale, at::Tensor& out, at::Tensor& lse);
+            const std::optional<at::Tensor>& summaries, const std::optional<at::Tensor>& super_summaries,
+            const std::optional<at::Tensor>& cache_seqlens, int64_t page_size, int64_t superpage,
+            int64_t shortlist_pages, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
+            int64_t window, double scale, at::Tensor& out, at::Tensor& lse);
 
 // decode() into freshly allocated (out, lse): one op call and no Python-side allocations.
 std::tuple<at::Tensor, at::Tensor> decode_alloc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const std::optional<at::Tensor>& pages,
                                                 const std::optional<at::Tensor>& summaries,
+                                                const std::optional<at::Tensor>& super_summaries,
                                                 const std::optional<at::Tensor>& cache_seqlens, int64_t page_size,
+                                                int64_t superpage, int64_t shortlist_pages,
                                                 int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
                                                 int64_t window, double scale);
 
@@ -32,12 +36,14 @@ void cache_prefill(const at::Tensor& k, const at::Tensor& v, const std::optional
                    at::Tensor& lengths, at::Tensor& overflow);
 void cache_append(const at::Tensor& k_new, const at::Tensor& v_new, const std::optional<at::Tensor>& counts,
                   int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& summaries,
-                  at::Tensor& lengths, at::Tensor& overflow);
+                  const std::optional<at::Tensor>& super_summaries, int64_t superpage, at::Tensor& lengths,
+                  at::Tensor& overflow);
 
 // HydraKVCache.step: append one token per sequence (k_new/v_new [B, Hkv, 1, D]) and run
 // the decode step over the grown cache. When the step selects pages, the append is
 // fused into the selection kernels (no extra launch); lengths advance on the device.
 void decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
-                   at::Tensor& v_cache, at::Tensor& summaries, at::Tensor& lengths, at::Tensor& overflow,
-                   int64_t page_size, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
+                   at::Tensor& v_cache, at::Tensor& summaries, const std::optional<at::Tensor>& super_summaries,
+                   at::Tensor& lengths, at::Tensor& overflow, int64_t page_size, int64_t superpage,
+                   int64_t shortlist_pages, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
                    int64_t window, double scale, at::Tensor& out, at::Tensor& lse);

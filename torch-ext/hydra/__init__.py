@@ -26,6 +26,7 @@ from ._validate import (
     validate_sparse_attention_call,
 )
 from .policy import PRESETS, SCORERS, HydraPolicy, resolve_policy
+from .reference import superpage_summaries
 from .cache import HydraKVCache  # noqa: E402  (after the ops it uses)
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "select_pages",
     "sparse_attention",
     "page_summaries",
+    "superpage_summaries",
     "HydraPolicy",
     "HydraKVCache",
     "PRESETS",
@@ -88,8 +90,24 @@ def _is_exact(pol: HydraPolicy, policy_layer_idx) -> bool:
     return pol.exact or (policy_layer_idx is not None and policy_layer_idx < pol.dense_layers)
 
 
+def _coarse_args(pol, q, k, cache_seqlens, summaries, super_summaries):
+    """(page summaries, superpage summaries, superpage, shortlist length) for the ops.
+    Coarse-to-fine needs both levels; missing ones are built here (slow: cache them,
+    as HydraKVCache does)."""
+    if not pol.coarse:
+        return summaries, None, 0, 0
+    if summaries is None:
+        summaries = torch.empty((k.shape[0], k.shape[1], -(-k.shape[2] // pol.page_size), 2, k.shape[3]),
+                                dtype=k.dtype, device=k.device)
+        ops.page_summaries(k, cache_seqlens, pol.page_size, summaries)
+    if super_summaries is None:
+        super_summaries = superpage_summaries(summaries, pol.superpage)
+    return summaries, super_summaries, pol.superpage, pol.n_short
+
+
 def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None, precision="high",
-          policy=None, cache_seqlens=None, page_summaries=None, scale=None, return_lse=False, out=None):
+          policy=None, cache_seqlens=None, page_summaries=None, scale=None, return_lse=False, out=None,
+          superpage_summaries=None):
     """Causal attention over a bounded resident set of the KV cache.
 
     Parameters
@@ -107,6 +125,9 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
         later positions are never read.
     page_summaries : Tensor (B, Hkv, ceil(Tkv / page_size), 2, D), optional. Cached
         output of :func:`page_summaries`; without it each step reads all of K to score pages.
+    superpage_summaries : Tensor (B, Hkv, ceil(n_pages / superpage), 2, D), optional.
+        Coarse-to-fine policies (``HydraPolicy(superpage=S)``): cached output of
+        :func:`superpage_summaries`; built from the page summaries when missing.
     scale : float, optional. Softmax scale, default ``1 / sqrt(D)``.
     return_lse : bool. Also return the fp32 (B, Hq, Tq) natural-log sum-exp.
     out : Tensor like q, optional. Written in place and returned.
@@ -122,7 +143,8 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
     pol = _policy(precision, policy)
     info = validate_decode_call(q, k, v, is_causal=is_causal, sliding_window=sliding_window,
                                 policy_layer_idx=policy_layer_idx, policy=pol, cache_seqlens=cache_seqlens,
-                                page_summaries=page_summaries, scale=scale, out=out)
+                                page_summaries=page_summaries, scale=scale, out=out,
+                                superpage_summaries=superpage_summaries)
     if _debug and cache_seqlens is not None:
         check_cache_seqlens_values(cache_seqlens, k.shape[2])
     _require_ops()
@@ -133,14 +155,16 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
         budget, window = 0, 0
     else:
         budget, window = pol.budget_tokens, 0
-    summaries = page_summaries if budget > 0 else None
+    summaries, supers, S, n_short = None, None, 0, 0
+    if budget > 0:
+        summaries, supers, S, n_short = _coarse_args(pol, q, k, cache_seqlens, page_summaries, superpage_summaries)
     if out is None:  # allocated in C++: one op call on the eager hot path
-        out, lse = ops.decode_alloc(q, k, v, None, summaries, cache_seqlens, pol.page_size, pol.sink_tokens,
-                                    pol.recent_tokens, budget, window, info["scale"])
+        out, lse = ops.decode_alloc(q, k, v, None, summaries, supers, cache_seqlens, pol.page_size, S, n_short,
+                                    pol.sink_tokens, pol.recent_tokens, budget, window, info["scale"])
     else:
         lse = torch.empty((B, Hq, 1), dtype=torch.float32, device=q.device)
-        ops.decode(q, k, v, None, summaries, cache_seqlens, pol.page_size, pol.sink_tokens, pol.recent_tokens,
-                   budget, window, info["scale"], out, lse)
+        ops.decode(q, k, v, None, summaries, supers, cache_seqlens, pol.page_size, S, n_short, pol.sink_tokens,
+                   pol.recent_tokens, budget, window, info["scale"], out, lse)
     return (out, lse) if return_lse else out
 
 
@@ -151,9 +175,13 @@ def _cache_step(cache, q, k_new, v_new, *, sliding_window=None, policy_layer_idx
     if pol.page_size != cache.policy.page_size:
         raise ValueError(f"hydra: the step's policy page_size={pol.page_size} differs from the cache's "
                          f"summaries (page_size={cache.policy.page_size})")
+    if pol.superpage != cache.policy.superpage:
+        raise ValueError(f"hydra: the step's policy superpage={pol.superpage} differs from the cache's "
+                         f"(superpage={cache.policy.superpage})")
     info = validate_decode_call(q, cache.k, cache.v, is_causal=True, sliding_window=sliding_window,
                                 policy_layer_idx=policy_layer_idx, policy=pol, cache_seqlens=cache.seqlens,
-                                page_summaries=cache.summaries, scale=scale, out=out)
+                                page_summaries=cache.summaries, scale=scale, out=out,
+                                superpage_summaries=cache.superpage_summaries)
     _require_ops()
     if sliding_window is not None:
         budget, window = 0, int(sliding_window)
@@ -164,13 +192,15 @@ def _cache_step(cache, q, k_new, v_new, *, sliding_window=None, policy_layer_idx
     if out is None:
         out = torch.empty_like(q)
     lse = torch.empty((q.shape[0], q.shape[1], 1), dtype=torch.float32, device=q.device)
-    ops.decode_append(q, k_new, v_new, cache.k, cache.v, cache.summaries, cache.seqlens, cache._overflow,
-                      pol.page_size, pol.sink_tokens, pol.recent_tokens, budget, window, info["scale"], out, lse)
+    S, n_short = (pol.superpage, pol.n_short) if pol.coarse else (0, 0)
+    ops.decode_append(q, k_new, v_new, cache.k, cache.v, cache.summaries, cache.superpage_summaries, cache.seqlens,
+                      cache._overflow, pol.page_size, S, n_short, pol.sink_tokens, pol.recent_tokens, budget, window,
+                      info["scale"], out, lse)
     return (out, lse) if return_lse else out
 
 
 def select_pages(q, k, *, is_causal=True, sliding_window=None, policy_layer_idx=None, precision="high",
-                 policy=None, cache_seqlens=None, page_summaries=None):
+                 policy=None, cache_seqlens=None, page_summaries=None, superpage_summaries=None):
     """The pages a decode step attends to, per (sequence, KV head).
 
     Returns
@@ -186,7 +216,8 @@ def select_pages(q, k, *, is_causal=True, sliding_window=None, policy_layer_idx=
     pol = _policy(precision, policy)
     validate_decode_call(q, k, None, is_causal=is_causal, sliding_window=sliding_window,
                          policy_layer_idx=policy_layer_idx, policy=pol, cache_seqlens=cache_seqlens,
-                         page_summaries=page_summaries, scale=None, out=None)
+                         page_summaries=page_summaries, scale=None, out=None,
+                         superpage_summaries=superpage_summaries)
     _require_ops()
     B, Hkv, Tkv, _ = k.shape
     P = pol.page_size
@@ -198,7 +229,8 @@ def select_pages(q, k, *, is_causal=True, sliding_window=None, policy_layer_idx=
         valid = idx < ((lens + (P - 1)) // P).view(B, 1, 1)
         return torch.where(valid, idx, torch.full_like(idx, -1)).contiguous()
     pages = torch.empty((B, Hkv, pol.n_sel), dtype=torch.int32, device=q.device)
-    ops.select_pages(q, k, page_summaries, cache_seqlens, P, pol.sink_tokens, pol.recent_tokens,
+    summaries, supers, S, n_short = _coarse_args(pol, q, k, cache_seqlens, page_summaries, superpage_summaries)
+    ops.select_pages(q, k, summaries, supers, cache_seqlens, P, S, n_short, pol.sink_tokens, pol.recent_tokens,
                      pol.budget_tokens, pages)
     return pages
 
@@ -227,10 +259,11 @@ def sparse_attention(q, k, v, pages, *, page_size=16, cache_seqlens=None, scale=
         check_pages_values(pages)
     _require_ops()
     if out is None:
-        out, lse = ops.decode_alloc(q, k, v, pages, None, cache_seqlens, page_size, 0, 0, 0, 0, info["scale"])
+        out, lse = ops.decode_alloc(q, k, v, pages, None, None, cache_seqlens, page_size, 0, 0, 0, 0, 0, 0,
+                                    info["scale"])
     else:
         lse = torch.empty((q.shape[0], q.shape[1], 1), dtype=torch.float32, device=q.device)
-        ops.decode(q, k, v, pages, None, cache_seqlens, page_size, 0, 0, 0, 0, info["scale"], out, lse)
+        ops.decode(q, k, v, pages, None, None, cache_seqlens, page_size, 0, 0, 0, 0, 0, 0, info["scale"], out, lse)
     return (out, lse) if return_lse else out
 
 
@@ -264,13 +297,13 @@ if ops is not None:
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("select_pages"))
-    def _select_pages_fake(q, k, summaries, cache_seqlens, page_size, sink_tokens, recent_tokens,
-                           budget_tokens, pages):
+    def _select_pages_fake(q, k, summaries, super_summaries, cache_seqlens, page_size, superpage, shortlist_pages,
+                           sink_tokens, recent_tokens, budget_tokens, pages):
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("decode"))
-    def _decode_fake(q, k, v, pages, summaries, cache_seqlens, page_size, sink_tokens, recent_tokens,
-                     budget_tokens, window, scale, out, lse):
+    def _decode_fake(q, k, v, pages, summaries, super_summaries, cache_seqlens, page_size, superpage,
+                     shortlist_pages, sink_tokens, recent_tokens, budget_tokens, window, scale, out, lse):
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("cache_prefill"))
@@ -278,16 +311,18 @@ if ops is not None:
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("cache_append"))
-    def _cache_append_fake(k_new, v_new, counts, page_size, k_cache, v_cache, summaries, lengths, overflow):
+    def _cache_append_fake(k_new, v_new, counts, page_size, k_cache, v_cache, summaries, super_summaries,
+                           superpage, lengths, overflow):
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("decode_append"))
-    def _decode_append_fake(q, k_new, v_new, k_cache, v_cache, summaries, lengths, overflow, page_size,
-                            sink_tokens, recent_tokens, budget_tokens, window, scale, out, lse):
+    def _decode_append_fake(q, k_new, v_new, k_cache, v_cache, summaries, super_summaries, lengths, overflow,
+                            page_size, superpage, shortlist_pages, sink_tokens, recent_tokens, budget_tokens,
+                            window, scale, out, lse):
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("decode_alloc"))
-    def _decode_alloc_fake(q, k, v, pages, summaries, cache_seqlens, page_size, sink_tokens, recent_tokens,
-                           budget_tokens, window, scale):
+    def _decode_alloc_fake(q, k, v, pages, summaries, super_summaries, cache_seqlens, page_size, superpage,
+                           shortlist_pages, sink_tokens, recent_tokens, budget_tokens, window, scale):
         B, Hq, Tq, D = q.shape
         return q.new_empty((B, Hq, Tq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)

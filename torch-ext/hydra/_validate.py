@@ -151,10 +151,11 @@ def _fast_decode_ok(q, k, v, policy, cache_seqlens, page_summaries):
 
 
 def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx, policy, cache_seqlens,
-                         page_summaries, scale, out):
+                         page_summaries, scale, out, superpage_summaries=None):
     """Checks for hydra.hydra / hydra.select_pages. Returns {"scale": float}."""
     if (v is not None and is_causal is True and sliding_window is None and policy_layer_idx is None
-            and scale is None and out is None and _fast_decode_ok(q, k, v, policy, cache_seqlens, page_summaries)):
+            and scale is None and out is None and superpage_summaries is None and not policy.coarse
+            and _fast_decode_ok(q, k, v, policy, cache_seqlens, page_summaries)):
         return {"scale": 0.08838834764831845}  # 1 / sqrt(128)
     if is_causal is not True:
         raise ValueError(f"hydra: is_causal must be True (hydra is causal attention), got {is_causal!r}")
@@ -179,6 +180,25 @@ def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx
                 any(s % _ALIGN for s in page_summaries.stride()[:-1]):
             raise ValueError(f"hydra: page_summaries needs a contiguous (2, D) block per page and 16-byte "
                              f"aligned strides, got strides {page_summaries.stride()}")
+    if superpage_summaries is not None:
+        _tensor(superpage_summaries, "superpage_summaries")
+        if not policy.coarse:
+            raise ValueError(f"hydra: superpage_summaries given, but the policy selects flat "
+                             f"(superpage={policy.superpage}); set HydraPolicy(superpage=...) to use them")
+        if page_summaries is None:
+            raise ValueError("hydra: superpage_summaries need the page_summaries they were built from")
+        n_pages = -(-Tkv // policy.page_size)
+        want = (B, Hkv, -(-n_pages // policy.superpage), 2, D)
+        if tuple(superpage_summaries.shape) != want:
+            raise ValueError(f"hydra: superpage_summaries must have shape {want} for k {tuple(k.shape)}, "
+                             f"page_size={policy.page_size} and superpage={policy.superpage}, got "
+                             f"{tuple(superpage_summaries.shape)}")
+        if superpage_summaries.dtype != k.dtype:
+            raise TypeError(f"hydra: superpage_summaries must be {k.dtype} like k, got {superpage_summaries.dtype}")
+        if superpage_summaries.stride(-1) != 1 or superpage_summaries.stride(-2) != D or \
+                any(s % _ALIGN for s in superpage_summaries.stride()[:-1]):
+            raise ValueError(f"hydra: superpage_summaries needs a contiguous (2, D) block per superpage and "
+                             f"16-byte aligned strides, got strides {superpage_summaries.stride()}")
     _out(out, q)
     if Tq < 1:
         raise ValueError(f"hydra: q must hold at least one query (Tq >= 1), got Tq={Tq}")
@@ -191,7 +211,7 @@ def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx
             raise ValueError(f"hydra: prefill needs T % block_size == 0, got T={Tq}, "
                              f"block_size={policy.block_size}")
     _devices([("q", q), ("k", k), ("v", v), ("cache_seqlens", cache_seqlens),
-              ("page_summaries", page_summaries), ("out", out)])
+              ("page_summaries", page_summaries), ("superpage_summaries", superpage_summaries), ("out", out)])
     if Tq == Tkv and Tq > 1:
         raise NotImplementedError(
             f"hydra: causal prefill (Tq == Tkv == {Tq}) has no CUDA kernel yet (planned); "

@@ -32,7 +32,9 @@ class HydraKVCache:
     ----------
     batch_size, num_kv_heads, head_dim, max_seq_len : int
         Buffers are ``k``, ``v`` (B, Hkv, max_seq_len, D) and ``summaries``
-        (B, Hkv, ceil(max_seq_len / page_size), 2, D), allocated once.
+        (B, Hkv, ceil(max_seq_len / page_size), 2, D), allocated once; with a
+        coarse-to-fine policy (``superpage > 1``) also ``superpage_summaries``
+        (B, Hkv, ceil(max_pages / superpage), 2, D), maintained the same way.
     dtype : torch.dtype, bf16.
     device : CUDA device.
     policy, precision : as in :func:`hydra.hydra`; fix the page size of the summaries
@@ -76,6 +78,11 @@ class HydraKVCache:
         self.k = torch.empty(B, H, max_seq_len, D, dtype=dtype, device=device)
         self.v = torch.empty(B, H, max_seq_len, D, dtype=dtype, device=device)
         self.summaries = torch.empty(B, H, self.max_pages, 2, D, dtype=dtype, device=device)
+        # Coarse-to-fine policies (superpage > 1) keep superpage summaries too.
+        self.superpage_summaries = None
+        if self.policy.coarse:
+            n_super = math.ceil(self.max_pages / self.policy.superpage)
+            self.superpage_summaries = torch.empty(B, H, n_super, 2, D, dtype=dtype, device=device)
         self._lengths = torch.zeros(B, dtype=torch.int32, device=device)
         self._overflow = torch.zeros(1, dtype=torch.int32, device=device)
         self._len_bound = 0        # host upper bound of every length
@@ -90,23 +97,28 @@ class HydraKVCache:
 
     def memory_bytes(self) -> int:
         """Bytes held on the device: K, V, summaries, lengths and the overflow flag."""
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.summaries, self._lengths,
-                                                          self._overflow))
+        held = [self.k, self.v, self.summaries, self._lengths, self._overflow]
+        if self.superpage_summaries is not None:
+            held.append(self.superpage_summaries)
+        return sum(t.numel() * t.element_size() for t in held)
 
     def reset(self, indices=None) -> None:
         """Empty every sequence, or those in ``indices`` (ints or a tensor of indices)."""
         inf = float("inf")
+        levels = [self.summaries] + ([self.superpage_summaries] if self.superpage_summaries is not None else [])
         if indices is None:
             self._lengths.zero_()
-            self.summaries[:, :, :, 0].fill_(inf)
-            self.summaries[:, :, :, 1].fill_(-inf)
+            for s in levels:
+                s[:, :, :, 0].fill_(inf)
+                s[:, :, :, 1].fill_(-inf)
             self._overflow.zero_()
             self._len_bound, self._len_exact = 0, True
             return
         idx = torch.as_tensor(indices, dtype=torch.long, device=self._lengths.device).reshape(-1)
         self._lengths[idx] = 0
-        self.summaries[idx, :, :, 0] = inf
-        self.summaries[idx, :, :, 1] = -inf
+        for s in levels:
+            s[idx, :, :, 0] = inf
+            s[idx, :, :, 1] = -inf
         self._len_exact = False  # the bound still holds, for the rest
 
     def check_overflow(self) -> None:
@@ -156,6 +168,10 @@ class HydraKVCache:
         self._overflow.zero_()
         ops.cache_prefill(k, v, seqlens, self.policy.page_size, self.k, self.v, self.summaries, self._lengths,
                           self._overflow)
+        if self.superpage_summaries is not None:  # exact: min/max over the pages' min/max
+            from .reference import superpage_summaries
+
+            self.superpage_summaries.copy_(superpage_summaries(self.summaries, self.policy.superpage))
         self._len_bound, self._len_exact = T, seqlens is None
 
     def append(self, k_new, v_new, counts=None) -> None:
@@ -172,7 +188,7 @@ class HydraKVCache:
             raise ValueError(f"hydra: appending {n} token(s) to sequences of {self._len_bound} would pass "
                              f"max_seq_len={self.max_seq_len}")
         ops.cache_append(k_new, v_new, counts, self.policy.page_size, self.k, self.v, self.summaries,
-                         self._lengths, self._overflow)
+                         self.superpage_summaries, self.policy.superpage, self._lengths, self._overflow)
         self._len_bound += n
         self._len_exact = self._len_exact and counts is None
         from . import _debug_enabled
@@ -221,5 +237,7 @@ class HydraKVCache:
 
         policy_kwargs.setdefault("precision", self.precision)
         policy_kwargs.setdefault("policy", self._policy_arg)
+        if self.superpage_summaries is not None:
+            policy_kwargs.setdefault("superpage_summaries", self.superpage_summaries)
         return _hydra(q, self.k, self.v, cache_seqlens=self._lengths, page_summaries=self.summaries,
                       **policy_kwargs)

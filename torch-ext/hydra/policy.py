@@ -50,6 +50,16 @@ class HydraPolicy:
     scorer : str
         Page scoring rule; ``"quest_sum"`` is the Quest upper bound summed
         over the GQA group.
+    superpage : int
+        0 (default): flat selection, every candidate page is scored. A power of two
+        ``S`` in [2, 1024]: coarse-to-fine selection. Superpages of ``S`` pages carry
+        their own min/max summaries; a step scores the superpages holding a candidate
+        page, keeps the best ``n_short`` (the shortlist), scores only the pages inside
+        it, and takes the top pages from those. A page can be missed (against flat
+        selection) only when its superpage ranks outside the shortlist.
+    shortlist : int
+        Shortlist size as a multiple of the page budget: ``n_short =
+        ceil(shortlist * n_sel / superpage)`` superpages, ``shortlist * n_sel`` pages.
 
     Examples
     --------
@@ -64,9 +74,12 @@ class HydraPolicy:
     dense_layers: int = 2
     block_size: int = 64
     scorer: str = "quest_sum"
+    superpage: int = 0
+    shortlist: int = 4
 
     def __post_init__(self):
-        for name in ("page_size", "sink_tokens", "recent_tokens", "dense_layers", "block_size"):
+        for name in ("page_size", "sink_tokens", "recent_tokens", "dense_layers", "block_size", "superpage",
+                     "shortlist"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"hydra: HydraPolicy.{name} must be an int, got {value!r}")
@@ -82,6 +95,11 @@ class HydraPolicy:
         if not (_is_pow2(self.block_size) and 16 <= self.block_size <= 256):
             raise ValueError(
                 f"hydra: HydraPolicy.block_size must be a power of two in [16, 256], got {self.block_size}")
+        if self.superpage != 0 and not (_is_pow2(self.superpage) and 2 <= self.superpage <= 1024):
+            raise ValueError(
+                f"hydra: HydraPolicy.superpage must be 0 (flat) or a power of two in [2, 1024], got {self.superpage}")
+        if self.shortlist < 1:
+            raise ValueError(f"hydra: HydraPolicy.shortlist must be >= 1, got {self.shortlist}")
         if self.scorer not in SCORERS:
             raise ValueError(f"hydra: HydraPolicy.scorer must be one of {SCORERS}, got {self.scorer!r}")
         if self.budget_tokens is None:
@@ -112,6 +130,18 @@ class HydraPolicy:
         if self.budget_tokens is None:
             raise ValueError("hydra: an exact policy (budget_tokens=None) has no page budget")
         return self.budget_tokens // self.page_size
+
+    @property
+    def coarse(self) -> bool:
+        """Coarse-to-fine selection (``superpage > 1``) on a selecting policy."""
+        return self.superpage > 1 and self.budget_tokens is not None
+
+    @property
+    def n_short(self) -> int:
+        """Shortlist length in superpages: ``ceil(shortlist * n_sel / superpage)``."""
+        if not self.coarse:
+            return 0
+        return -(-self.shortlist * self.n_sel // self.superpage)
 
     @property
     def sink_pages(self) -> int:

@@ -31,6 +31,7 @@ from .policy import HydraPolicy, resolve_policy
 
 __all__ = [
     "page_summaries",
+    "superpage_summaries",
     "page_scores",
     "select_pages",
     "attended_token_mask",
@@ -323,8 +324,64 @@ def page_scores(q: Tensor, summaries: Tensor, *, cache_seqlens: Optional[Tensor]
     return scores.masked_fill(empty, float("-inf"))
 
 
+def superpage_summaries(page_summaries: Tensor, superpage: int) -> Tensor:
+    """Summaries of superpages of ``superpage`` consecutive pages, from page summaries.
+
+    Parameters
+    ----------
+    page_summaries : Tensor, (B, Hkv, n_pages, 2, D)
+        As :func:`page_summaries` returns them (empty pages +inf / -inf).
+    superpage : int
+        Pages per superpage (a power of two >= 2).
+
+    Returns
+    -------
+    Tensor, (B, Hkv, ceil(n_pages / superpage), 2, D), same dtype: the elementwise
+    min of the pages' minima and max of their maxima (exact: min/max of bf16 values).
+
+    Examples
+    --------
+    >>> s = page_summaries(torch.randn(1, 2, 300, 64), page_size=8)   # 38 pages
+    >>> superpage_summaries(s, 16).shape
+    torch.Size([1, 2, 3, 2, 64])
+    """
+    if not isinstance(page_summaries, Tensor) or page_summaries.dim() != 5 or page_summaries.shape[3] != 2:
+        shape = tuple(page_summaries.shape) if isinstance(page_summaries, Tensor) else type(page_summaries).__name__
+        raise ValueError(f"hydra: page_summaries must be (B, Hkv, n_pages, 2, D), got {shape}")
+    if not isinstance(superpage, int) or isinstance(superpage, bool) or superpage < 2 or superpage & (superpage - 1):
+        raise ValueError(f"hydra: superpage must be a power of two >= 2, got {superpage!r}")
+    B, H, n, _, D = page_summaries.shape
+    n_super = _ceil_div(n, superpage)
+    pad = n_super * superpage - n
+    mn, mx = page_summaries[:, :, :, 0], page_summaries[:, :, :, 1]
+    if pad:
+        inf = torch.full((B, H, pad, D), float("inf"), dtype=mn.dtype, device=mn.device)
+        mn, mx = torch.cat([mn, inf], dim=2), torch.cat([mx, -inf], dim=2)
+    mn = mn.reshape(B, H, n_super, superpage, D).amin(dim=3)
+    mx = mx.reshape(B, H, n_super, superpage, D).amax(dim=3)
+    return torch.stack([mn, mx], dim=3)
+
+
+def _shortlist_mask(q: Tensor, pol: HydraPolicy, candidates: Tensor, super_summ: Tensor,
+                    cache_seqlens: Optional[Tensor], n_pages: int) -> Tensor:
+    """Coarse-to-fine stage 1 as a (B, Hkv, n_pages) mask of the pages inside the
+    ``n_short`` best-scoring superpages among those holding a candidate page."""
+    S, P = pol.superpage, pol.page_size
+    B, Hkv = super_summ.shape[:2]
+    n_super = _ceil_div(n_pages, S)
+    sp_scores = page_scores(q, super_summ[:, :, :n_super], cache_seqlens=cache_seqlens, page_size=P * S)
+    pad = n_super * S - n_pages
+    cand = candidates.expand(B, -1, n_pages)
+    if pad:
+        cand = torch.cat([cand, torch.zeros((*cand.shape[:-1], pad), dtype=torch.bool, device=cand.device)], -1)
+    cand_sp = cand.reshape(B, -1, n_super, S).any(dim=-1)
+    shortlisted = _top_k_mask(sp_scores, cand_sp, pol.n_short)
+    return shortlisted.repeat_interleave(S, dim=-1)[..., :n_pages]
+
+
 def _decode_page_mask(q: Tensor, k: Tensor, pol: HydraPolicy, dense: bool,
-                      cache_seqlens: Optional[Tensor], summaries: Optional[Tensor]):
+                      cache_seqlens: Optional[Tensor], summaries: Optional[Tensor],
+                      super_summaries: Optional[Tensor] = None):
     """Decode selection as a (B, Hkv, n_pages) bool mask, plus the list width."""
     B, Hq, _, D = q.shape
     _, Hkv, Tkv, _ = k.shape
@@ -365,6 +422,17 @@ def _decode_page_mask(q: Tensor, k: Tensor, pol: HydraPolicy, dense: bool,
 
     scores = page_scores(q, summaries, cache_seqlens=cache_seqlens, page_size=P)
     candidates = valid & ~forced
+    if pol.coarse:  # only pages of shortlisted superpages stay candidates
+        S = pol.superpage
+        if super_summaries is None:
+            super_summaries = superpage_summaries(summaries, S)
+        else:
+            expected = (B, Hkv, _ceil_div(n_pages, S), 2, D)
+            if not isinstance(super_summaries, Tensor) or tuple(super_summaries.shape) != expected:
+                got = tuple(super_summaries.shape) if isinstance(super_summaries, Tensor) else \
+                    type(super_summaries).__name__
+                raise ValueError(f"hydra: superpage_summaries must have shape {expected}, got {got}")
+        candidates = candidates & _shortlist_mask(q, pol, candidates, super_summaries, cache_seqlens, n_pages)
     k_top = (n_sel - forced.sum(dim=-1)).clamp(min=0).expand(B, Hkv)
     chosen = _top_k_mask(scores, candidates, k_top)
     selected = forced | chosen
@@ -378,7 +446,7 @@ def _decode_page_mask(q: Tensor, k: Tensor, pol: HydraPolicy, dense: bool,
 def select_pages(q: Tensor, k: Tensor, *, is_causal: bool = True, sliding_window: Optional[int] = None,
                  policy_layer_idx: Optional[int] = None, precision: str = "high",
                  policy: Optional[HydraPolicy] = None, cache_seqlens: Optional[Tensor] = None,
-                 page_summaries: Optional[Tensor] = None) -> Tensor:
+                 page_summaries: Optional[Tensor] = None, superpage_summaries: Optional[Tensor] = None) -> Tensor:
     """Decode page selection (SPEC 2, Tq == 1).
 
     Per sequence ``b`` and KV head ``h`` with valid length ``L``: when
@@ -386,6 +454,9 @@ def select_pages(q: Tensor, k: Tensor, *, is_causal: bool = True, sliding_window
     of the sink pages, the recent pages (those holding a token in
     ``[L - recent_tokens, L)``) and the ``n_sel - |sink U recent|`` remaining
     pages with the highest :func:`page_scores`, ties to the lower page index.
+    With ``policy.superpage > 1`` (coarse-to-fine) those pages are taken only from
+    the ``policy.n_short`` superpages with the highest scores among the superpages
+    holding a candidate page (superpage ties to the lower index).
 
     Parameters
     ----------
@@ -405,6 +476,9 @@ def select_pages(q: Tensor, k: Tensor, *, is_causal: bool = True, sliding_window
         Valid lengths ``L_b``.
     page_summaries : Tensor, (B, Hkv, ceil(Tkv/P), 2, D), optional
         Cached summaries; computed from ``k`` when None.
+    superpage_summaries : Tensor, (B, Hkv, ceil(n_pages/superpage), 2, D), optional
+        Coarse-to-fine only: cached :func:`superpage_summaries`; computed from the
+        page summaries when None.
 
     Returns
     -------
@@ -430,14 +504,15 @@ def select_pages(q: Tensor, k: Tensor, *, is_causal: bool = True, sliding_window
     _check_decode_q(q, "select_pages")
     pol = resolve_policy(precision, policy)
     mask, width = _decode_page_mask(q, k, pol, _is_dense(pol, policy_layer_idx), cache_seqlens,
-                                    page_summaries)
+                                    page_summaries, superpage_summaries)
     return _mask_to_page_list(mask, width)
 
 
 def attended_token_mask(q: Tensor, k: Tensor, *, is_causal: bool = True, sliding_window: Optional[int] = None,
                         policy_layer_idx: Optional[int] = None, precision: str = "high",
                         policy: Optional[HydraPolicy] = None, cache_seqlens: Optional[Tensor] = None,
-                        page_summaries: Optional[Tensor] = None) -> Tensor:
+                        page_summaries: Optional[Tensor] = None,
+                        superpage_summaries: Optional[Tensor] = None) -> Tensor:
     """The set of tokens a decode step attends to (SPEC 2.5 and 2.6).
 
     Parameters
@@ -472,7 +547,8 @@ def attended_token_mask(q: Tensor, k: Tensor, *, is_causal: bool = True, sliding
         window = (pos >= start) & (pos < L.view(B, 1, 1))
         return window.expand(B, Hkv, Tkv)
     pages = select_pages(q, k, policy_layer_idx=policy_layer_idx, precision=precision, policy=policy,
-                         cache_seqlens=cache_seqlens, page_summaries=page_summaries)
+                         cache_seqlens=cache_seqlens, page_summaries=page_summaries,
+                         superpage_summaries=superpage_summaries)
     return _page_list_to_token_mask(pages, _ceil_div(Tkv, pol.page_size), pol.page_size, Tkv, L)
 
 
@@ -710,7 +786,8 @@ def _prefill(q: Tensor, k: Tensor, v: Tensor, pol: HydraPolicy, dense: bool, sli
 def hydra(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = True, sliding_window: Optional[int] = None,
           policy_layer_idx: Optional[int] = None, precision: str = "high", policy: Optional[HydraPolicy] = None,
           cache_seqlens: Optional[Tensor] = None, page_summaries: Optional[Tensor] = None,
-          scale: Optional[float] = None, return_lse: bool = False, out: Optional[Tensor] = None):
+          scale: Optional[float] = None, return_lse: bool = False, out: Optional[Tensor] = None,
+          superpage_summaries: Optional[Tensor] = None):
     """The whole hydra contract in PyTorch (SPEC sections 1-3).
 
     Parameters
@@ -734,6 +811,8 @@ def hydra(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = True, sliding_wi
     page_summaries : Tensor, (B, Hkv, ceil(Tkv/P), 2, D), optional
         Decode only: cached page summaries; ignored by prefill, whose
         selection uses block summaries of its own keys.
+    superpage_summaries : Tensor, optional
+        Decode with ``policy.superpage > 1`` only: cached :func:`superpage_summaries`.
     scale : float, optional
         Default ``1 / sqrt(D)``.
     return_lse : bool
@@ -783,7 +862,7 @@ def hydra(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = True, sliding_wi
     if Tq == 1:
         mask = attended_token_mask(q, k, sliding_window=sliding_window, policy_layer_idx=policy_layer_idx,
                                    precision=precision, policy=policy, cache_seqlens=cache_seqlens,
-                                   page_summaries=page_summaries)
+                                   page_summaries=page_summaries, superpage_summaries=superpage_summaries)
         res = attention_with_mask(q, k, v, mask.unsqueeze(2), scale=scale, return_lse=return_lse)
     elif Tq == Tkv:
         if cache_seqlens is not None:
