@@ -547,9 +547,10 @@ def run_case(case: Case, B: int, T: int, args, copy_gbps: float):
 
 def bench_cache_step(B, T, ctx, s0, sub, refs, args, copy_gbps, modes, shape_rows):
     """hydra_cache_step rows: HydraKVCache.step (append one token + attend, the append
-    fused into the selection kernels), against the cached-summary attend alone
-    (hydra_cached rows of this shape and mode). The append's cost is the step's time
-    minus the attend's; the separate append launch (HydraKVCache.append) is timed too.
+    fused into the selection launches), against the cached-summary attend alone on the
+    same cache (HydraKVCache.attend, same buffers and max_seq_len; the hydra_cached row
+    of the shape, over tensors exactly T long, is reported beside it). The append's cost
+    is the step's time minus that attend's; the separate append launch is timed too.
 
     The cache is prefilled with the first T-1 tokens of input set 0 and the step
     appends token T-1, so the first step's output is checked against the same fp32
@@ -575,6 +576,9 @@ def bench_cache_step(B, T, ctx, s0, sub, refs, args, copy_gbps, modes, shape_row
     def append_only():
         cache.append(k_new, v_new)
 
+    def attend_only():
+        return cache.attend(q)
+
     rows = []
     for mode in modes:
         reset()
@@ -597,9 +601,16 @@ def bench_cache_step(B, T, ctx, s0, sub, refs, args, copy_gbps, modes, shape_row
             graph_a, _ = capture_graph(append_only)
             reset()
             append_us = do_bench_us(graph_a.replay, min(args.rep, 50))
+        reset()
+        if mode == "eager":
+            attend_cache_us = do_bench_us(attend_only, args.rep)
+        else:
+            graph_t, _ = capture_graph(attend_only)
+            attend_cache_us = do_bench_us(graph_t.replay, args.rep)
         cache.check_overflow()
-        attend = next((r for r in shape_rows if r["name"] == "hydra_cached" and r["mode"] == mode
-                       and r.get("us") is not None), None)
+        cached_row = next((r for r in shape_rows if r["name"] == "hydra_cached" and r["mode"] == mode
+                           and r.get("us") is not None), None)
+        attend = {"us": attend_cache_us}
         nbytes = step_bytes("hydra_cached", B, T) + 4 * B * HKV * HEAD_DIM * 2  # + the appended rows
         row = {"name": "hydra_cache_step", "B": B, "T": T, "D": HEAD_DIM, "mode": mode, "us": us,
                "append_launch_us": append_us, "max_rel_err": err, "checked_batch_indices": sorted({0, B - 1}),
@@ -608,6 +619,8 @@ def bench_cache_step(B, T, ctx, s0, sub, refs, args, copy_gbps, modes, shape_row
         if attend is not None:
             append_cost = us - attend["us"]  # what appending adds to the step
             row.update({"attend_us": attend["us"], "step_over_attend": us / attend["us"],
+                        "hydra_cached_us": cached_row["us"] if cached_row else None,
+                        "step_over_hydra_cached": us / cached_row["us"] if cached_row else None,
                         "append_us": append_cost,
                         "append_share_of_attend": append_cost / attend["us"],
                         "append_launch_share_of_attend": append_us / attend["us"],

@@ -61,10 +61,14 @@ struct ScoreParams {
   int B, Hq, Hkv, group, Tkv, D, n_pages, page_size;
   int sink_pages, recent_tokens, n_sel;
   // Fused append (HydraKVCache.step): the step's length is seqlens[b] + len_add, and the
-  // token at seqlens[b] (k_new, not yet in the summaries) is folded into its page's bound.
+  // token at seqlens[b] (k_new) is folded into its page's bound when that page is
+  // scored. With append.k_src set (flat, or coarse-to-fine stage 1), one extra CTA per
+  // (b, h) (blockIdx.x == gridDim.x - 1) writes the token's K/V row and folds it into
+  // the page (and superpage) summaries, concurrently with the scoring CTAs.
   int len_add;
   const bf16_t* k_new;   // [B, Hkv, 1, D] or nullptr
   int64_t kn_batch_stride, kn_head_stride;
+  CacheWriteParams append;
   int superpage;         // 0: flat; > 1: coarse-to-fine stage 1 (shortlist null) or 2
   const int* shortlist;  // [B, Hkv, n_short] ascending superpages, -1 padded (stage 2)
   int n_short;
@@ -86,12 +90,10 @@ struct SelectParams {
   int mode, n_out, superpage, n_scores;  // n_scores: length of each (b, h) score row
   const int* shortlist;  // mode 2: [B, Hkv, n_short]
   int n_short;
-  // Fused append: each CTA first writes its head's new K/V row at seqlens[b] and folds
-  // it into that page's summary (append.k_src == nullptr: no append); the step's
-  // lengths seqlens[b] + len_add (clamped to Tkv) go to lens_out for the attention.
+  // Fused append: the step's lengths seqlens[b] + len_add (clamped to Tkv) go to
+  // lens_out (when set) for the attention kernel.
   int len_add;
-  CacheWriteParams append;
-  int* lens_out;         // [B]
+  int* lens_out;         // [B] or nullptr
 };
 
 // Split-KV sparse decode attention. One CTA per (split, KV head, sequence)

@@ -52,6 +52,65 @@ __device__ __forceinline__ void group_query_bounds(const ScoreParams& p, int b, 
   }
 }
 
+// Fused append (HydraKVCache.step), one warp of the extra score CTA of (b, h): write
+// the new K/V row at the old length L_old and fold the key into its page's (and
+// superpage's) summary. The attention reads the row only after the selection. A
+// scoring CTA may read that summary while it is rewritten here, but only when the
+// page is a candidate, and then it folds the same key into what it read itself:
+// min/max folding is idempotent and each bf16 pair is read whole (32-bit accesses
+// are single-copy atomic), so the score is the same whether it saw the old or the
+// new summary.
+__device__ __forceinline__ void append_one_token(const CacheWriteParams& p, int L_old, int b, int h, int lane) {
+  if (L_old >= 0 && L_old < p.max_seq_len) {
+    const int page = L_old / p.page_size;
+    const bool first = L_old % p.page_size == 0;  // a new page: its summary is the key itself
+    const bf16_t* ks = p.k_src + b * p.ks_batch_stride + h * p.ks_head_stride;
+    const bf16_t* vs = p.v_src + b * p.vs_batch_stride + h * p.vs_head_stride;
+    bf16_t* kc = p.k_cache + b * p.kc_batch_stride + h * p.kc_head_stride + (int64_t)L_old * p.kc_row_stride;
+    bf16_t* vc = p.v_cache + b * p.vc_batch_stride + h * p.vc_head_stride + (int64_t)L_old * p.vc_row_stride;
+    bf16_t* sm = p.summaries + b * p.s_batch_stride + h * p.s_head_stride + (int64_t)page * p.s_page_stride;
+    for (int d0 = lane * 8; d0 < p.D; d0 += 32 * 8) {
+      const uint4 kv = ldg16(ks + d0);
+      const uint4 vv = ldg16(vs + d0);
+      uint4 mn4 = kv, mx4 = kv;
+      if (!first) {
+        float f[8], mn[8], mx[8];
+        unpack8(kv, f);
+        unpack8(*reinterpret_cast<const uint4*>(sm + d0), mn);
+        unpack8(*reinterpret_cast<const uint4*>(sm + p.D + d0), mx);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
+        mn4 = pack8(mn);
+        mx4 = pack8(mx);
+      }
+      *reinterpret_cast<uint4*>(kc + d0) = kv;
+      *reinterpret_cast<uint4*>(vc + d0) = vv;
+      *reinterpret_cast<uint4*>(sm + d0) = mn4;
+      *reinterpret_cast<uint4*>(sm + p.D + d0) = mx4;
+      if (p.super_summaries != nullptr) {  // and into its superpage's summary
+        const int span = p.page_size * p.superpage;
+        bf16_t* ss = p.super_summaries + b * p.ss_batch_stride + h * p.ss_head_stride +
+                     (int64_t)(L_old / span) * p.ss_page_stride;
+        uint4 smn4 = kv, smx4 = kv;
+        if (L_old % span != 0) {
+          float f[8], mn[8], mx[8];
+          unpack8(kv, f);
+          unpack8(*reinterpret_cast<const uint4*>(ss + d0), mn);
+          unpack8(*reinterpret_cast<const uint4*>(ss + p.D + d0), mx);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
+          smn4 = pack8(mn);
+          smx4 = pack8(mx);
+        }
+        *reinterpret_cast<uint4*>(ss + d0) = smn4;
+        *reinterpret_cast<uint4*>(ss + p.D + d0) = smx4;
+      }
+    }
+  } else if (h == 0 && lane == 0 && L_old >= p.max_seq_len) {
+    atomicExch(p.overflow, 1);  // the token is dropped; check_overflow() reports it
+  }
+}
+
 // Grid (ceil(n_pages / kPagesPerCta), Hkv, B). FROM_K: summaries are built on the
 // fly from the keys (the stateless path), in registers, never written out.
 template <int D, bool FROM_K>
@@ -60,7 +119,12 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
   const int b = blockIdx.z, h = blockIdx.y;
   pdl_wait();
   pdl_launch_dependents();  // the select kernel may be placed as the last CTAs run
-  const int L = seq_len(p.seqlens, b, p.Tkv, p.len_add);
+  const int L_raw = p.seqlens != nullptr ? p.seqlens[b] : p.Tkv;  // read once: the old length
+  if (p.append.k_src != nullptr && blockIdx.x == gridDim.x - 1) {  // the fused append's CTA
+    if (threadIdx.x < 32) append_one_token(p.append, L_raw, b, h, threadIdx.x);
+    return;
+  }
+  const int L = min(max(L_raw + p.len_add, 0), p.Tkv);
   const int n_pages_b = (L + p.page_size - 1) / p.page_size;
   if (n_pages_b <= p.n_sel) return;  // every page is attended; nothing to rank
   int cand_lo = min(p.sink_pages, n_pages_b);
@@ -112,8 +176,8 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
     // in (its summaries are updated by the last select kernel, after this one). A fine
     // page is a candidate only when recent_tokens == 0 and the token completes it; a
     // superpage, when the recent window is shorter than a superpage.
-    const int L_old = p.k_new != nullptr ? p.seqlens[b] : -1;
-    const int append_page = L_old >= 0 && L_old < p.Tkv ? L_old / (p.page_size * (stage1 ? p.superpage : 1)) : -1;
+    const int append_page = p.k_new != nullptr && L_raw >= 0 && L_raw < p.Tkv
+                                ? L_raw / (p.page_size * (stage1 ? p.superpage : 1)) : -1;
 #pragma unroll
     for (int i = 0; i < kScorePasses; ++i) {
       float fmn[8], fmx[8];
@@ -171,7 +235,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
 void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
     constexpr int kPagesPerCta = ScoreShape<kD>::kPagesPerCta;
-    dim3 grid((p.n_pages + kPagesPerCta - 1) / kPagesPerCta, p.Hkv, p.B);
+    dim3 grid((p.n_pages + kPagesPerCta - 1) / kPagesPerCta + (p.append.k_src != nullptr ? 1 : 0), p.Hkv, p.B);
     auto kernel = p.summaries != nullptr ? score_pages_kernel<kD, false> : score_pages_kernel<kD, true>;
     static bool configured[64] = {};
     int dev = 0;
@@ -193,7 +257,6 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
 // writes sink pages, recent pages, every candidate above the threshold and the
 // lowest-indexed candidates equal to it, in ascending page order.
 
-constexpr int kSelectThreads = 1024;
 constexpr int kSelectItems = 8;  // consecutive pages per thread in the compaction
 
 // Order-preserving map from fp32 to uint32: a > b  <=>  key(a) > key(b).
@@ -202,7 +265,8 @@ __device__ __forceinline__ uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Exclusive block-wide scan of a 64-bit value; also returns the block total.
+// Exclusive block-wide scan of a 64-bit value over WARPS warps; also returns the block total.
+template <int WARPS>
 __device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* warp_tot, uint64_t& total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint64_t x = v;
@@ -214,7 +278,7 @@ __device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* w
   if (lane == 31) warp_tot[warp] = x;
   __syncthreads();
   if (warp == 0) {
-    uint64_t t = warp_tot[lane];
+    uint64_t t = lane < WARPS ? warp_tot[lane] : 0;
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
       const uint64_t y = __shfl_up_sync(0xffffffffu, t, off);
@@ -224,77 +288,22 @@ __device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* w
   }
   __syncthreads();
   const uint64_t before = warp > 0 ? warp_tot[warp - 1] : 0;
-  total = warp_tot[31];
+  total = warp_tot[WARPS - 1];
   __syncthreads();  // warp_tot is reused by the next call
   return before + x - v;
 }
 
-// Fused append (HydraKVCache.step), one warp of the select CTA of (b, h): write the
-// new K/V row at the old length and fold the key into its page's summary. Nothing
-// else reads that row or summary during selection (the score kernel has finished
-// and folded the key itself where it needed to); the attention runs after. The
-// new lengths go to lens_out; the attention kernel writes them to the cache.
-__device__ __forceinline__ void append_one_token(const SelectParams& sp, int b, int h, int L, int lane) {
-  const CacheWriteParams& p = sp.append;
-  const int L_old = sp.seqlens[b];
-  if (L_old >= 0 && L_old < p.max_seq_len) {
-    const int page = L_old / p.page_size;
-    const bool first = L_old % p.page_size == 0;  // a new page: its summary is the key itself
-    const bf16_t* ks = p.k_src + b * p.ks_batch_stride + h * p.ks_head_stride;
-    const bf16_t* vs = p.v_src + b * p.vs_batch_stride + h * p.vs_head_stride;
-    bf16_t* kc = p.k_cache + b * p.kc_batch_stride + h * p.kc_head_stride + (int64_t)L_old * p.kc_row_stride;
-    bf16_t* vc = p.v_cache + b * p.vc_batch_stride + h * p.vc_head_stride + (int64_t)L_old * p.vc_row_stride;
-    bf16_t* sm = p.summaries + b * p.s_batch_stride + h * p.s_head_stride + (int64_t)page * p.s_page_stride;
-    for (int d0 = lane * 8; d0 < p.D; d0 += 32 * 8) {
-      const uint4 kv = ldg16(ks + d0);
-      const uint4 vv = ldg16(vs + d0);
-      uint4 mn4 = kv, mx4 = kv;
-      if (!first) {
-        float f[8], mn[8], mx[8];
-        unpack8(kv, f);
-        unpack8(*reinterpret_cast<const uint4*>(sm + d0), mn);
-        unpack8(*reinterpret_cast<const uint4*>(sm + p.D + d0), mx);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
-        mn4 = pack8(mn);
-        mx4 = pack8(mx);
-      }
-      *reinterpret_cast<uint4*>(kc + d0) = kv;
-      *reinterpret_cast<uint4*>(vc + d0) = vv;
-      *reinterpret_cast<uint4*>(sm + d0) = mn4;
-      *reinterpret_cast<uint4*>(sm + p.D + d0) = mx4;
-      if (p.super_summaries != nullptr) {  // and into its superpage's summary
-        const int span = p.page_size * p.superpage;
-        bf16_t* ss = p.super_summaries + b * p.ss_batch_stride + h * p.ss_head_stride +
-                     (int64_t)(L_old / span) * p.ss_page_stride;
-        uint4 smn4 = kv, smx4 = kv;
-        if (L_old % span != 0) {
-          float f[8], mn[8], mx[8];
-          unpack8(kv, f);
-          unpack8(*reinterpret_cast<const uint4*>(ss + d0), mn);
-          unpack8(*reinterpret_cast<const uint4*>(ss + p.D + d0), mx);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
-          smn4 = pack8(mn);
-          smx4 = pack8(mx);
-        }
-        *reinterpret_cast<uint4*>(ss + d0) = smn4;
-        *reinterpret_cast<uint4*>(ss + p.D + d0) = smx4;
-      }
-    }
-  } else if (h == 0 && lane == 0 && L_old >= p.max_seq_len) {
-    atomicExch(p.overflow, 1);  // the token is dropped; check_overflow() reports it
-  }
-  if (h == 0 && lane == 0) sp.lens_out[b] = L;
-}
-
-__global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectParams p, int smem_keys) {
+// THREADS: 1024 for long score rows, 256 for short ones (fewer warps make every
+// block barrier and the per-warp histogram reduction cheaper).
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, int smem_keys) {
+  constexpr int kSelectThreads = THREADS, kWarps = THREADS / 32;
   extern __shared__ uint32_t skeys[];  // [smem_keys] candidate keys, when they fit
   const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid & 31;
   pdl_wait();
   pdl_launch_dependents();  // the attention's CTAs may be placed while this one selects
   __shared__ int hist[256];
-  __shared__ int hist_all[32 * 256];
+  __shared__ int hist_all[kWarps * 256];
   __shared__ uint64_t warp_tot[32];
   __shared__ int s_bin, s_above, s_n, s_need;
   __shared__ uint32_t s_list[32], s_thr;
@@ -303,7 +312,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
   const int n_pages_b = (L + p.page_size - 1) / p.page_size;
   int* out = p.pages + ((int64_t)b * p.Hkv + h) * p.n_out;
   if (p.counters != nullptr && tid == 0) p.counters[b * p.Hkv + h] = 0;
-  if (p.append.k_src != nullptr && tid >= kSelectThreads - 32) append_one_token(p, b, h, L, tid & 31);
+  if (p.lens_out != nullptr && h == 0 && tid == 0) p.lens_out[b] = L;
 
   if (n_pages_b <= p.n_sel) {  // L <= budget: every page, exactly (mode 1: nothing to shortlist)
     for (int i = tid; i < p.n_out; i += kSelectThreads) out[i] = (p.mode != 1 && i < n_pages_b) ? i : -1;
@@ -369,8 +378,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
   __shared__ uint32_t s_min[32], s_max[32];
   if (lane == 0) { s_min[tid >> 5] = kmin; s_max[tid >> 5] = kmax; }
   __syncthreads();
-  kmin = s_min[lane];
-  kmax = s_max[lane];
+  kmin = lane < kWarps ? s_min[lane] : 0xffffffffu;
+  kmax = lane < kWarps ? s_max[lane] : 0u;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     kmin = min(kmin, __shfl_xor_sync(0xffffffffu, kmin, off));
@@ -388,10 +397,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
     const int high_bit = 31 - __clz(kmin ^ kmax);
     mask = high_bit == 31 ? 0u : ~((2u << high_bit) - 1u);
     prefix = kmin & mask;
-    int* whist = reinterpret_cast<int*>(hist_all);  // [32 warps][256] private histograms
+    int* whist = reinterpret_cast<int*>(hist_all);  // [kWarps][256] private histograms
     for (int top = high_bit; top >= 0; top -= 8) {
       const int shift = max(top - 7, 0);
-      for (int i = tid; i < 32 * 256; i += kSelectThreads) whist[i] = 0;
+      for (int i = tid; i < kWarps * 256; i += kSelectThreads) whist[i] = 0;
       __syncthreads();
       int* my_hist = whist + (tid >> 5) * 256;
       for (int i = tid; i < n_cand; i += kSelectThreads) {
@@ -402,7 +411,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
       if (tid < 256) {
         int c = 0;
 #pragma unroll 8
-        for (int w = 0; w < 32; ++w) c += whist[w * 256 + tid];
+        for (int w = 0; w < kWarps; ++w) c += whist[w * 256 + tid];
         hist[tid] = c;
       }
       __syncthreads();
@@ -497,7 +506,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
       }
     }
     uint64_t total;
-    const uint64_t excl = block_exclusive_scan(((uint64_t)__popc(eq_bits) << 32) | __popc(def_bits), warp_tot,
+    const uint64_t excl = block_exclusive_scan<kWarps>(((uint64_t)__popc(eq_bits) << 32) | __popc(def_bits), warp_tot,
                                                total);
     int def_before = base_def + (int)(excl & 0xffffffffu);
     int eq_before = base_eq + (int)(excl >> 32);
@@ -519,30 +528,39 @@ __global__ void __launch_bounds__(kSelectThreads) select_pages_kernel(SelectPara
   for (int i = base_def + min(base_eq, need_eq) + tid; i < p.n_out; i += kSelectThreads) out[i] = -1;
 }
 
-void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
+template <int THREADS>
+void launch_select_threads(const SelectParams& p, cudaStream_t stream) {
   // Cache up to 40,960 candidate keys (160 KB, 640k tokens at 16-token pages) in shared
   // memory, fewer where the GPU allows less per block (~16k keys on ~100 KB GPUs); longer
-  // sequences read their keys from L2 on each pass instead.
+  // rows read their keys from L2 on each pass instead.
+  auto kernel = select_pages_kernel<THREADS>;
   static int max_keys[64] = {};
   int dev = 0;
   cudaGetDevice(&dev);
   int cap = dev >= 0 && dev < 64 ? max_keys[dev] : 0;
   if (cap == 0) {
     cudaFuncAttributes attr{};
-    cudaFuncGetAttributes(&attr, select_pages_kernel);
+    cudaFuncGetAttributes(&attr, kernel);
     const int dyn = max_smem_per_block() - int(attr.sharedSizeBytes);
     cap = dyn > 0 ? std::min(40960, dyn / int(sizeof(uint32_t))) : 0;
     cap = std::max(cap, 1);
-    cudaFuncSetAttribute(select_pages_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         int(cap * sizeof(uint32_t)));
-    prefer_max_shared(select_pages_kernel);
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(cap * sizeof(uint32_t)));
+    prefer_max_shared(kernel);
     if (dev >= 0 && dev < 64) max_keys[dev] = cap;
   }
   const int smem_keys = p.n_scores < cap ? p.n_scores : cap;
   const size_t smem = size_t(smem_keys) * sizeof(uint32_t);
   dim3 grid(p.Hkv, p.B);
-  launch_maybe_pdl(select_pages_kernel, grid, dim3(kSelectThreads), smem, stream, p, smem_keys);
+  launch_maybe_pdl(kernel, grid, dim3(THREADS), smem, stream, p, smem_keys);
   check_launch("select_pages_kernel");
+}
+
+void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
+  if (p.n_scores <= 4096) {
+    launch_select_threads<256>(p, stream);
+  } else {
+    launch_select_threads<1024>(p, stream);
+  }
 }
 
 }  // namespace hydra

@@ -149,6 +149,7 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
     sp.k_new = append->k_src;
     sp.kn_batch_stride = append->ks_batch_stride;
     sp.kn_head_stride = append->ks_head_stride;
+    sp.append = *append;  // the first score kernel's extra CTAs write the token
   }
 
   hydra::SelectParams se{};
@@ -162,7 +163,6 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
   se.n_scores = n_pages;
   if (append != nullptr) {
     se.len_add = 1;
-    se.append = *append;
     se.lens_out = lens_out;
   }
   if (coarse.summaries == nullptr) {
@@ -197,11 +197,11 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
   e1.superpage = S;
   e1.counters = nullptr;
   e1.len_add = se.len_add;
-  e1.append = hydra::CacheWriteParams{};  // the final select appends
-  e1.lens_out = nullptr;
+  e1.lens_out = nullptr;  // the final select publishes the step's lengths
   hydra::launch_select_pages(e1, stream);
 
   hydra::ScoreParams s2 = sp;
+  s2.append = hydra::CacheWriteParams{};  // stage 1 wrote the token
   s2.superpage = S;
   s2.shortlist = shortlist;
   s2.n_short = n_short;
