@@ -552,6 +552,12 @@ def bench_cache_step(B, T, ctx, s0, sub, refs, args, copy_gbps, modes, shape_row
     of the shape, over tensors exactly T long, is reported beside it). The append's cost
     is the step's time minus that attend's; the separate append launch is timed too.
 
+    Equal lengths: every timed step first restores the lengths to T - 1 (so it appends
+    token T - 1 again and attends over T tokens), and every timed attend first sets them
+    to T: both graphs carry the same 4-byte-per-sequence copy. Without it the step's
+    lengths would grow by one per call over the thousands of timed calls while the
+    attend's stay at T, and the comparison would charge the step for a longer context.
+
     The cache is prefilled with the first T-1 tokens of input set 0 and the step
     appends token T-1, so the first step's output is checked against the same fp32
     reference as hydra_cached. While timing, every call appends one more token (the
@@ -570,13 +576,19 @@ def bench_cache_step(B, T, ctx, s0, sub, refs, args, copy_gbps, modes, shape_row
         cache.prefill(k_prompt, v_prompt)
         torch.cuda.synchronize()
 
+    reset()
+    lens_before = cache.seqlens.clone()      # T - 1
+    lens_after = lens_before + 1             # T
+
     def step():
+        cache.seqlens.copy_(lens_before)
         return cache.step(q, k_new, v_new)
 
     def append_only():
         cache.append(k_new, v_new)
 
     def attend_only():
+        cache.seqlens.copy_(lens_after)
         return cache.attend(q)
 
     rows = []
@@ -615,7 +627,9 @@ def bench_cache_step(B, T, ctx, s0, sub, refs, args, copy_gbps, modes, shape_row
         row = {"name": "hydra_cache_step", "B": B, "T": T, "D": HEAD_DIM, "mode": mode, "us": us,
                "append_launch_us": append_us, "max_rel_err": err, "checked_batch_indices": sorted({0, B - 1}),
                "correct": err is not None and err < MAX_REL_ERR, "bytes": nbytes, "gbps": gbps(nbytes, us),
-               "floor_us": floor_us(nbytes, copy_gbps), "cache_headroom_tokens": CACHE_HEADROOM}
+               "floor_us": floor_us(nbytes, copy_gbps), "cache_headroom_tokens": CACHE_HEADROOM,
+               "method": "step and attend each restore the lengths first (T - 1 before the step's append, "
+                         "T for the attend): equal lengths, the same copy in both"}
         if attend is not None:
             append_cost = us - attend["us"]  # what appending adds to the step
             row.update({"attend_us": attend["us"], "step_over_attend": us / attend["us"],

@@ -63,7 +63,7 @@ struct ScoreParams {
   // Fused append (HydraKVCache.step): the step's length is seqlens[b] + len_add, and the
   // token at seqlens[b] (k_new) is folded into its page's bound when that page is
   // scored. With append.k_src set (flat, or coarse-to-fine stage 1), one extra CTA per
-  // (b, h) (blockIdx.x == gridDim.x - 1) writes the token's K/V row and folds it into
+  // (b, h) (blockIdx.x == 0) writes the token's K/V row and folds it into
   // the page (and superpage) summaries, concurrently with the scoring CTAs.
   int len_add;
   const bf16_t* k_new;   // [B, Hkv, 1, D] or nullptr

@@ -120,10 +120,14 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
   pdl_wait();
   pdl_launch_dependents();  // the select kernel may be placed as the last CTAs run
   const int L_raw = p.seqlens != nullptr ? p.seqlens[b] : p.Tkv;  // read once: the old length
-  if (p.append.k_src != nullptr && blockIdx.x == gridDim.x - 1) {  // the fused append's CTA
+  // The fused append's CTA is the first of each (b, h), so that its chain of dependent
+  // memory round trips overlaps the scoring instead of trailing it.
+  const bool with_append = p.append.k_src != nullptr;
+  if (with_append && blockIdx.x == 0) {
     if (threadIdx.x < 32) append_one_token(p.append, L_raw, b, h, threadIdx.x);
     return;
   }
+  const int cta = blockIdx.x - (with_append ? 1 : 0);  // this CTA's share of the scoring
   const int L = min(max(L_raw + p.len_add, 0), p.Tkv);
   const int n_pages_b = (L + p.page_size - 1) / p.page_size;
   if (n_pages_b <= p.n_sel) return;  // every page is attended; nothing to rank
@@ -136,7 +140,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
     cand_hi = cand_hi > cand_lo ? (cand_hi + p.superpage - 1) / p.superpage : sp_lo;
     cand_lo = sp_lo;
   }
-  const int page0 = blockIdx.x * S::kPagesPerCta;
+  const int page0 = cta * S::kPagesPerCta;
   if (stage2 ? page0 >= p.n_short * p.superpage : (page0 >= cand_hi || page0 + S::kPagesPerCta <= cand_lo)) return;
 
   const int lane = threadIdx.x % S::kThreadsPerPage;
