@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 DECODE_MARKERS = ("<!-- BENCH:decode:start -->", "<!-- BENCH:decode:end -->")
 TESTS_MARKERS = ("<!-- EVIDENCE:tests:start -->", "<!-- EVIDENCE:tests:end -->")
+FIDELITY_MARKERS = ("<!-- EVIDENCE:fidelity:start -->", "<!-- EVIDENCE:fidelity:end -->")
 
 HYDRA_NAMES = ("hydra_cached", "hydra_stateless")
 
@@ -259,6 +260,27 @@ def cache_step_table(rows) -> str:
     return "\n".join(out)
 
 
+def fidelity_section(record, path: Path, stale) -> str:
+    """Mean fidelity per configuration over the layers, one row per (configuration, budget, T)."""
+    rows = record.get("rows") or []
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["name"], r["page_size"], r["budget"], r["T"]), []).append(r)
+    out = [f"Fidelity against full attention, {record.get('source', '?')} inputs ({record.get('inputs', '')}): "
+           + _caption(record, path, stale), "",
+           f"Command: `{record.get('command', '?')}`", "",
+           "| configuration | page | budget | T | mass recall | top-10 recall | rel err | metadata read (MB) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (name, P, budget, T), rs in sorted(groups.items(), key=lambda kv: (kv[0][3], kv[0][2], kv[0][0])):
+        n = len(rs)
+        mean = lambda key: sum(r[key] for r in rs) / n  # noqa: E731
+        out.append(f"| {name} | {P} | {budget:,} | {T:,} | {mean('mass_recall'):.3f} | {mean('top10_recall'):.2f} "
+                   f"| {mean('rel_err'):.3f} | {rs[0]['metadata_bytes'] / 1e6:.2f} |")
+    if record.get("missing"):
+        out += ["", f"Not yet measured: {record['missing']}."]
+    return "\n".join(out)
+
+
 def tests_section(record, path: Path, stale) -> str:
     summary = record.get("summary") or {}
     counts = ", ".join(f"{summary.get(k, 0)} {k}" for k in ("passed", "failed", "skipped"))
@@ -316,7 +338,8 @@ def render(readme_text: str, evidence_dir: Path, repo: Path, log=print) -> str:
     """The README text with every section whose markers and evidence exist regenerated."""
     evidence_module = _load_evidence_module(repo)
     sections = [("decode_bench.json", DECODE_MARKERS, decode_section),
-                ("gpu_tests.json", TESTS_MARKERS, tests_section)]
+                ("gpu_tests.json", TESTS_MARKERS, tests_section),
+                ("fidelity.json", FIDELITY_MARKERS, fidelity_section)]
     text = readme_text
     for filename, markers, make in sections:
         path = evidence_dir / filename

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: carried wheels, JIT build, the full GPU suite (evidence
-# gpu_tests.json) and the decode benchmark (decode_bench.json), all under $OUT.
-#   bash scripts/gpu_check.sh [tests|bench|all] [extra benchmark args...]
+# gpu_tests.json), the fidelity harness (fidelity.json) and the decode benchmark
+# (decode_bench.json), all under $OUT.
+#   bash scripts/gpu_check.sh [tests|fidelity|bench|all|none] [extra benchmark args...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -22,6 +23,10 @@ rc=0
 if [ "$what" = all ] || [ "$what" = tests ]; then
   python3 scripts/run_gpu_suite.py --out "$OUT/gpu_tests.json" 2>&1 | tee "$OUT/tests.log" | grep -v "^$" | tail -60
   rc=${PIPESTATUS[0]}
+fi
+if [ "$what" = all ] || [ "$what" = fidelity ]; then
+  python3 benchmarks/fidelity.py --synthetic --device cuda --T 4096,16384,65536 \
+    --evidence "$OUT/fidelity.json" 2>&1 | tee "$OUT/fidelity.log" | tail -3
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   python3 benchmarks/benchmark_hydra_decode.py --out "$OUT/decode_bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -40
