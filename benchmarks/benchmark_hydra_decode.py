@@ -951,6 +951,68 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
 
 
 # ----------------------------------------------------------------------------
+# Other head dims (issue 9): hydra_cached and the SDPA peers at B=1, T=131,072
+# ----------------------------------------------------------------------------
+HEAD_DIM_CASES = [(64, 9, 3), (256, 16, 2)]  # (D, Hq, Hkv): SmolLM-like and Qwen3-Next-like
+HEAD_DIM_T = 131072
+TARGET_HEAD_DIM_SPEEDUP = 8.0
+
+
+def bench_head_dims(ctx, args, rows, copy_gbps):
+    hydra, ref = ctx["hydra"], ctx["ref"]
+    modes = ["eager"] if args.no_graph else ["eager", "graph"]
+    T = HEAD_DIM_T
+    for D, Hq, Hkv in HEAD_DIM_CASES:
+        log(f"\n== B=1 T={T} D={D} Hq={Hq} Hkv={Hkv}")
+        torch.manual_seed(D)
+        sets = [{"q": torch.randn(1, Hq, 1, D, device=DEVICE, dtype=DTYPE),
+                 "k": torch.randn(1, Hkv, T, D, device=DEVICE, dtype=DTYPE),
+                 "v": torch.randn(1, Hkv, T, D, device=DEVICE, dtype=DTYPE)} for _ in range(2)]
+        for st in sets:
+            st["S"] = hydra.page_summaries(st["k"], page_size=PAGE_SIZE)
+        s0 = sets[0]
+        q0, k0, v0 = s0["q"].float(), s0["k"].float(), s0["v"].float()
+        want_sparse = ref.hydra(q0, k0, v0, precision=PRECISION, page_summaries=s0["S"]).float()
+        want_dense = dense_reference(q0, k0, v0)
+        shape_rows = []
+        kv = Hkv * T * D * 2
+        sel = BUDGET_TOKENS * Hkv * D * 2
+
+        def check(out, want):
+            err = max_rel_err(out.reshape(1, Hq, 1, D), want)
+            return {"max_rel_err": err, "correct": err is not None and err < MAX_REL_ERR}
+
+        cases = [Case("hydra_cached", None,
+                      [lambda st=st: hydra.hydra(st["q"], st["k"], st["v"], precision=PRECISION,
+                                                 page_summaries=st["S"]) for st in sets],
+                      lambda o: check(o, want_sparse),
+                      Hkv * ceil_div(T, PAGE_SIZE) * 2 * D * 2 + 2 * sel)]
+        from torch.nn.attention import SDPBackend
+
+        for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+            cases.append(Case(name, "gqa", [sdpa_call(backend, st["q"], st["k"], st["v"], "gqa") for st in sets],
+                              lambda o: check(o, want_dense), 2 * kv))
+        for case in cases:
+            for row in run_case(case, 1, T, args, copy_gbps).values():
+                row.update({"D": D, "Hq": Hq, "Hkv": Hkv, "head_dim_case": True})
+                shape_rows.append(row)
+        for mode in modes:
+            peers = [r for r in shape_rows if r["name"] != "hydra_cached" and r["mode"] == mode
+                     and r.get("us") is not None and r.get("correct")]
+            best = min(peers, key=lambda r: r["us"]) if peers else None
+            for r in shape_rows:
+                if r["name"] == "hydra_cached" and r["mode"] == mode and r.get("us") is not None and best:
+                    r.update({"best_dense_us": best["us"], "best_dense_name": best["name"],
+                              "speedup_vs_best_dense": best["us"] / r["us"], "floor_ratio": r["us"] / r["floor_us"],
+                              "target_speedup": TARGET_HEAD_DIM_SPEEDUP,
+                              "meets_target": best["us"] / r["us"] >= TARGET_HEAD_DIM_SPEEDUP and r.get("correct")})
+        rows.extend(shape_rows)
+        del sets, cases, want_sparse, want_dense, q0, k0, v0
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------
 # Targets summary
 # ----------------------------------------------------------------------------
 def host_overhead(rows, no_graph: bool):
@@ -1023,6 +1085,7 @@ def main(argv=None) -> int:
     p.add_argument("--rep", type=int, default=None, help="do_bench repetition time in ms (default 200, quick 50)")
     p.add_argument("--sets", type=int, default=None, help="number of rotating input sets (default: by size)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of skipped cases")
+    p.add_argument("--no-head-dims", action="store_true", help="skip the D=64 / D=256 rows at B=1, T=131,072")
     p.add_argument("--no-hier", action="store_true", help="skip the coarse-to-fine rows (hydra_flat8, hydra_hier)")
     args = p.parse_args(argv)
 
@@ -1056,10 +1119,18 @@ def main(argv=None) -> int:
         gc.collect()  # the shape's closures are gone now: give its memory back
         torch.cuda.empty_cache()
 
+    if not args.no_head_dims and not args.shapes and not args.quick:
+        bench_head_dims(ctx, args, rows, copy["copy_gbps"])
     overhead = host_overhead(rows, args.no_graph)
     checks = target_checks(rows, overhead, args.no_graph)
     hier_checks = [{"check": f"hydra_hier {key} ({r['mode']}) B={r['B']} T={r['T']}", **c}
                    for r in rows if r.get("hier_targets") for key, c in r["hier_targets"].items()]
+    tm = "eager" if args.no_graph else "graph"
+    head_dim_checks = [{"check": f"hydra_cached speedup vs best dense ({tm}) B=1 T={r['T']} D={r['D']} "
+                                 f"Hq={r['Hq']} Hkv={r['Hkv']}",
+                        "value": r.get("speedup_vs_best_dense"), "target": f">= {TARGET_HEAD_DIM_SPEEDUP}",
+                        "met": bool(r.get("meets_target"))}
+                       for r in rows if r.get("head_dim_case") and r["name"] == "hydra_cached" and r["mode"] == tm]
     partial = not set(SPEC_SHAPES) <= set(shapes)
     extra = {
         "copy_gbps": copy["copy_gbps"],
@@ -1087,6 +1158,8 @@ def main(argv=None) -> int:
                            "shapes": [f"{b}x{t}" for b, t in HIER_SHAPES],
                            "targets": {f"{b}x{t}": t_ for (b, t), t_ in TARGET_HIER.items()},
                            "checks": hier_checks},
+        "head_dims": {"cases": [{"D": d, "Hq": hq, "Hkv": hkv} for d, hq, hkv in HEAD_DIM_CASES], "T": HEAD_DIM_T,
+                      "checks": head_dim_checks},
         "eager_host_overhead": overhead,
         "target_checks": checks,
         "all_targets_met": (not partial) and all(c["met"] for c in checks),
@@ -1101,7 +1174,7 @@ def main(argv=None) -> int:
         log(f"  [{'met' if c['met'] else 'MISSED'}] {c['check']}: {value} (target {c['target']})")
     if partial:
         log("  (a partial matrix: all_targets_met needs the six SPEC 7 shapes)")
-    for c in hier_checks:
+    for c in hier_checks + head_dim_checks:
         value = "n/a" if c["value"] is None else f"{c['value']:.3g}"
         log(f"  [{'met' if c['met'] else 'MISSED'}] {c['check']}: {value} (target {c['target']})")
 

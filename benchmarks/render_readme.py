@@ -68,6 +68,8 @@ def _t(T: int) -> str:
 
 def _find(rows, name, B, T, mode):
     for r in rows:
+        if r.get("head_dim_case"):
+            continue  # the D = 64 / 256 rows have a table of their own
         if r.get("name") == name and r.get("B") == B and r.get("T") == T and r.get("mode") == mode:
             return r
     return None
@@ -76,6 +78,8 @@ def _find(rows, name, B, T, mode):
 def _shapes(rows):
     seen = []
     for r in rows:
+        if r.get("head_dim_case"):
+            continue
         key = (r.get("B"), r.get("T"))
         if key not in seen:
             seen.append(key)
@@ -144,6 +148,8 @@ def decode_detail_table(rows) -> str:
                      "-", "-", "-", "-", note.replace("|", "/")]
         else:
             notes = []
+            if r.get("head_dim_case"):
+                notes.append(f"D={r['D']}, Hq={r['Hq']}, Hkv={r['Hkv']}")
             if r.get("variant"):
                 notes.append(str(r["variant"]))
             if r.get("correct") is False:
@@ -200,6 +206,10 @@ def decode_section(record, path: Path, stale) -> str:
                       "attend alone on the same cache (`attend`, same buffers; the hydra_cached row over tensors "
                       "exactly T long is shown too). Issue 5 targets: step within 1.10x of attend, append under "
                       "5% of it:", "", cache_table]
+    dims = head_dim_table(rows, tm)
+    if dims:
+        lines += ["", "Other head dims (issue 9 target: ≥ 8x the best dense peer at B=1, T=131,072; "
+                      "same budget, 16-token pages):", "", dims]
     hier = hier_table(rows, tm)
     if hier:
         c2f = record.get("coarse_to_fine", {})
@@ -217,6 +227,22 @@ def decode_section(record, path: Path, stale) -> str:
     lines += ["", "<details><summary>Every timed case</summary>", "", decode_detail_table(rows), "",
               "</details>"]
     return "\n".join(lines)
+
+
+def head_dim_table(rows, mode="graph") -> str:
+    """hydra_cached at the other head dims against the SDPA peers, or ""."""
+    picked = [r for r in rows if r.get("head_dim_case") and r.get("name") == "hydra_cached" and r.get("mode") == mode
+              and r.get("us") is not None]
+    if not picked:
+        return ""
+    out = ["| D | Hq | Hkv | B | T | best dense (µs) | hydra cached (µs) | speedup | × byte floor | max rel err |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(picked, key=lambda r: r["D"]):
+        out.append(f"| {r['D']} | {r['Hq']} | {r['Hkv']} | {r['B']} | {_t(r['T'])} | "
+                   f"{_us(r.get('best_dense_us'))} ({r.get('best_dense_name')}) | {_us(r['us'])} | "
+                   f"{_speedup(r)} | {_ratio(r.get('floor_ratio'))} | {_err(r.get('max_rel_err'))}"
+                   f"{' WRONG' if r.get('correct') is False else ''} |")
+    return "\n".join(out)
 
 
 def hier_table(rows, mode="graph") -> str:

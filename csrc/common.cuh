@@ -154,9 +154,11 @@ inline void check_launch(const char* what) {
 #define HYDRA_DISPATCH_HEAD_DIM(D, CONST_NAME, ...)                                        \
   [&] {                                                                                   \
     switch (D) {                                                                          \
+      case 64: { constexpr int CONST_NAME = 64; return __VA_ARGS__(); }                   \
       case 128: { constexpr int CONST_NAME = 128; return __VA_ARGS__(); }                 \
+      case 256: { constexpr int CONST_NAME = 256; return __VA_ARGS__(); }                 \
       default:                                                                            \
         throw std::invalid_argument("hydra: unsupported head dim D=" + std::to_string(D) + \
-                                    " (supported: 128)");                                 \
+                                    " (supported: 64, 128, 256)");                        \
     }                                                                                     \
   }()

@@ -369,6 +369,13 @@ for T in (4097, 8 * 12000 + 5):  # the second has more pages than a ~80 KB block
     check_selection(pages, q, k, pol, summaries=summ)
     check_output(o, q, k, v, mask_from_pages(pages, T, 8))
 assert any("sparse_decode_kernel<128, 2>" in n for n in names), sorted(names)
+q, k, v = make_qkv(1, 16, 2, 3000, D=256, seed=5)  # D = 256 fits only one stage in ~80 KB
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    o = hydra.hydra(q, k, v, policy=pol, out=nan_like(q))
+    torch.cuda.synchronize()
+assert any("sparse_decode_kernel<256, 1>" in e.name for e in prof.events())
+pages = hydra.select_pages(q, k, policy=pol)
+check_output(o, q, k, v, mask_from_pages(pages, 3000, 8))
 print("ok")
 """
 
@@ -448,3 +455,56 @@ def test_coarse_to_fine_matches_reference(pi):
     flat = hydra.HydraPolicy(**{**pol.__dict__, "superpage": 0})
     assert torch.equal(hydra.select_pages(q, k, policy=wide, cache_seqlens=lens, page_summaries=summ),
                        hydra.select_pages(q, k, policy=flat, cache_seqlens=lens, page_summaries=summ))
+
+
+# -- head dims 64 and 256 (issue 9, bf16) ----------------------------------------------
+HEAD_DIM_SHAPES = [(64, 9, 3), (256, 16, 2), (64, 4, 4), (256, 6, 1)]
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("D,Hq,Hkv", HEAD_DIM_SHAPES)
+@pytest.mark.parametrize("T", [97, 4097, 20000])
+def test_head_dims(D, Hq, Hkv, T):
+    """Summaries, selection (cached and stateless) and attention at D = 64 and 256, with
+    ragged lengths and NaN past them, against the fp32 reference."""
+    _need_ops()
+    pol = hydra.HydraPolicy(page_size=16, budget_tokens=1024, sink_tokens=64, recent_tokens=256)
+    B = 2
+    q, k, v = make_qkv(B, Hq, Hkv, T, D=D, seed=T + D + Hq, slack=24)
+    lens = torch.tensor([T, max(1, T // 2 + 3)], dtype=torch.int32, device=DEV)
+    poison_past(k, v, lens)
+    summ = hydra.page_summaries(k, cache_seqlens=lens)
+    assert torch.equal(summ, ref.page_summaries(k, page_size=16, cache_seqlens=lens))
+    for s in (summ, None):
+        o = hydra.hydra(q, k, v, policy=pol, cache_seqlens=lens, page_summaries=s, out=nan_like(q))
+        pages = hydra.select_pages(q, k, policy=pol, cache_seqlens=lens, page_summaries=s)
+        check_selection(pages, q, k.nan_to_num(0.0), pol, lens=lens, summaries=summ)
+        check_output(o, q, k, v, mask_from_pages(pages, T, 16, lens))
+    exact = hydra.hydra(q, k, v, precision="exact", cache_seqlens=lens, out=nan_like(q))
+    check_output(exact, q, k, v, (torch.arange(T, device=DEV).view(1, 1, T) < lens.view(B, 1, 1)).expand(B, Hkv, T))
+
+
+@pytest.mark.parametrize("D", [64, 256])
+def test_head_dim_cache_step(D):
+    """HydraKVCache at D = 64 / 256: fused steps equal append + attend, summaries exact."""
+    _need_ops()
+    from test_cache import assert_same_contents, assert_summaries_exact
+
+    Hq, H = (9, 3) if D == 64 else (16, 2)
+    pol = hydra.HydraPolicy(page_size=8, budget_tokens=128, sink_tokens=8, recent_tokens=24)
+    fused, plain = (hydra.HydraKVCache(2, H, D, 600, device=DEV, policy=pol) for _ in range(2))
+    g = torch.Generator(device=DEV).manual_seed(D)
+    k = torch.randn(2, H, 500, D, device=DEV, generator=g).to(BF16)
+    v = torch.randn(2, H, 500, D, device=DEV, generator=g).to(BF16)
+    lens = torch.tensor([500, 333], dtype=torch.int32, device=DEV)
+    fused.prefill(k, v, seqlens=lens)
+    plain.prefill(k, v, seqlens=lens)
+    for i in range(20):
+        q = torch.randn(2, Hq, 1, D, device=DEV, generator=g).to(BF16)
+        kn = torch.randn(2, H, 1, D, device=DEV, generator=g).to(BF16)
+        vn = torch.randn(2, H, 1, D, device=DEV, generator=g).to(BF16)
+        got = fused.step(q, kn, vn, out=nan_like(q))
+        plain.append(kn, vn)
+        assert torch.equal(got, plain.attend(q)), f"step {i}"
+    assert_same_contents(fused, plain)
+    assert_summaries_exact(fused)

@@ -51,7 +51,7 @@ def test_dtype_mismatch_names_tensor_and_dtype():
 
 def test_unsupported_head_dim():
     q, k, v = qkv(D=96)
-    with raises(ValueError, "hydra: head dim D must be one of (128,) (64 and 256 are planned), got D=96"):
+    with raises(ValueError, "hydra: head dim D must be one of (64, 128, 256), got D=96"):
         hydra.hydra(q, k, v)
 
 

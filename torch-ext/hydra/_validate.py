@@ -12,7 +12,8 @@ import math
 
 import torch
 
-SUPPORTED_HEAD_DIMS = (128,)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+_INV_SQRT_D = {d: 1.0 / math.sqrt(d) for d in SUPPORTED_HEAD_DIMS}
 SUPPORTED_DTYPES = (torch.bfloat16,)
 MAX_GROUP = 16
 _ALIGN = 8  # elements: 16-byte vector loads need every row to start 16-byte aligned
@@ -48,8 +49,7 @@ def _qkv(q, k, v):
             raise TypeError(f"hydra: {name} must be bf16 like q, got {t.dtype}")
     B, Hq, Tq, D = q.shape
     if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"hydra: head dim D must be one of {SUPPORTED_HEAD_DIMS} (64 and 256 are planned), "
-                         f"got D={D}")
+        raise ValueError(f"hydra: head dim D must be one of {SUPPORTED_HEAD_DIMS}, got D={D}")
     for name, t in named[1:]:
         if t.shape[0] != B:
             raise ValueError(f"hydra: {name} batch size must match q's ({B}), got {name}.shape={tuple(t.shape)}")
@@ -126,7 +126,7 @@ def _fast_decode_ok(q, k, v, policy, cache_seqlens, page_summaries):
             and k.dtype is torch.bfloat16 and v.dtype is torch.bfloat16 and q.is_cuda):
         return False
     qs, ks = q.shape, k.shape
-    if not (len(qs) == 4 and len(ks) == 4 and qs[2] == 1 and qs[3] == 128 and ks[3] == 128 and qs[0] == ks[0]
+    if not (len(qs) == 4 and len(ks) == 4 and qs[2] == 1 and qs[3] in _INV_SQRT_D and ks[3] == qs[3] and qs[0] == ks[0]
             and v.shape == ks and ks[1] > 0 and qs[1] % ks[1] == 0 and qs[1] // ks[1] <= MAX_GROUP and ks[2] >= 1
             and k.device == q.device and v.device == q.device):
         return False
@@ -142,10 +142,10 @@ def _fast_decode_ok(q, k, v, policy, cache_seqlens, page_summaries):
     if page_summaries is not None:
         ps = page_summaries
         if not (type(ps) is T and ps.dtype is torch.bfloat16 and ps.device == q.device
-                and ps.shape == (qs[0], ks[1], -(-ks[2] // policy.page_size), 2, 128)):
+                and ps.shape == (qs[0], ks[1], -(-ks[2] // policy.page_size), 2, qs[3])):
             return False
         st = ps.stride()
-        if st[4] != 1 or st[3] != 128 or st[0] % _ALIGN or st[1] % _ALIGN or st[2] % _ALIGN:
+        if st[4] != 1 or st[3] != qs[3] or st[0] % _ALIGN or st[1] % _ALIGN or st[2] % _ALIGN:
             return False
     return True
 
@@ -156,7 +156,7 @@ def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx
     if (v is not None and is_causal is True and sliding_window is None and policy_layer_idx is None
             and scale is None and out is None and superpage_summaries is None and not policy.coarse
             and _fast_decode_ok(q, k, v, policy, cache_seqlens, page_summaries)):
-        return {"scale": 0.08838834764831845}  # 1 / sqrt(128)
+        return {"scale": _INV_SQRT_D[q.shape[3]]}
     if is_causal is not True:
         raise ValueError(f"hydra: is_causal must be True (hydra is causal attention), got {is_causal!r}")
     B, Hq, Tq, D, Hkv, Tkv = _qkv(q, k, v)

@@ -1,0 +1,400 @@
+// Split-KV sparse decode attention over a page list (or a contiguous page range).
+//
+// One CTA per (split, KV head, sequence) serves every query head of the GQA
+// group, so each selected K/V byte is read once. Tiles of 64 tokens stream
+// through a 3-stage cp.async pipeline with 16-byte coalesced loads. Each of the
+// 4 warps takes 16 tokens of a tile and runs QK^T and PV on tensor cores
+// (mma.sync m16n8k16, bf16 in, fp32 accumulate): the group's query heads are the
+// 16 rows of the A operand (rows past the group are zero), so one kernel serves
+// every group size up to 16. The online softmax is fp32. Each split writes a
+// normalised partial output and its log-sum-exp; the last CTA of a head to
+// finish merges the splits (a counter per head), so the step needs no extra launch.
+#pragma once
+
+#include "common.cuh"
+
+namespace hydra {
+
+template <int D, int STAGES>
+struct DecodeShape {
+  static constexpr int kThreads = 128;
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kRows = 16;                   // MMA rows: query heads of the group
+  static constexpr int kStride = D + 8;              // smem row pitch: a 16-byte skew keeps ldmatrix conflict-free
+  static constexpr int kStages = STAGES;  // 3, or 2 where shared memory is ~100 KB a block
+  static constexpr int kChunksPerRow = D / 8;
+  static constexpr int kTileElems = kTileTokens * kStride;
+  static constexpr int kKSteps = D / 16;             // k-steps of QK^T
+  static constexpr int kDTiles = D / 8;              // n-tiles of PV
+  static constexpr size_t kPipeBytes = size_t(kStages) * 2 * kTileElems * sizeof(bf16_t);
+  static constexpr size_t kSmemBytes = kPipeBytes + (kMaxEntriesPerSplit + 1) * sizeof(int);
+  static_assert(kTileTokens == kWarps * 16, "each warp owns 16 tokens of a tile");
+  static_assert(D % 16 == 0 && kKSteps % 2 == 0, "ldmatrix.x4 covers two k-steps");
+  static_assert(kChunksPerRow <= 32 && 32 % kChunksPerRow == 0, "a row's 16-byte vectors fit one warp");
+  static constexpr int kRowsPerLoad = 32 / kChunksPerRow;  // rows one warp-wide load instruction covers
+  static_assert(size_t(kWarps) * kRows * (D + 2) * sizeof(float) <= kPipeBytes,
+                "the cross-warp merge reuses the pipeline buffers");
+};
+
+__device__ __forceinline__ float safe_exp2_diff(float a, float m) {
+  return a == -INFINITY ? 0.f : exp2f(a - m);
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+// c += a (16x16, row) * b (16x8, col); bf16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int D, int STAGES>
+__global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
+  using S = DecodeShape<D, STAGES>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16_t* sk = reinterpret_cast<bf16_t*>(smem_raw);              // [kStages][64][kStride]
+  bf16_t* sv = sk + S::kStages * S::kTileElems;                   // [kStages][64][kStride]
+  int* spage = reinterpret_cast<int*>(smem_raw + S::kPipeBytes);  // [1 + entries]: previous entry, then the split's
+  __shared__ int s_last;
+
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  pdl_wait();
+  const int L = seq_len(p.seqlens, b, p.Tkv);
+  // Fused append: every kernel of the step has read the old lengths; advance them.
+  if (p.lengths_out != nullptr && split == 0 && h == 0 && tid == 0) p.lengths_out[b] = L;
+  const bool explicit_pages = p.pages != nullptr;
+  const int split_lo = split * p.entries_per_split;
+  int split_hi = min(split_lo + p.entries_per_split, p.n_entries);
+  int lo_tok = 0, first_page = 0;
+  if (explicit_pages) {
+    const int* pg = p.pages + b * p.p_batch_stride + h * p.p_head_stride;
+    for (int i = tid; i <= split_hi - split_lo; i += S::kThreads) {
+      spage[i] = i == 0 ? (split_lo > 0 ? pg[split_lo - 1] : -1) : pg[split_lo + i - 1];
+    }
+  } else {
+    if (p.window > 0) lo_tok = max(0, L - p.window);
+    first_page = lo_tok >> p.log2_page;
+    const int needed = ((L + p.page_size - 1) >> p.log2_page) - first_page;
+    split_hi = min(split_hi, needed);
+  }
+  __syncthreads();
+
+  // Token held by tile row `row` of the tile starting at entry e0, or -1 when the
+  // row is padding, a skipped entry, or outside [lo_tok, L).
+  auto row_token = [&](int e0, int row) -> int {
+    const int e = e0 + (row >> p.log2_page);
+    if (e >= split_hi) return -1;
+    int page;
+    if (explicit_pages) {
+      const int i = e - split_lo;
+      page = spage[i + 1];
+      if (page < 0 || page == spage[i]) return -1;
+    } else {
+      page = first_page + e;
+    }
+    const int tok = (page << p.log2_page) + (row & (p.page_size - 1));
+    return (tok < L && tok >= lo_tok) ? tok : -1;
+  };
+
+  const bf16_t* kb = p.k + b * p.k_batch_stride + h * p.k_head_stride;
+  const bf16_t* vb = p.v + b * p.v_batch_stride + h * p.v_head_stride;
+  const int ept = kTileTokens >> p.log2_page;  // entries per tile
+  const int n_tiles = split_hi > split_lo ? (split_hi - split_lo + ept - 1) / ept : 0;
+
+  // Each warp loads, and later computes on, its own 16 rows of every tile, so the
+  // tile loop needs warp barriers only. Lane r < 16 resolves the token of row r;
+  // a warp-wide load instruction covers 32 / (D / 8) rows (D / 8 lanes x 16 bytes each).
+  const int my_row = warp * 16 + lane % 16;
+  auto load_tile = [&](int t, int stage) {
+    const int tok_mine = row_token(split_lo + t * ept, my_row);
+    bf16_t* dk = sk + stage * S::kTileElems;
+    bf16_t* dv = sv + stage * S::kTileElems;
+    const int col = (lane % S::kChunksPerRow) * 8;
+#pragma unroll
+    for (int j = 0; j < 16 / S::kRowsPerLoad; ++j) {
+      const int r = S::kRowsPerLoad * j + lane / S::kChunksPerRow;
+      const int tok = __shfl_sync(0xffffffffu, tok_mine, r);
+      const int row = warp * 16 + r;
+      const int64_t t64 = tok >= 0 ? tok : 0;
+      const int bytes = tok >= 0 ? 16 : 0;  // zero-fill rows that are not attended
+      cp_async16(dk + row * S::kStride + col, kb + t64 * p.k_row_stride + col, bytes);
+      cp_async16(dv + row * S::kStride + col, vb + t64 * p.v_row_stride + col, bytes);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < S::kStages - 1; ++s) {
+    if (s < n_tiles) load_tile(s, s);
+    cp_async_commit();
+  }
+
+  // Query A-fragments (rows = heads of the group; rows past it are zero), while the first tiles load.
+  const int r0 = lane / 4, r1 = lane / 4 + 8, kc = (lane % 4) * 2;
+  uint32_t qa[S::kKSteps][4];
+  {
+    const bf16_t* q0 = p.q + b * p.q_batch_stride + (int64_t)(h * p.group + r0) * p.q_head_stride;
+    const bf16_t* q1 = p.q + b * p.q_batch_stride + (int64_t)(h * p.group + r1) * p.q_head_stride;
+    const bool live0 = r0 < p.group, live1 = r1 < p.group;
+#pragma unroll
+    for (int ks = 0; ks < S::kKSteps; ++ks) {
+      const int d = ks * 16 + kc;
+      qa[ks][0] = live0 ? *reinterpret_cast<const uint32_t*>(q0 + d) : 0u;
+      qa[ks][1] = live1 ? *reinterpret_cast<const uint32_t*>(q1 + d) : 0u;
+      qa[ks][2] = live0 ? *reinterpret_cast<const uint32_t*>(q0 + d + 8) : 0u;
+      qa[ks][3] = live1 ? *reinterpret_cast<const uint32_t*>(q1 + d + 8) : 0u;
+    }
+  }
+
+  float o[S::kDTiles][4];
+#pragma unroll
+  for (int n = 0; n < S::kDTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows r0 and r1; l is this lane's share
+
+  // ldmatrix row addresses: lane i addresses row i % 8 of matrix i / 8.
+  const int mi = lane / 8, mr = lane % 8;
+  const int k_row = warp * 16, k_col = mi * 8;                     // K: [tokens][dims] matrices along dims
+  const int v_row = warp * 16 + (mi % 2) * 8 + mr, v_col = (mi / 2) * 8;  // V: transposed, 2x2 matrices
+
+  for (int t = 0; t < n_tiles; ++t) {
+    if (t + S::kStages - 1 < n_tiles) load_tile(t + S::kStages - 1, (t + S::kStages - 1) % S::kStages);
+    cp_async_commit();
+    cp_async_wait<S::kStages - 1>();
+    __syncwarp();
+
+    const bf16_t* ck = sk + (t % S::kStages) * S::kTileElems;
+    const bf16_t* cv = sv + (t % S::kStages) * S::kTileElems;
+    const int e0 = split_lo + t * ept;
+
+    // S = Q K^T for this warp's 16 tokens: two n-tiles of 8 tokens.
+    float s[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < S::kKSteps; ks += 2) {
+        uint32_t kf[4];
+        ldmatrix_x4(kf, ck + (k_row + nt * 8 + mr) * S::kStride + ks * 16 + k_col);
+        mma_bf16(s[nt], qa[ks], kf[0], kf[1]);
+        mma_bf16(s[nt], qa[ks + 1], kf[2], kf[3]);
+      }
+    }
+    // Mask and scale. Columns of this lane: tokens warp*16 + nt*8 + kc + {0, 1}.
+    const int tok_mine = row_token(e0, my_row);
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const bool valid = __shfl_sync(0xffffffffu, tok_mine, nt * 8 + kc + c) >= 0;
+        s[nt][c] = valid ? s[nt][c] * p.scale_log2 : -INFINITY;
+        s[nt][c + 2] = valid ? s[nt][c + 2] * p.scale_log2 : -INFINITY;
+        mx0 = fmaxf(mx0, s[nt][c]);
+        mx1 = fmaxf(mx1, s[nt][c + 2]);
+      }
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float a0 = safe_exp2_diff(m0, mn0), a1 = safe_exp2_diff(m1, mn1);
+    m0 = mn0;
+    m1 = mn1;
+    float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        s[nt][c] = safe_exp2_diff(s[nt][c], mn0);
+        s[nt][c + 2] = safe_exp2_diff(s[nt][c + 2], mn1);
+        ps0 += s[nt][c];
+        ps1 += s[nt][c + 2];
+      }
+    }
+    l0 = l0 * a0 + ps0;
+    l1 = l1 * a1 + ps1;
+    if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {  // the running max rarely moves late on
+#pragma unroll
+      for (int n = 0; n < S::kDTiles; ++n) {
+        o[n][0] *= a0; o[n][1] *= a0;
+        o[n][2] *= a1; o[n][3] *= a1;
+      }
+    }
+    // P as the A operand (16 heads x 16 tokens): the accumulator layout of the two
+    // n-tiles is exactly the A layout of one k=16 step.
+    uint32_t pa[4];
+    pa[0] = pack2(s[0][0], s[0][1]);
+    pa[1] = pack2(s[0][2], s[0][3]);
+    pa[2] = pack2(s[1][0], s[1][1]);
+    pa[3] = pack2(s[1][2], s[1][3]);
+    // O += P V: 16 n-tiles of 8 dims, V fragments through ldmatrix.trans.
+#pragma unroll
+    for (int nd = 0; nd < S::kDTiles; nd += 2) {
+      uint32_t vf[4];
+      ldmatrix_x4_trans(vf, cv + v_row * S::kStride + nd * 8 + v_col);
+      mma_bf16(o[nd], pa, vf[0], vf[1]);
+      mma_bf16(o[nd + 1], pa, vf[2], vf[3]);
+    }
+    __syncwarp();  // this warp's rows of the stage just read are refilled next iteration
+  }
+  cp_async_wait<0>();
+
+  // Row sums: the 4 lanes of a quad hold disjoint columns.
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+  }
+
+  // Merge warps through shared memory (the pipeline buffers are free now).
+  __syncthreads();
+  float* red_o = reinterpret_cast<float*>(smem_raw);          // [kWarps][16][D]
+  float* red_ml = red_o + S::kWarps * S::kRows * D;           // [kWarps][16][2]
+#pragma unroll
+  for (int n = 0; n < S::kDTiles; ++n) {
+    *reinterpret_cast<float2*>(red_o + (warp * S::kRows + r0) * D + n * 8 + kc) = make_float2(o[n][0], o[n][1]);
+    *reinterpret_cast<float2*>(red_o + (warp * S::kRows + r1) * D + n * 8 + kc) = make_float2(o[n][2], o[n][3]);
+  }
+  if (lane % 4 == 0) {
+    red_ml[(warp * S::kRows + r0) * 2] = m0;
+    red_ml[(warp * S::kRows + r0) * 2 + 1] = l0;
+    red_ml[(warp * S::kRows + r1) * 2] = m1;
+    red_ml[(warp * S::kRows + r1) * 2 + 1] = l1;
+  }
+  __syncthreads();
+
+  constexpr float kLn2 = 0.6931471805599453f;
+  for (int idx = tid; idx < p.group * D; idx += S::kThreads) {
+    const int j = idx / D, d = idx % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < S::kWarps; ++w) M = fmaxf(M, red_ml[(w * S::kRows + j) * 2]);
+    float acc_l = 0.f, acc_o = 0.f;
+#pragma unroll
+    for (int w = 0; w < S::kWarps; ++w) {
+      const float a = safe_exp2_diff(red_ml[(w * S::kRows + j) * 2], M);
+      acc_l += red_ml[(w * S::kRows + j) * 2 + 1] * a;
+      acc_o += red_o[(w * S::kRows + j) * D + d] * a;
+    }
+    const int hq = h * p.group + j;
+    const float o_norm = acc_l > 0.f ? acc_o / acc_l : 0.f;
+    const float lse2 = acc_l > 0.f ? M + log2f(acc_l) : -INFINITY;  // log2 domain
+    if (p.n_splits == 1) {
+      p.out[b * p.o_batch_stride + hq * p.o_head_stride + d] = (bf16_t)f2bf(o_norm);
+      if (d == 0) p.lse[(int64_t)b * p.Hq + hq] = lse2 * kLn2;
+    } else {
+      const int64_t row = ((int64_t)b * p.Hq + hq) * p.n_splits + split;
+      p.part_o[row * D + d] = o_norm;
+      if (d == 0) p.part_lse[row] = lse2;
+    }
+  }
+  if (p.n_splits == 1) return;
+
+  // The last split of this head to finish merges all splits by their LSE.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(&p.counters[b * p.Hkv + h], 1) == p.n_splits - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  // Split weights per head, staged in shared memory: w[j][sp] = 2^(lse - max).
+  float* w = reinterpret_cast<float*>(smem_raw);                 // [group][n_splits]
+  float* wsum = w + p.group * p.n_splits;                        // [group]
+  const float* part_lse = p.part_lse + ((int64_t)b * p.Hq + h * p.group) * p.n_splits;
+  for (int i = tid; i < p.group * p.n_splits; i += S::kThreads) w[i] = __ldcg(part_lse + i);
+  __syncthreads();
+  if (tid < p.group) {
+    float M = -INFINITY, sum = 0.f;
+    for (int sp = 0; sp < p.n_splits; ++sp) M = fmaxf(M, w[tid * p.n_splits + sp]);
+    for (int sp = 0; sp < p.n_splits; ++sp) {
+      const float x = safe_exp2_diff(w[tid * p.n_splits + sp], M);
+      w[tid * p.n_splits + sp] = x;
+      sum += x;
+    }
+    wsum[tid] = sum;
+    if (sum > 0.f) {
+      p.lse[(int64_t)b * p.Hq + h * p.group + tid] = (M + log2f(sum)) * kLn2;
+    } else {
+      p.lse[(int64_t)b * p.Hq + h * p.group + tid] = -INFINITY;
+    }
+  }
+  __syncthreads();
+  // Each thread sums four consecutive dims of one head over the splits (16-byte loads).
+  for (int idx = tid; idx < p.group * (D / 4); idx += S::kThreads) {
+    const int j = idx / (D / 4), d = (idx % (D / 4)) * 4;
+    const float4* src = reinterpret_cast<const float4*>(
+        p.part_o + (((int64_t)b * p.Hq + h * p.group + j) * p.n_splits) * D + d);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int sp = 0; sp < p.n_splits; ++sp) {
+      const float x = w[j * p.n_splits + sp];
+      const float4 v = __ldcg(src + sp * (D / 4));
+      acc.x += x * v.x; acc.y += x * v.y; acc.z += x * v.z; acc.w += x * v.w;
+    }
+    const float inv = wsum[j] > 0.f ? 1.f / wsum[j] : 0.f;
+    bf16_t* dst = p.out + b * p.o_batch_stride + (h * p.group + j) * p.o_head_stride + d;
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv), pack2(acc.z * inv, acc.w * inv));
+  }
+  if (tid == 0) p.counters[b * p.Hkv + h] = 0;  // ready for the next step (and graph replay)
+}
+
+template <int D, int STAGES>
+inline void launch_decode_stages(const DecodeParams& p, cudaStream_t stream) {
+  using S = DecodeShape<D, STAGES>;
+  if (size_t(p.group) * (p.n_splits + 1) * sizeof(float) > S::kSmemBytes) {
+    throw std::invalid_argument("hydra: n_splits=" + std::to_string(p.n_splits) + " is too many to merge");
+  }
+  if (S::kSmemBytes > size_t(max_smem_per_block())) {
+    throw std::runtime_error("hydra: the decode kernel needs " + std::to_string(S::kSmemBytes) +
+                             " bytes of shared memory per block; this GPU allows " +
+                             std::to_string(max_smem_per_block()));
+  }
+  auto kernel = sparse_decode_kernel<D, STAGES>;
+  static bool smem_raised[64] = {};  // per device: raising the limit once is enough
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64 || !smem_raised[dev]) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)S::kSmemBytes);
+    prefer_max_shared(kernel);
+    if (dev >= 0 && dev < 64) smem_raised[dev] = true;
+  }
+  dim3 grid(p.n_splits, p.Hkv, p.B);
+  launch_maybe_pdl(kernel, grid, dim3(S::kThreads), S::kSmemBytes, stream, p);
+  check_launch("sparse_decode_kernel");
+}
+
+// The deepest pipeline a block may hold on this device: 3 stages where they fit
+// (A100, H100, H200 at D <= 128; H100/H200 at D = 256), else 2, else 1.
+template <int D>
+inline void launch_sparse_decode_dim(const DecodeParams& p, cudaStream_t stream) {
+  const size_t limit = size_t(max_smem_per_block());
+  if (limit >= DecodeShape<D, 3>::kSmemBytes) {
+    launch_decode_stages<D, 3>(p, stream);
+  } else if (limit >= DecodeShape<D, 2>::kSmemBytes) {
+    launch_decode_stages<D, 2>(p, stream);
+  } else {
+    launch_decode_stages<D, 1>(p, stream);
+  }
+}
+
+// One translation unit per head dim (sparse_decode_d<D>.cu) instantiates each.
+void launch_sparse_decode_d64(const DecodeParams& p, cudaStream_t stream);
+void launch_sparse_decode_d128(const DecodeParams& p, cudaStream_t stream);
+void launch_sparse_decode_d256(const DecodeParams& p, cudaStream_t stream);
+
+}  // namespace hydra
