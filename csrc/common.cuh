@@ -1,4 +1,4 @@
-// Small device helpers shared by hydra's kernels: bf16 unpacking, cp.async,
+// Small device helpers shared by hydra's kernels: bf16/fp16 unpacking, cp.async,
 // and the dispatch macros where runtime values meet compile-time constants.
 #pragma once
 
@@ -8,35 +8,53 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "hydra_params.h"
 
 namespace hydra {
 
-// bf16 -> fp32 is a 16-bit shift, exact.
-__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+// Element types. Tensors hold 16-bit values (bf16 or fp16); kernels take the type as
+// a template parameter and convert in registers.
+// bf16 -> fp32 is a 16-bit shift, exact; fp32 -> bf16 rounds to nearest even.
+struct Bf16 {
+  static constexpr bool kHalf = false;
+  __device__ static __forceinline__ float lo(uint32_t w) { return __uint_as_float(w << 16); }
+  __device__ static __forceinline__ float hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+  __device__ static __forceinline__ uint32_t bits(float f) {
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return u >> 16;
+  }
+};
+// fp16 through the hardware conversions (round to nearest even).
+struct F16 {
+  static constexpr bool kHalf = true;
+  __device__ static __forceinline__ float lo(uint32_t w) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+  }
+  __device__ static __forceinline__ float hi(uint32_t w) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+  }
+  __device__ static __forceinline__ uint32_t bits(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
 
+template <typename E>
 __device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
-  f[0] = bf16_lo(u.x); f[1] = bf16_hi(u.x);
-  f[2] = bf16_lo(u.y); f[3] = bf16_hi(u.y);
-  f[4] = bf16_lo(u.z); f[5] = bf16_hi(u.z);
-  f[6] = bf16_lo(u.w); f[7] = bf16_hi(u.w);
+  f[0] = E::lo(u.x); f[1] = E::hi(u.x);
+  f[2] = E::lo(u.y); f[3] = E::hi(u.y);
+  f[4] = E::lo(u.z); f[5] = E::hi(u.z);
+  f[6] = E::lo(u.w); f[7] = E::hi(u.w);
 }
 
-// fp32 -> bf16 bits, round to nearest even (NaN stays NaN).
-__device__ __forceinline__ uint32_t f2bf(float f) {
-  uint32_t u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return u >> 16;
-}
+template <typename E>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) { return E::bits(lo) | (E::bits(hi) << 16); }
 
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) { return f2bf(lo) | (f2bf(hi) << 16); }
-
+template <typename E>
 __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-  return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
+  return make_uint4(pack2<E>(f[0], f[1]), pack2<E>(f[2], f[3]), pack2<E>(f[4], f[5]), pack2<E>(f[6], f[7]));
 }
 
 __device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
@@ -160,5 +178,16 @@ inline void check_launch(const char* what) {
       default:                                                                            \
         throw std::invalid_argument("hydra: unsupported head dim D=" + std::to_string(D) + \
                                     " (supported: 64, 128, 256)");                        \
+    }                                                                                     \
+  }()
+
+// Element type flag (params' `dtype`: kDtypeBf16 or kDtypeF16) -> type E.
+#define HYDRA_DISPATCH_DTYPE(FLAG, TYPE_NAME, ...)                                          \
+  [&] {                                                                                   \
+    switch (FLAG) {                                                                       \
+      case hydra::kDtypeBf16: { using TYPE_NAME = hydra::Bf16; return __VA_ARGS__(); }    \
+      case hydra::kDtypeF16: { using TYPE_NAME = hydra::F16; return __VA_ARGS__(); }      \
+      default:                                                                            \
+        throw std::invalid_argument("hydra: unsupported dtype flag " + std::to_string(FLAG)); \
     }                                                                                     \
   }()

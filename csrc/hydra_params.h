@@ -8,10 +8,13 @@
 
 namespace hydra {
 
-using bf16_t = uint16_t;  // bf16 bits; kernels convert with shifts (exact)
+using bf16_t = uint16_t;  // 16-bit element bits (bf16 or fp16, per the params' dtype)
+constexpr int kDtypeBf16 = 0;
+constexpr int kDtypeF16 = 1;
 
 // page_summaries: min/max of the keys over each page's valid tokens.
 struct SummaryParams {
+  int dtype;             // kDtypeBf16 or kDtypeF16 (every 16-bit tensor of the call)
   const bf16_t* k;       // [B, Hkv, Tkv, D]
   int64_t k_batch_stride, k_head_stride, k_row_stride;
   const int* seqlens;    // [B] valid lengths, or nullptr (every sequence is Tkv long)
@@ -22,6 +25,7 @@ struct SummaryParams {
 
 // HydraKVCache writes (prefill and append).
 struct CacheWriteParams {
+  int dtype;             // kDtypeBf16 or kDtypeF16 (every 16-bit tensor of the call)
   const bf16_t* k_src;   // [B, Hkv, n_src, D] new keys
   const bf16_t* v_src;   // [B, Hkv, n_src, D] new values
   int64_t ks_batch_stride, ks_head_stride, ks_row_stride;
@@ -50,6 +54,7 @@ struct CacheWriteParams {
 // of the shortlisted superpages: scores[c] for compact slot c = slot * superpage + j
 // is fine page shortlist[slot] * superpage + j, or -inf when that is not a candidate.
 struct ScoreParams {
+  int dtype;             // kDtypeBf16 or kDtypeF16 (every 16-bit tensor of the call)
   const bf16_t* q;       // [B, Hq, D]
   int64_t q_batch_stride, q_head_stride;
   const bf16_t* summaries;  // [B, Hkv, >= n_pages, 2, D], or nullptr: score straight from k
@@ -81,6 +86,7 @@ struct ScoreParams {
 // mode 2 (stage 2): scores[c] over the compact slots of the shortlist (-inf: not a
 //   candidate); out = sinks, the top fine pages, recents.
 struct SelectParams {
+  int dtype;             // kDtypeBf16 or kDtypeF16 (every 16-bit tensor of the call)
   const float* scores;   // see mode
   const int* seqlens;    // [B] or nullptr
   int* pages;            // [B, Hkv, n_out] ascending indices, -1 padded
@@ -99,6 +105,7 @@ struct SelectParams {
 // Split-KV sparse decode attention. One CTA per (split, KV head, sequence)
 // handles the whole GQA group, so each selected K/V byte is read once.
 struct DecodeParams {
+  int dtype;             // kDtypeBf16 or kDtypeF16 (every 16-bit tensor of the call)
   const bf16_t* q;       // [B, Hq, D]
   int64_t q_batch_stride, q_head_stride;
   const bf16_t* k;       // [B, Hkv, Tkv, D]

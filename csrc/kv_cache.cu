@@ -11,7 +11,7 @@ constexpr int kCacheThreads = 128;
 // Grid (ceil(max_pages / pages_per_cta), Hkv, B): D/8 threads per page, one
 // 16-byte vector per token each. Covers every page of the cache, so pages past
 // the new length are reset to the empty summary (+inf / -inf).
-template <int D>
+template <int D, typename E>
 __global__ void __launch_bounds__(kCacheThreads) cache_prefill_kernel(CacheWriteParams p) {
   constexpr int kThreadsPerPage = D / 8;
   constexpr int kPagesPerCta = kCacheThreads / kThreadsPerPage;
@@ -37,18 +37,18 @@ __global__ void __launch_bounds__(kCacheThreads) cache_prefill_kernel(CacheWrite
     *reinterpret_cast<uint4*>(kc + t * p.kc_row_stride) = kv;
     *reinterpret_cast<uint4*>(vc + t * p.vc_row_stride) = ldg16(vs + t * p.vs_row_stride);
     float f[8];
-    unpack8(kv, f);
+    unpack8<E>(kv, f);
 #pragma unroll
     for (int i = 0; i < 8; ++i) { mn[i] = fminf(mn[i], f[i]); mx[i] = fmaxf(mx[i], f[i]); }
   }
   bf16_t* s = p.summaries + b * p.s_batch_stride + h * p.s_head_stride + page * p.s_page_stride + d0;
-  *reinterpret_cast<uint4*>(s) = pack8(mn);
-  *reinterpret_cast<uint4*>(s + D) = pack8(mx);
+  *reinterpret_cast<uint4*>(s) = pack8<E>(mn);
+  *reinterpret_cast<uint4*>(s + D) = pack8<E>(mx);
 }
 
 // Grid (B): one CTA per sequence handles every KV head, so the length it reads at
 // the start and advances at the end is not raced by another CTA.
-template <int D>
+template <int D, typename E>
 __global__ void __launch_bounds__(kCacheThreads) cache_append_kernel(CacheWriteParams p) {
   constexpr int kChunks = D / 8;  // 16-byte vectors per row
   const int b = blockIdx.x, tid = threadIdx.x;
@@ -86,18 +86,18 @@ __global__ void __launch_bounds__(kCacheThreads) cache_append_kernel(CacheWriteP
       const int d0 = c * 8;
       bf16_t* s = base + b * sb + h * sh + page * sp + d0;
       float mn[8], mx[8];
-      unpack8(*reinterpret_cast<const uint4*>(s), mn);
-      unpack8(*reinterpret_cast<const uint4*>(s + D), mx);
+      unpack8<E>(*reinterpret_cast<const uint4*>(s), mn);
+      unpack8<E>(*reinterpret_cast<const uint4*>(s + D), mx);
       const int t0 = max(page * span, L), t1 = min(page * span + span, L + cnt);
       const bf16_t* ks = p.k_src + b * p.ks_batch_stride + h * p.ks_head_stride + d0;
       for (int t = t0; t < t1; ++t) {
         float f[8];
-        unpack8(ldg16(ks + (int64_t)(t - L) * p.ks_row_stride), f);
+        unpack8<E>(ldg16(ks + (int64_t)(t - L) * p.ks_row_stride), f);
 #pragma unroll
         for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
       }
-      *reinterpret_cast<uint4*>(s) = pack8(mn);
-      *reinterpret_cast<uint4*>(s + D) = pack8(mx);
+      *reinterpret_cast<uint4*>(s) = pack8<E>(mn);
+      *reinterpret_cast<uint4*>(s + D) = pack8<E>(mx);
     }
   }
   __syncthreads();  // every thread has read L
@@ -108,14 +108,14 @@ void launch_cache_prefill(const CacheWriteParams& p, cudaStream_t stream) {
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
     constexpr int kPagesPerCta = kCacheThreads / (kD / 8);
     dim3 grid((p.max_pages + kPagesPerCta - 1) / kPagesPerCta, p.Hkv, p.B);
-    cache_prefill_kernel<kD><<<grid, kCacheThreads, 0, stream>>>(p);
+    HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] { cache_prefill_kernel<kD, E><<<grid, kCacheThreads, 0, stream>>>(p); });
     check_launch("cache_prefill_kernel");
   });
 }
 
 void launch_cache_append(const CacheWriteParams& p, cudaStream_t stream) {
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
-    cache_append_kernel<kD><<<p.B, kCacheThreads, 0, stream>>>(p);
+    HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] { cache_append_kernel<kD, E><<<p.B, kCacheThreads, 0, stream>>>(p); });
     check_launch("cache_append_kernel");
   });
 }

@@ -7,7 +7,7 @@ constexpr int kSummaryThreads = 128;
 
 // Grid (ceil(n_pages / pages_per_cta), Hkv, B). D/8 threads cover one page's
 // D dims with one 16-byte load per token each; a CTA works on 128/(D/8) pages.
-template <int D>
+template <int D, typename E>
 __global__ void __launch_bounds__(kSummaryThreads) page_summaries_kernel(SummaryParams p) {
   constexpr int kThreadsPerPage = D / 8;
   constexpr int kPagesPerCta = kSummaryThreads / kThreadsPerPage;
@@ -27,21 +27,21 @@ __global__ void __launch_bounds__(kSummaryThreads) page_summaries_kernel(Summary
 #pragma unroll 4
   for (int t = t0; t < t1; ++t) {
     float f[8];
-    unpack8(ldg16(k + t * p.k_row_stride), f);
+    unpack8<E>(ldg16(k + t * p.k_row_stride), f);
 #pragma unroll
     for (int i = 0; i < 8; ++i) { mn[i] = fminf(mn[i], f[i]); mx[i] = fmaxf(mx[i], f[i]); }
   }
   bf16_t* out = p.out + b * p.o_batch_stride + h * p.o_head_stride + page * p.o_page_stride + d0;
-  // min and max of bf16 values are bf16 values, so this packing is exact.
-  *reinterpret_cast<uint4*>(out) = pack8(mn);
-  *reinterpret_cast<uint4*>(out + D) = pack8(mx);
+  // min and max of bf16 (fp16) values are bf16 (fp16) values, so this packing is exact.
+  *reinterpret_cast<uint4*>(out) = pack8<E>(mn);
+  *reinterpret_cast<uint4*>(out + D) = pack8<E>(mx);
 }
 
 void launch_page_summaries(const SummaryParams& p, cudaStream_t stream) {
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
     constexpr int kPagesPerCta = kSummaryThreads / (kD / 8);
     dim3 grid((p.n_pages + kPagesPerCta - 1) / kPagesPerCta, p.Hkv, p.B);
-    page_summaries_kernel<kD><<<grid, kSummaryThreads, 0, stream>>>(p);
+    HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] { page_summaries_kernel<kD, E><<<grid, kSummaryThreads, 0, stream>>>(p); });
     check_launch("page_summaries_kernel");
   });
 }

@@ -33,6 +33,7 @@ __device__ __forceinline__ float reduce_page(float x) {
 // The GQA group's query folded into two D-vectors (this thread's 8 dims):
 // qpos = sum_j max(q_j, 0), qneg = sum_j min(q_j, 0). The group's loads are
 // issued together (a serial loop would cost one memory latency per head).
+template <typename E>
 __device__ __forceinline__ void group_query_bounds(const ScoreParams& p, int b, int h, int d0, float (&qpos)[8],
                                                    float (&qneg)[8]) {
 #pragma unroll
@@ -45,7 +46,7 @@ __device__ __forceinline__ void group_query_bounds(const ScoreParams& p, int b, 
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       float f[8];
-      unpack8(u[j], f);  // zero padding adds nothing to either sum
+      unpack8<E>(u[j], f);  // zero padding adds nothing to either sum
 #pragma unroll
       for (int i = 0; i < 8; ++i) { qpos[i] += fmaxf(f[i], 0.f); qneg[i] += fminf(f[i], 0.f); }
     }
@@ -60,6 +61,7 @@ __device__ __forceinline__ void group_query_bounds(const ScoreParams& p, int b, 
 // min/max folding is idempotent and each bf16 pair is read whole (32-bit accesses
 // are single-copy atomic), so the score is the same whether it saw the old or the
 // new summary.
+template <typename E>
 __device__ __forceinline__ void append_one_token(const CacheWriteParams& p, int L_old, int b, int h, int lane) {
   if (L_old >= 0 && L_old < p.max_seq_len) {
     const int page = L_old / p.page_size;
@@ -75,13 +77,13 @@ __device__ __forceinline__ void append_one_token(const CacheWriteParams& p, int 
       uint4 mn4 = kv, mx4 = kv;
       if (!first) {
         float f[8], mn[8], mx[8];
-        unpack8(kv, f);
-        unpack8(*reinterpret_cast<const uint4*>(sm + d0), mn);
-        unpack8(*reinterpret_cast<const uint4*>(sm + p.D + d0), mx);
+        unpack8<E>(kv, f);
+        unpack8<E>(*reinterpret_cast<const uint4*>(sm + d0), mn);
+        unpack8<E>(*reinterpret_cast<const uint4*>(sm + p.D + d0), mx);
 #pragma unroll
         for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
-        mn4 = pack8(mn);
-        mx4 = pack8(mx);
+        mn4 = pack8<E>(mn);
+        mx4 = pack8<E>(mx);
       }
       *reinterpret_cast<uint4*>(kc + d0) = kv;
       *reinterpret_cast<uint4*>(vc + d0) = vv;
@@ -94,13 +96,13 @@ __device__ __forceinline__ void append_one_token(const CacheWriteParams& p, int 
         uint4 smn4 = kv, smx4 = kv;
         if (L_old % span != 0) {
           float f[8], mn[8], mx[8];
-          unpack8(kv, f);
-          unpack8(*reinterpret_cast<const uint4*>(ss + d0), mn);
-          unpack8(*reinterpret_cast<const uint4*>(ss + p.D + d0), mx);
+          unpack8<E>(kv, f);
+          unpack8<E>(*reinterpret_cast<const uint4*>(ss + d0), mn);
+          unpack8<E>(*reinterpret_cast<const uint4*>(ss + p.D + d0), mx);
 #pragma unroll
           for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
-          smn4 = pack8(mn);
-          smx4 = pack8(mx);
+          smn4 = pack8<E>(mn);
+          smx4 = pack8<E>(mx);
         }
         *reinterpret_cast<uint4*>(ss + d0) = smn4;
         *reinterpret_cast<uint4*>(ss + p.D + d0) = smx4;
@@ -113,7 +115,7 @@ __device__ __forceinline__ void append_one_token(const CacheWriteParams& p, int 
 
 // Grid (ceil(n_pages / kPagesPerCta), Hkv, B). FROM_K: summaries are built on the
 // fly from the keys (the stateless path), in registers, never written out.
-template <int D, bool FROM_K>
+template <int D, bool FROM_K, typename E>
 __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams p) {
   using S = ScoreShape<D>;
   const int b = blockIdx.z, h = blockIdx.y;
@@ -124,7 +126,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
   // memory round trips overlaps the scoring instead of trailing it.
   const bool with_append = p.append.k_src != nullptr;
   if (with_append && blockIdx.x == 0) {
-    if (threadIdx.x < 32) append_one_token(p.append, L_raw, b, h, threadIdx.x);
+    if (threadIdx.x < 32) append_one_token<E>(p.append, L_raw, b, h, threadIdx.x);
     return;
   }
   const int cta = blockIdx.x - (with_append ? 1 : 0);  // this CTA's share of the scoring
@@ -175,7 +177,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
       }
     }
     float qpos[8], qneg[8];
-    group_query_bounds(p, b, h, d0, qpos, qneg);
+    group_query_bounds<E>(p, b, h, d0, qpos, qneg);
     // Fused append: the new token's page (or superpage) is scored with the token folded
     // in (its summaries are updated by the last select kernel, after this one). A fine
     // page is a candidate only when recent_tokens == 0 and the token completes it; a
@@ -185,11 +187,11 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
 #pragma unroll
     for (int i = 0; i < kScorePasses; ++i) {
       float fmn[8], fmx[8];
-      unpack8(mn[i], fmn);
-      unpack8(mx[i], fmx);
+      unpack8<E>(mn[i], fmn);
+      unpack8<E>(mx[i], fmx);
       if (pages[i] >= 0 && pages[i] == append_page) {
         float f[8];
-        unpack8(ldg16(p.k_new + b * p.kn_batch_stride + h * p.kn_head_stride + d0), f);
+        unpack8<E>(ldg16(p.k_new + b * p.kn_batch_stride + h * p.kn_head_stride + d0), f);
 #pragma unroll
         for (int d = 0; d < 8; ++d) { fmn[d] = fminf(fmn[d], f[d]); fmx[d] = fmaxf(fmx[d], f[d]); }
       }
@@ -208,7 +210,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
     }
   } else {
     float qpos[8], qneg[8];
-    group_query_bounds(p, b, h, d0, qpos, qneg);
+    group_query_bounds<E>(p, b, h, d0, qpos, qneg);
     const bf16_t* k = p.k + b * p.k_batch_stride + h * p.k_head_stride + d0;
     for (int i = 0; i < kScorePasses; ++i) {
       const int page = page0 + i * S::kPagesPerPass + grp;
@@ -223,7 +225,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
 #pragma unroll 8
         for (int t = 0; t < n_tok; ++t) {
           float f[8];
-          unpack8(ldg16(kp + t * p.k_row_stride), f);
+          unpack8<E>(ldg16(kp + t * p.k_row_stride), f);
 #pragma unroll
           for (int d = 0; d < 8; ++d) { mn[d] = fminf(mn[d], f[d]); mx[d] = fmaxf(mx[d], f[d]); }
         }
@@ -238,19 +240,21 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
 
 void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
-    constexpr int kPagesPerCta = ScoreShape<kD>::kPagesPerCta;
-    dim3 grid((p.n_pages + kPagesPerCta - 1) / kPagesPerCta + (p.append.k_src != nullptr ? 1 : 0), p.Hkv, p.B);
-    auto kernel = p.summaries != nullptr ? score_pages_kernel<kD, false> : score_pages_kernel<kD, true>;
-    static bool configured[64] = {};
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev < 0 || dev >= 64 || !configured[dev]) {
-      prefer_max_shared(score_pages_kernel<kD, false>);
-      prefer_max_shared(score_pages_kernel<kD, true>);
-      if (dev >= 0 && dev < 64) configured[dev] = true;
-    }
-    launch_maybe_pdl(kernel, grid, dim3(kScoreThreads), 0, stream, p);
-    check_launch("score_pages_kernel");
+    HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
+      constexpr int kPagesPerCta = ScoreShape<kD>::kPagesPerCta;
+      dim3 grid((p.n_pages + kPagesPerCta - 1) / kPagesPerCta + (p.append.k_src != nullptr ? 1 : 0), p.Hkv, p.B);
+      auto kernel = p.summaries != nullptr ? score_pages_kernel<kD, false, E> : score_pages_kernel<kD, true, E>;
+      static bool configured[64] = {};
+      int dev = 0;
+      cudaGetDevice(&dev);
+      if (dev < 0 || dev >= 64 || !configured[dev]) {
+        prefer_max_shared(score_pages_kernel<kD, false, E>);
+        prefer_max_shared(score_pages_kernel<kD, true, E>);
+        if (dev >= 0 && dev < 64) configured[dev] = true;
+      }
+      launch_maybe_pdl(kernel, grid, dim3(kScoreThreads), 0, stream, p);
+      check_launch("score_pages_kernel");
+    });
   });
 }
 

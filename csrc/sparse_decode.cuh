@@ -4,7 +4,7 @@
 // group, so each selected K/V byte is read once. Tiles of 64 tokens stream
 // through a 3-stage cp.async pipeline with 16-byte coalesced loads. Each of the
 // 4 warps takes 16 tokens of a tile and runs QK^T and PV on tensor cores
-// (mma.sync m16n8k16, bf16 in, fp32 accumulate): the group's query heads are the
+// (mma.sync m16n8k16, bf16 or fp16 in, fp32 accumulate): the group's query heads are the
 // 16 rows of the A operand (rows past the group are zero), so one kernel serves
 // every group size up to 16. The online softmax is fp32. Each split writes a
 // normalised partial output and its log-sum-exp; the last CTA of a head to
@@ -52,16 +52,25 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
 }
 
-// c += a (16x16, row) * b (16x8, col); bf16 inputs, fp32 accumulators.
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+// c += a (16x16, row) * b (16x8, col); bf16 or fp16 inputs (E), fp32 accumulators.
+template <typename E>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (E::kHalf) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
 }
 
-template <int D, int STAGES>
+template <int D, int STAGES, typename E>
 __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   using S = DecodeShape<D, STAGES>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -188,8 +197,8 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
       for (int ks = 0; ks < S::kKSteps; ks += 2) {
         uint32_t kf[4];
         ldmatrix_x4(kf, ck + (k_row + nt * 8 + mr) * S::kStride + ks * 16 + k_col);
-        mma_bf16(s[nt], qa[ks], kf[0], kf[1]);
-        mma_bf16(s[nt], qa[ks + 1], kf[2], kf[3]);
+        mma_16816<E>(s[nt], qa[ks], kf[0], kf[1]);
+        mma_16816<E>(s[nt], qa[ks + 1], kf[2], kf[3]);
       }
     }
     // Mask and scale. Columns of this lane: tokens warp*16 + nt*8 + kc + {0, 1}.
@@ -238,17 +247,17 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
     // P as the A operand (16 heads x 16 tokens): the accumulator layout of the two
     // n-tiles is exactly the A layout of one k=16 step.
     uint32_t pa[4];
-    pa[0] = pack2(s[0][0], s[0][1]);
-    pa[1] = pack2(s[0][2], s[0][3]);
-    pa[2] = pack2(s[1][0], s[1][1]);
-    pa[3] = pack2(s[1][2], s[1][3]);
+    pa[0] = pack2<E>(s[0][0], s[0][1]);
+    pa[1] = pack2<E>(s[0][2], s[0][3]);
+    pa[2] = pack2<E>(s[1][0], s[1][1]);
+    pa[3] = pack2<E>(s[1][2], s[1][3]);
     // O += P V: 16 n-tiles of 8 dims, V fragments through ldmatrix.trans.
 #pragma unroll
     for (int nd = 0; nd < S::kDTiles; nd += 2) {
       uint32_t vf[4];
       ldmatrix_x4_trans(vf, cv + v_row * S::kStride + nd * 8 + v_col);
-      mma_bf16(o[nd], pa, vf[0], vf[1]);
-      mma_bf16(o[nd + 1], pa, vf[2], vf[3]);
+      mma_16816<E>(o[nd], pa, vf[0], vf[1]);
+      mma_16816<E>(o[nd + 1], pa, vf[2], vf[3]);
     }
     __syncwarp();  // this warp's rows of the stage just read are refilled next iteration
   }
@@ -295,7 +304,7 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
     const float o_norm = acc_l > 0.f ? acc_o / acc_l : 0.f;
     const float lse2 = acc_l > 0.f ? M + log2f(acc_l) : -INFINITY;  // log2 domain
     if (p.n_splits == 1) {
-      p.out[b * p.o_batch_stride + hq * p.o_head_stride + d] = (bf16_t)f2bf(o_norm);
+      p.out[b * p.o_batch_stride + hq * p.o_head_stride + d] = (bf16_t)E::bits(o_norm);
       if (d == 0) p.lse[(int64_t)b * p.Hq + hq] = lse2 * kLn2;
     } else {
       const int64_t row = ((int64_t)b * p.Hq + hq) * p.n_splits + split;
@@ -348,12 +357,12 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
     }
     const float inv = wsum[j] > 0.f ? 1.f / wsum[j] : 0.f;
     bf16_t* dst = p.out + b * p.o_batch_stride + (h * p.group + j) * p.o_head_stride + d;
-    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv), pack2(acc.z * inv, acc.w * inv));
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<E>(acc.x * inv, acc.y * inv), pack2<E>(acc.z * inv, acc.w * inv));
   }
   if (tid == 0) p.counters[b * p.Hkv + h] = 0;  // ready for the next step (and graph replay)
 }
 
-template <int D, int STAGES>
+template <int D, int STAGES, typename E>
 inline void launch_decode_stages(const DecodeParams& p, cudaStream_t stream) {
   using S = DecodeShape<D, STAGES>;
   if (size_t(p.group) * (p.n_splits + 1) * sizeof(float) > S::kSmemBytes) {
@@ -364,7 +373,7 @@ inline void launch_decode_stages(const DecodeParams& p, cudaStream_t stream) {
                              " bytes of shared memory per block; this GPU allows " +
                              std::to_string(max_smem_per_block()));
   }
-  auto kernel = sparse_decode_kernel<D, STAGES>;
+  auto kernel = sparse_decode_kernel<D, STAGES, E>;
   static bool smem_raised[64] = {};  // per device: raising the limit once is enough
   int dev = 0;
   cudaGetDevice(&dev);
@@ -383,13 +392,15 @@ inline void launch_decode_stages(const DecodeParams& p, cudaStream_t stream) {
 template <int D>
 inline void launch_sparse_decode_dim(const DecodeParams& p, cudaStream_t stream) {
   const size_t limit = size_t(max_smem_per_block());
-  if (limit >= DecodeShape<D, 3>::kSmemBytes) {
-    launch_decode_stages<D, 3>(p, stream);
-  } else if (limit >= DecodeShape<D, 2>::kSmemBytes) {
-    launch_decode_stages<D, 2>(p, stream);
-  } else {
-    launch_decode_stages<D, 1>(p, stream);
-  }
+  HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
+    if (limit >= DecodeShape<D, 3>::kSmemBytes) {
+      launch_decode_stages<D, 3, E>(p, stream);
+    } else if (limit >= DecodeShape<D, 2>::kSmemBytes) {
+      launch_decode_stages<D, 2, E>(p, stream);
+    } else {
+      launch_decode_stages<D, 1, E>(p, stream);
+    }
+  });
 }
 
 // One translation unit per head dim (sparse_decode_d<D>.cu) instantiates each.

@@ -41,7 +41,7 @@ def test_constructor_errors():
         hydra.HydraKVCache(1, 8, 128, 0)
     with pytest.raises(ValueError, match="hydra: HydraKVCache head_dim must be one of"):
         hydra.HydraKVCache(1, 8, 96, 1024)
-    with pytest.raises(TypeError, match="hydra: HydraKVCache dtype must be bf16"):
+    with pytest.raises(TypeError, match="hydra: HydraKVCache dtype must be bf16 or fp16, got torch.float32"):
         hydra.HydraKVCache(1, 8, 128, 1024, dtype=torch.float32)
     with pytest.raises(ValueError, match="hydra: HydraKVCache needs a CUDA device, got cpu"):
         hydra.HydraKVCache(1, 8, 128, 1024, device="cpu")

@@ -32,15 +32,15 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def make_qkv(B, Hq, Hkv, T, D=128, *, seed, slack=0, q_transposed=False):
-    """Random bf16 q, k, v; with slack > 0, k and v are views K[:, :, :T] of a longer cache."""
+def make_qkv(B, Hq, Hkv, T, D=128, *, seed, slack=0, q_transposed=False, dtype=BF16):
+    """Random bf16 (or fp16) q, k, v; with slack > 0, k and v are views K[:, :, :T] of a longer cache."""
     g = torch.Generator(device=DEV).manual_seed(seed)
     if q_transposed:  # (B, 1, Hq, D) storage, viewed as (B, Hq, 1, D): non-contiguous heads
-        q = torch.randn(B, 1, Hq, D, device=DEV, generator=g).to(BF16).transpose(1, 2)
+        q = torch.randn(B, 1, Hq, D, device=DEV, generator=g).to(dtype).transpose(1, 2)
     else:
-        q = torch.randn(B, Hq, 1, D, device=DEV, generator=g).to(BF16)
-    K = torch.randn(B, Hkv, T + slack, D, device=DEV, generator=g).to(BF16)
-    V = torch.randn(B, Hkv, T + slack, D, device=DEV, generator=g).to(BF16)
+        q = torch.randn(B, Hq, 1, D, device=DEV, generator=g).to(dtype)
+    K = torch.randn(B, Hkv, T + slack, D, device=DEV, generator=g).to(dtype)
+    V = torch.randn(B, Hkv, T + slack, D, device=DEV, generator=g).to(dtype)
     return q, K[:, :, :T], V[:, :, :T]
 
 
@@ -506,5 +506,74 @@ def test_head_dim_cache_step(D):
         got = fused.step(q, kn, vn, out=nan_like(q))
         plain.append(kn, vn)
         assert torch.equal(got, plain.attend(q)), f"step {i}"
+    assert_same_contents(fused, plain)
+    assert_summaries_exact(fused)
+
+
+
+# -- fp16 (issue 9): every path, every head dim, groups that are not powers of two -------
+FP16 = torch.float16
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("Hq,Hkv", [(8, 8), (15, 3), (10, 2), (14, 2), (16, 1)])
+def test_fp16_parity(D, Hq, Hkv):
+    """fp16 q/k/v: page summaries (bitwise), selection and attention (cached summaries,
+    stateless, exact), ragged lengths with NaN past them, against the fp32 reference."""
+    _need_ops()
+    T = 5003
+    pol = hydra.HydraPolicy(page_size=16, budget_tokens=1024, sink_tokens=64, recent_tokens=256)
+    q, k, v = make_qkv(2, Hq, Hkv, T, D=D, seed=D * 7 + Hq, slack=40, dtype=FP16)
+    lens = torch.tensor([T, 3001], dtype=torch.int32, device=DEV)
+    poison_past(k, v, lens)
+    summ = hydra.page_summaries(k, cache_seqlens=lens)
+    assert summ.dtype == FP16 and torch.equal(summ, ref.page_summaries(k, page_size=16, cache_seqlens=lens))
+    for s in (summ, None):
+        o = hydra.hydra(q, k, v, policy=pol, cache_seqlens=lens, page_summaries=s, out=nan_like(q))
+        assert o.dtype == FP16
+        pages = hydra.select_pages(q, k, policy=pol, cache_seqlens=lens, page_summaries=s)
+        check_selection(pages, q, k.nan_to_num(0.0), pol, lens=lens, summaries=summ)
+        check_output(o, q, k, v, mask_from_pages(pages, T, 16, lens))
+    o, lse = hydra.hydra(q, k, v, precision="exact", cache_seqlens=lens, return_lse=True)
+    valid = (torch.arange(T, device=DEV).view(1, 1, T) < lens.view(2, 1, 1)).expand(2, Hkv, T)
+    check_output(o, q, k, v, valid)
+    _, lse_ref = ref.hydra(q, k.nan_to_num(0.0), v.nan_to_num(0.0), precision="exact", cache_seqlens=lens,
+                           return_lse=True)
+    assert torch.allclose(lse, lse_ref.float(), atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("superpage", [0, 4])
+def test_fp16_cache(superpage):
+    """HydraKVCache in fp16: prefill, fused steps (flat and coarse-to-fine) equal
+    append + attend, summaries exact, graph replay."""
+    _need_ops()
+    from test_cache import assert_same_contents, assert_summaries_exact
+
+    B, Hq, H, D = 2, 12, 3, 128
+    pol = hydra.HydraPolicy(page_size=8, budget_tokens=128, sink_tokens=8, recent_tokens=24, superpage=superpage,
+                            shortlist=2)
+    fused, plain = (hydra.HydraKVCache(B, H, D, 700, dtype=FP16, device=DEV, policy=pol) for _ in range(2))
+    g = torch.Generator(device=DEV).manual_seed(77 + superpage)
+    k = torch.randn(B, H, 600, D, device=DEV, generator=g).to(FP16)
+    v = torch.randn(B, H, 600, D, device=DEV, generator=g).to(FP16)
+    lens = torch.tensor([600, 431], dtype=torch.int32, device=DEV)
+    fused.prefill(k, v, seqlens=lens)
+    plain.prefill(k, v, seqlens=lens)
+    q = torch.randn(B, Hq, 1, D, device=DEV, generator=g).to(FP16)
+    kn = torch.randn(B, H, 1, D, device=DEV, generator=g).to(FP16)
+    vn = torch.randn(B, H, 1, D, device=DEV, generator=g).to(FP16)
+    out = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused.step(q, kn, vn, out=out)
+    for i in range(20):
+        q.copy_(torch.randn(B, Hq, 1, D, device=DEV, generator=g).to(FP16))
+        kn.copy_(torch.randn(B, H, 1, D, device=DEV, generator=g).to(FP16))
+        vn.copy_(torch.randn(B, H, 1, D, device=DEV, generator=g).to(FP16))
+        out.fill_(float("nan"))
+        graph.replay()
+        plain.append(kn, vn)
+        assert torch.equal(out, plain.attend(q)), f"replay {i}"
     assert_same_contents(fused, plain)
     assert_summaries_exact(fused)

@@ -41,12 +41,14 @@ def test_not_a_tensor():
 
 def test_dtype_mismatch_names_tensor_and_dtype():
     q, k, v = qkv()
-    with raises(TypeError, "hydra: k must be bf16 like q, got torch.float32"):
+    with raises(TypeError, "hydra: k must be torch.bfloat16 like q, got torch.float32"):
         hydra.hydra(q, k.float(), v)
-    with raises(TypeError, "hydra: v must be bf16 like q, got torch.float16"):
+    with raises(TypeError, "hydra: v must be torch.bfloat16 like q, got torch.float16"):
         hydra.hydra(q, k, v.half())
-    with raises(TypeError, "hydra: q must be bf16 (fp16 is planned), got torch.float16"):
-        hydra.hydra(q.half(), k.half(), v.half())
+    with raises(TypeError, "hydra: k must be torch.float16 like q, got torch.bfloat16"):
+        hydra.hydra(q.half(), k, v.half())
+    with raises(TypeError, "hydra: q must be bf16 or fp16, got torch.float32"):
+        hydra.hydra(q.float(), k.float(), v.float())
 
 
 def test_unsupported_head_dim():

@@ -17,9 +17,18 @@ using hydra::bf16_t;
 
 const bf16_t* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<const bf16_t*>(t.data_ptr()); }
 
-void check_bf16_cuda(const at::Tensor& t, const char* name) {
+// The element type flag of a call: every 16-bit tensor of it is bf16, or every one fp16.
+int dtype_flag(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, "hydra: ", name,
+              " must be bf16 or fp16, got ", t.scalar_type());
+  return t.scalar_type() == at::kHalf ? hydra::kDtypeF16 : hydra::kDtypeBf16;
+}
+
+void check_elem_cuda(const at::Tensor& t, const char* name, at::ScalarType want) {
   TORCH_CHECK(t.is_cuda(), "hydra: ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16, "hydra: ", name, " must be bf16, got ", t.scalar_type());
+  TORCH_CHECK(want == at::kBFloat16 || want == at::kHalf, "hydra: ", name, " must be bf16 or fp16, got ", want);
+  TORCH_CHECK(t.scalar_type() == want, "hydra: ", name, " must be ", want, " like the call's other tensors, got ",
+              t.scalar_type());
   TORCH_CHECK(t.stride(-1) == 1, "hydra: ", name, " must have a contiguous last dimension, got strides ",
               t.strides());
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "hydra: ", name,
@@ -92,7 +101,7 @@ Coarse coarse_args(const std::optional<at::Tensor>& super_summaries, int64_t sup
   Coarse c;
   if (!super_summaries.has_value() || superpage <= 1 || !summaries.has_value()) return c;
   const at::Tensor& ss = *super_summaries;
-  check_bf16_cuda(ss, "superpage_summaries");
+  check_elem_cuda(ss, "superpage_summaries", summaries->scalar_type());
   TORCH_CHECK(superpage <= 1024 && (superpage & (superpage - 1)) == 0,
               "hydra: superpage must be a power of two in [2, 1024], got ", superpage);
   const int n_super = ceil_div(n_pages, (int)superpage);
@@ -118,12 +127,13 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
                    const Coarse& coarse = Coarse()) {
   const int n_pages = (s.Tkv + page_size - 1) / page_size;
   hydra::ScoreParams sp{};
+  sp.dtype = dtype_flag(q, "q");
   sp.q = bf16_ptr(q);
   sp.q_batch_stride = q.stride(0);
   sp.q_head_stride = q.stride(1);
   if (summaries.has_value()) {
     const at::Tensor& sm = *summaries;
-    check_bf16_cuda(sm, "page_summaries");
+    check_elem_cuda(sm, "page_summaries", q.scalar_type());
     TORCH_CHECK(sm.dim() == 5 && sm.size(0) == s.B && sm.size(1) == s.Hkv && sm.size(2) >= n_pages &&
                     sm.size(3) == 2 && sm.size(4) == s.D && sm.stride(3) == s.D,
                 "hydra: page_summaries must be (", s.B, ", ", s.Hkv, ", >=", n_pages, ", 2, ", s.D,
@@ -153,6 +163,7 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
   }
 
   hydra::SelectParams se{};
+  se.dtype = sp.dtype;
   se.scores = work;
   se.seqlens = seqlens;
   se.pages = pages_out;
@@ -235,8 +246,8 @@ struct Workspace {
 
 void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_seqlens, int64_t page_size,
                     at::Tensor& out) {
-  check_bf16_cuda(k, "k");
-  check_bf16_cuda(out, "out");
+  check_elem_cuda(k, "k", k.scalar_type());
+  check_elem_cuda(out, "out", k.scalar_type());
   check_page_size(page_size);
   TORCH_CHECK(k.dim() == 4, "hydra: k must be (B, Hkv, Tkv, D), got ", k.sizes());
   const int n_pages = (int)((k.size(2) + page_size - 1) / page_size);
@@ -246,6 +257,7 @@ void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_
               out.sizes());
   const c10::cuda::CUDAGuard guard(k.device());
   hydra::SummaryParams p{};
+  p.dtype = dtype_flag(k, "k");
   p.k = bf16_ptr(k);
   p.k_batch_stride = k.stride(0);
   p.k_head_stride = k.stride(1);
@@ -266,8 +278,8 @@ void select_pages(const at::Tensor& q, const at::Tensor& k, const std::optional<
                   const std::optional<at::Tensor>& super_summaries, const std::optional<at::Tensor>& cache_seqlens,
                   int64_t page_size, int64_t superpage, int64_t shortlist_pages, int64_t sink_tokens,
                   int64_t recent_tokens, int64_t budget_tokens, at::Tensor& pages) {
-  check_bf16_cuda(q, "q");
-  check_bf16_cuda(k, "k");
+  check_elem_cuda(q, "q", q.scalar_type());
+  check_elem_cuda(k, "k", q.scalar_type());
   check_page_size(page_size);
   const Shapes s = decode_shapes(q, k);
   TORCH_CHECK(budget_tokens > 0 && budget_tokens % page_size == 0,
@@ -296,10 +308,10 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const int* seqlens, int64_t page_size, int64_t sink_tokens, int64_t recent_tokens,
                  int64_t budget_tokens, int64_t window, double scale, at::Tensor& out, at::Tensor& lse,
                  const hydra::CacheWriteParams* append) {
-  check_bf16_cuda(q, "q");
-  check_bf16_cuda(k, "k");
-  check_bf16_cuda(v, "v");
-  check_bf16_cuda(out, "out");
+  check_elem_cuda(q, "q", q.scalar_type());
+  check_elem_cuda(k, "k", q.scalar_type());
+  check_elem_cuda(v, "v", q.scalar_type());
+  check_elem_cuda(out, "out", q.scalar_type());
   check_page_size(page_size);
   const Shapes s = decode_shapes(q, k);
   TORCH_CHECK(v.sizes() == k.sizes(), "hydra: v ", v.sizes(), " must match k ", k.sizes());
@@ -369,6 +381,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   int* counters = splits > 1 ? reinterpret_cast<int*>(at_off(i_counters)) : nullptr;
 
   hydra::DecodeParams p{};
+  p.dtype = dtype_flag(q, "q");
   if (mode == kSelect) {
     int* sel = reinterpret_cast<int*>(at_off(i_pages));
     int* lens = fused_append ? reinterpret_cast<int*>(at_off(i_lens)) : nullptr;
@@ -453,10 +466,11 @@ hydra::CacheWriteParams cache_params(const at::Tensor& k, const at::Tensor& v, c
                                      at::Tensor& summaries, at::Tensor& lengths, at::Tensor& overflow,
                                      const std::optional<at::Tensor>& super_summaries = std::nullopt,
                                      int64_t superpage = 0) {
-  for (auto* t : {&k, &v}) check_bf16_cuda(*t, "new k/v");
-  check_bf16_cuda(k_cache, "k_cache");
-  check_bf16_cuda(v_cache, "v_cache");
-  check_bf16_cuda(summaries, "summaries");
+  const at::ScalarType et = k_cache.scalar_type();
+  for (auto* t : {&k, &v}) check_elem_cuda(*t, "new k/v", et);
+  check_elem_cuda(k_cache, "k_cache", et);
+  check_elem_cuda(v_cache, "v_cache", et);
+  check_elem_cuda(summaries, "summaries", et);
   check_page_size(page_size);
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
                   k.size(0) == k_cache.size(0) && k.size(1) == k_cache.size(1) && k.size(3) == k_cache.size(3),
@@ -472,6 +486,7 @@ hydra::CacheWriteParams cache_params(const at::Tensor& k, const at::Tensor& v, c
   TORCH_CHECK(overflow.is_cuda() && overflow.scalar_type() == at::kInt && overflow.numel() >= 1,
               "hydra: cache overflow flag must be an int32 CUDA tensor");
   hydra::CacheWriteParams p{};
+  p.dtype = dtype_flag(k_cache, "k_cache");
   p.k_src = bf16_ptr(k);
   p.v_src = bf16_ptr(v);
   p.ks_batch_stride = k.stride(0); p.ks_head_stride = k.stride(1); p.ks_row_stride = k.stride(2);
@@ -491,7 +506,7 @@ hydra::CacheWriteParams cache_params(const at::Tensor& k, const at::Tensor& v, c
   p.page_size = (int)page_size;
   if (super_summaries.has_value() && superpage > 1) {
     const at::Tensor& ss = *super_summaries;
-    check_bf16_cuda(ss, "superpage_summaries");
+    check_elem_cuda(ss, "superpage_summaries", et);
     const int64_t max_super = (max_pages + superpage - 1) / superpage;
     TORCH_CHECK(ss.dim() == 5 && ss.size(0) == k.size(0) && ss.size(1) == k.size(1) && ss.size(2) == max_super &&
                     ss.size(3) == 2 && ss.size(4) == k.size(3) && ss.stride(3) == k.size(3),

@@ -4,7 +4,7 @@ Each decode step attends to sink tokens, a recent window and the older KV pages
 that score highest for the current query (Quest's bound summed over the GQA
 group), through one fused split-KV attention kernel. See README.md and SPEC.md.
 
->>> out = hydra.hydra(q, k, v)                       # q (B, Hq, 1, D), k/v (B, Hkv, T, D), bf16, CUDA
+>>> out = hydra.hydra(q, k, v)                       # q (B, Hq, 1, D), k/v (B, Hkv, T, D), bf16/fp16, CUDA
 >>> summ = hydra.page_summaries(k)                   # cache these; each step then reads 1/8 of K
 >>> out = hydra.hydra(q, k, v, page_summaries=summ)
 """
@@ -112,8 +112,8 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
 
     Parameters
     ----------
-    q : Tensor (B, Hq, Tq, D), bf16, CUDA. Tq == 1 is decode.
-    k, v : Tensor (B, Hkv, Tkv, D), bf16, on q's device. ``Hq % Hkv == 0``. Only the
+    q : Tensor (B, Hq, Tq, D), bf16 or fp16, CUDA. Tq == 1 is decode.
+    k, v : Tensor (B, Hkv, Tkv, D), q's dtype, on q's device. ``Hq % Hkv == 0``. Only the
         last dimension must be contiguous: ``K[:, :, :T]`` of a larger cache works.
     is_causal : must be True.
     sliding_window : int, optional. Marks a sliding-window layer: attend exactly the
@@ -241,7 +241,7 @@ def sparse_attention(q, k, v, pages, *, page_size=16, cache_seqlens=None, scale=
 
     Parameters
     ----------
-    q : (B, Hq, 1, D); k, v : (B, Hkv, Tkv, D), bf16, CUDA.
+    q : (B, Hq, 1, D); k, v : (B, Hkv, Tkv, D), bf16 or fp16, CUDA.
     pages : int32 (B, Hkv, n). Ascending page indices per (sequence, KV head), as
         :func:`select_pages` returns them; -1 entries are skipped and a page repeated
         in consecutive entries is attended once. Tokens ``>= L`` are never read.

@@ -14,7 +14,7 @@ import torch
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 _INV_SQRT_D = {d: 1.0 / math.sqrt(d) for d in SUPPORTED_HEAD_DIMS}
-SUPPORTED_DTYPES = (torch.bfloat16,)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_GROUP = 16
 _ALIGN = 8  # elements: 16-byte vector loads need every row to start 16-byte aligned
 
@@ -43,10 +43,10 @@ def _qkv(q, k, v):
             layout = "(B, Hq, Tq, D)" if name == "q" else "(B, Hkv, Tkv, D)"
             raise ValueError(f"hydra: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
     if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"hydra: q must be bf16 (fp16 is planned), got {q.dtype}")
+        raise TypeError(f"hydra: q must be bf16 or fp16, got {q.dtype}")
     for name, t in named[1:]:
         if t.dtype != q.dtype:
-            raise TypeError(f"hydra: {name} must be bf16 like q, got {t.dtype}")
+            raise TypeError(f"hydra: {name} must be {q.dtype} like q, got {t.dtype}")
     B, Hq, Tq, D = q.shape
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"hydra: head dim D must be one of {SUPPORTED_HEAD_DIMS}, got D={D}")
@@ -122,8 +122,8 @@ def _fast_decode_ok(q, k, v, policy, cache_seqlens, page_summaries):
     recognise goes through the full checks below, which name the offending argument.
     It accepts a subset of what the full checks accept, so it never lets bad input by."""
     T = torch.Tensor
-    if not (type(q) is T and type(k) is T and type(v) is T and q.dtype is torch.bfloat16
-            and k.dtype is torch.bfloat16 and v.dtype is torch.bfloat16 and q.is_cuda):
+    if not (type(q) is T and type(k) is T and type(v) is T and q.dtype in SUPPORTED_DTYPES
+            and k.dtype is q.dtype and v.dtype is q.dtype and q.is_cuda):
         return False
     qs, ks = q.shape, k.shape
     if not (len(qs) == 4 and len(ks) == 4 and qs[2] == 1 and qs[3] in _INV_SQRT_D and ks[3] == qs[3] and qs[0] == ks[0]
@@ -141,7 +141,7 @@ def _fast_decode_ok(q, k, v, policy, cache_seqlens, page_summaries):
         return False
     if page_summaries is not None:
         ps = page_summaries
-        if not (type(ps) is T and ps.dtype is torch.bfloat16 and ps.device == q.device
+        if not (type(ps) is T and ps.dtype is q.dtype and ps.device == q.device
                 and ps.shape == (qs[0], ks[1], -(-ks[2] // policy.page_size), 2, qs[3])):
             return False
         st = ps.stride()
@@ -249,7 +249,7 @@ def validate_page_summaries_call(k, *, page_size, cache_seqlens):
     if k.dim() != 4:
         raise ValueError(f"hydra: k must be 4-D (B, Hkv, Tkv, D), got shape {tuple(k.shape)}")
     if k.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"hydra: k must be bf16 (fp16 is planned), got {k.dtype}")
+        raise TypeError(f"hydra: k must be bf16 or fp16, got {k.dtype}")
     if k.shape[3] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"hydra: head dim D must be one of {SUPPORTED_HEAD_DIMS}, got D={k.shape[3]}")
     if k.shape[2] < 1:

@@ -35,7 +35,7 @@ class HydraKVCache:
         (B, Hkv, ceil(max_seq_len / page_size), 2, D), allocated once; with a
         coarse-to-fine policy (``superpage > 1``) also ``superpage_summaries``
         (B, Hkv, ceil(max_pages / superpage), 2, D), maintained the same way.
-    dtype : torch.dtype, bf16.
+    dtype : torch.dtype, bf16 or fp16.
     device : CUDA device.
     policy, precision : as in :func:`hydra.hydra`; fix the page size of the summaries
         and are the defaults of :meth:`attend`.
@@ -64,7 +64,7 @@ class HydraKVCache:
                             ("head_dim", head_dim), ("max_seq_len", max_seq_len)):
             _positive_int(value, name)
         if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"hydra: HydraKVCache dtype must be bf16 (fp16 is planned), got {dtype}")
+            raise TypeError(f"hydra: HydraKVCache dtype must be bf16 or fp16, got {dtype}")
         if head_dim not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"hydra: HydraKVCache head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
         device = torch.device(device)
