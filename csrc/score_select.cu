@@ -406,7 +406,83 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
     mask = high_bit == 31 ? 0u : ~((2u << high_bit) - 1u);
     prefix = kmin & mask;
     int* whist = reinterpret_cast<int*>(hist_all);  // [kWarps][256] private histograms
-    for (int top = high_bit; top >= 0; top -= 8) {
+    // The threshold's bin holds few keys: gather them and let one warp rank them.
+    auto resolve_small_bin = [&]() {
+      if (tid == 0) s_n = 0;
+      __syncthreads();
+      for (int i = tid; i < n_cand; i += kSelectThreads) {
+        const uint32_t u = key_at(i);
+        if ((u & mask) == prefix) {
+          const int slot = atomicAdd(&s_n, 1);
+          if (slot < 32) s_list[slot] = u;
+        }
+      }
+      __syncthreads();
+      if (tid < 32) {
+        const int n = min(s_n, 32);
+        const uint32_t x = tid < n ? s_list[tid] : 0u;
+        int gt = 0, ge = 0;
+        for (int j = 0; j < n; ++j) {
+          const uint32_t y = __shfl_sync(0xffffffffu, x, j);
+          gt += y > x;
+          ge += y >= x;
+        }
+        if (tid < n && gt < remaining && remaining <= ge) { s_thr = x; s_need = remaining - gt; }
+      }
+      __syncthreads();
+      prefix = s_thr;
+      mask = 0xffffffffu;
+      remaining = s_need;
+    };
+
+    // First pass: the 11 bits below the common prefix into one block-wide histogram
+    // of up to 2048 bins. Usually it leaves a threshold bin of a few keys, ranked by
+    // one warp; otherwise 8-bit passes over per-warp histograms continue below it.
+    bool done = false;
+    int next_top;
+    {
+      constexpr int kBins = 2048, kPer = kBins / kSelectThreads;  // bins per thread, from the top
+      static_assert(kBins <= kWarps * 256, "the first pass's histogram reuses the per-warp histograms");
+      const int shift = max(high_bit - 10, 0);
+      const uint32_t bmask = (2u << (high_bit - shift)) - 1u;  // high_bit - shift + 1 bits
+      for (int i = tid; i < kBins; i += kSelectThreads) whist[i] = 0;
+      __syncthreads();
+      for (int i = tid; i < n_cand; i += kSelectThreads) {
+        const uint32_t u = key_at(i);  // every key shares the prefix above high_bit
+        atomicAdd(&whist[(u >> shift) & bmask], 1);
+      }
+      __syncthreads();
+      int c[kPer], sum = 0;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int bin = kBins - 1 - (tid * kPer + j);
+        c[j] = whist[bin];
+        sum += c[j];
+      }
+      uint64_t total;
+      int acc = (int)block_exclusive_scan<kWarps>((uint64_t)sum, warp_tot, total);  // keys in higher bins
+      if (acc < remaining && remaining <= acc + sum) {
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          if (acc + c[j] >= remaining) { s_bin = kBins - 1 - (tid * kPer + j); s_above = acc; break; }
+          acc += c[j];
+        }
+      }
+      __syncthreads();
+      remaining -= s_above;
+      prefix |= (uint32_t)s_bin << shift;
+      mask |= bmask << shift;
+      const int bin_count = whist[s_bin];
+      __syncthreads();  // s_bin / s_above / the histogram are rewritten below
+      if (shift == 0) {
+        done = true;  // every bit is fixed: the threshold is the prefix itself
+      } else if (bin_count <= 32) {
+        resolve_small_bin();
+        done = true;
+      }
+      next_top = shift - 1;
+    }
+    for (int top = next_top; !done && top >= 0; top -= 8) {
       const int shift = max(top - 7, 0);
       for (int i = tid; i < kWarps * 256; i += kSelectThreads) whist[i] = 0;
       __syncthreads();
@@ -451,32 +527,7 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
       const int bin_count = hist[s_bin];
       __syncthreads();  // s_bin / s_above / hist are rewritten next pass
       if (shift > 0 && bin_count <= 32) {
-        // Few keys left in the threshold's bin: gather them and let one warp rank them.
-        if (tid == 0) s_n = 0;
-        __syncthreads();
-        for (int i = tid; i < n_cand; i += kSelectThreads) {
-          const uint32_t u = key_at(i);
-          if ((u & mask) == prefix) {
-            const int slot = atomicAdd(&s_n, 1);
-            if (slot < 32) s_list[slot] = u;
-          }
-        }
-        __syncthreads();
-        if (tid < 32) {
-          const int n = min(s_n, 32);
-          const uint32_t x = tid < n ? s_list[tid] : 0u;
-          int gt = 0, ge = 0;
-          for (int j = 0; j < n; ++j) {
-            const uint32_t y = __shfl_sync(0xffffffffu, x, j);
-            gt += y > x;
-            ge += y >= x;
-          }
-          if (tid < n && gt < remaining && remaining <= ge) { s_thr = x; s_need = remaining - gt; }
-        }
-        __syncthreads();
-        prefix = s_thr;
-        mask = 0xffffffffu;
-        remaining = s_need;
+        resolve_small_bin();
         break;
       }
     }
