@@ -61,52 +61,43 @@ __device__ __forceinline__ void group_query_bounds(const ScoreParams& p, int b, 
 // min/max folding is idempotent and each bf16 pair is read whole (32-bit accesses
 // are single-copy atomic), so the score is the same whether it saw the old or the
 // new summary.
+// Write a summary's 8 dims at d0 with key chunk kv folded in; `fresh`: the summary
+// starts at this key (its first token), whatever it held.
+template <typename E>
+__device__ __forceinline__ void fold_key(bf16_t* sm, int D, int d0, const uint4& kv, bool fresh) {
+  uint4 mn4 = kv, mx4 = kv;
+  if (!fresh) {
+    float f[8], mn[8], mx[8];
+    unpack8<E>(kv, f);
+    unpack8<E>(*reinterpret_cast<const uint4*>(sm + d0), mn);
+    unpack8<E>(*reinterpret_cast<const uint4*>(sm + D + d0), mx);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
+    mn4 = pack8<E>(mn);
+    mx4 = pack8<E>(mx);
+  }
+  *reinterpret_cast<uint4*>(sm + d0) = mn4;
+  *reinterpret_cast<uint4*>(sm + D + d0) = mx4;
+}
+
 template <typename E>
 __device__ __forceinline__ void append_one_token(const CacheWriteParams& p, int L_old, int b, int h, int lane) {
   if (L_old >= 0 && L_old < p.max_seq_len) {
-    const int page = L_old / p.page_size;
-    const bool first = L_old % p.page_size == 0;  // a new page: its summary is the key itself
+    const int span = p.page_size * (p.super_summaries != nullptr ? p.superpage : 1);
     const bf16_t* ks = p.k_src + b * p.ks_batch_stride + h * p.ks_head_stride;
     const bf16_t* vs = p.v_src + b * p.vs_batch_stride + h * p.vs_head_stride;
     bf16_t* kc = p.k_cache + b * p.kc_batch_stride + h * p.kc_head_stride + (int64_t)L_old * p.kc_row_stride;
     bf16_t* vc = p.v_cache + b * p.vc_batch_stride + h * p.vc_head_stride + (int64_t)L_old * p.vc_row_stride;
-    bf16_t* sm = p.summaries + b * p.s_batch_stride + h * p.s_head_stride + (int64_t)page * p.s_page_stride;
+    bf16_t* sm = p.summaries + b * p.s_batch_stride + h * p.s_head_stride +
+                 (int64_t)(L_old / p.page_size) * p.s_page_stride;
+    bf16_t* ss = p.super_summaries == nullptr ? nullptr
+                 : p.super_summaries + b * p.ss_batch_stride + h * p.ss_head_stride + (int64_t)(L_old / span) * p.ss_page_stride;
     for (int d0 = lane * 8; d0 < p.D; d0 += 32 * 8) {
       const uint4 kv = ldg16(ks + d0);
-      const uint4 vv = ldg16(vs + d0);
-      uint4 mn4 = kv, mx4 = kv;
-      if (!first) {
-        float f[8], mn[8], mx[8];
-        unpack8<E>(kv, f);
-        unpack8<E>(*reinterpret_cast<const uint4*>(sm + d0), mn);
-        unpack8<E>(*reinterpret_cast<const uint4*>(sm + p.D + d0), mx);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
-        mn4 = pack8<E>(mn);
-        mx4 = pack8<E>(mx);
-      }
       *reinterpret_cast<uint4*>(kc + d0) = kv;
-      *reinterpret_cast<uint4*>(vc + d0) = vv;
-      *reinterpret_cast<uint4*>(sm + d0) = mn4;
-      *reinterpret_cast<uint4*>(sm + p.D + d0) = mx4;
-      if (p.super_summaries != nullptr) {  // and into its superpage's summary
-        const int span = p.page_size * p.superpage;
-        bf16_t* ss = p.super_summaries + b * p.ss_batch_stride + h * p.ss_head_stride +
-                     (int64_t)(L_old / span) * p.ss_page_stride;
-        uint4 smn4 = kv, smx4 = kv;
-        if (L_old % span != 0) {
-          float f[8], mn[8], mx[8];
-          unpack8<E>(kv, f);
-          unpack8<E>(*reinterpret_cast<const uint4*>(ss + d0), mn);
-          unpack8<E>(*reinterpret_cast<const uint4*>(ss + p.D + d0), mx);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
-          smn4 = pack8<E>(mn);
-          smx4 = pack8<E>(mx);
-        }
-        *reinterpret_cast<uint4*>(ss + d0) = smn4;
-        *reinterpret_cast<uint4*>(ss + p.D + d0) = smx4;
-      }
+      *reinterpret_cast<uint4*>(vc + d0) = ldg16(vs + d0);
+      fold_key<E>(sm, p.D, d0, kv, L_old % p.page_size == 0);    // a new page starts at this key
+      if (ss != nullptr) fold_key<E>(ss, p.D, d0, kv, L_old % span == 0);  // and its superpage
     }
   } else if (h == 0 && lane == 0 && L_old >= p.max_seq_len) {
     atomicExch(p.overflow, 1);  // the token is dropped; check_overflow() reports it
@@ -179,9 +170,10 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
     float qpos[8], qneg[8];
     group_query_bounds<E>(p, b, h, d0, qpos, qneg);
     // Fused append: the new token's page (or superpage) is scored with the token folded
-    // in (its summaries are updated by the last select kernel, after this one). A fine
-    // page is a candidate only when recent_tokens == 0 and the token completes it; a
-    // superpage, when the recent window is shorter than a superpage.
+    // in, since this launch's append CTA may update that summary before or after the
+    // load above (either way the fold gives the same bound; see append_one_token). A
+    // fine page is a candidate only when recent_tokens == 0 and the token completes
+    // it; a superpage, when the recent window is shorter than a superpage.
     const int append_page = p.k_new != nullptr && L_raw >= 0 && L_raw < p.Tkv
                                 ? L_raw / (p.page_size * (stage1 ? p.superpage : 1)) : -1;
 #pragma unroll

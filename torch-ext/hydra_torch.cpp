@@ -301,7 +301,7 @@ void select_pages(const at::Tensor& q, const at::Tensor& k, const std::optional<
 namespace {
 
 // One decode step; `append` (HydraKVCache.step) first appends one token per sequence
-// to the cache that k/v view, fused into the selection kernels when the step selects.
+// to the cache that k/v view, fused into the first score launch when the step selects.
 void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& pages, const std::optional<at::Tensor>& summaries,
                  const std::optional<at::Tensor>& super_summaries, int64_t superpage, int64_t shortlist_pages,

@@ -41,7 +41,7 @@ void cache_append(const at::Tensor& k_new, const at::Tensor& v_new, const std::o
 
 // HydraKVCache.step: append one token per sequence (k_new/v_new [B, Hkv, 1, D]) and run
 // the decode step over the grown cache. When the step selects pages, the append is
-// fused into the selection kernels (no extra launch); lengths advance on the device.
+// fused into the first score launch (no extra launch); lengths advance on the device.
 void decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
                    at::Tensor& v_cache, at::Tensor& summaries, const std::optional<at::Tensor>& super_summaries,
                    at::Tensor& lengths, at::Tensor& overflow, int64_t page_size, int64_t superpage,

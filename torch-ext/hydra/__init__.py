@@ -90,6 +90,16 @@ def _is_exact(pol: HydraPolicy, policy_layer_idx) -> bool:
     return pol.exact or (policy_layer_idx is not None and policy_layer_idx < pol.dense_layers)
 
 
+def _budget_window(pol, sliding_window, policy_layer_idx):
+    """(budget_tokens, window) for the decode op: a sliding window attends its window,
+    exact cases every token (budget 0), otherwise the policy's budget."""
+    if sliding_window is not None:
+        return 0, int(sliding_window)
+    if _is_exact(pol, policy_layer_idx):
+        return 0, 0
+    return pol.budget_tokens, 0
+
+
 def _coarse_args(pol, q, k, cache_seqlens, summaries, super_summaries):
     """(page summaries, superpage summaries, superpage, shortlist length) for the ops.
     Coarse-to-fine needs both levels; missing ones are built here (slow: cache them,
@@ -149,12 +159,7 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
         check_cache_seqlens_values(cache_seqlens, k.shape[2])
     _require_ops()
     B, Hq = q.shape[0], q.shape[1]
-    if sliding_window is not None:
-        budget, window = 0, int(sliding_window)
-    elif _is_exact(pol, policy_layer_idx):
-        budget, window = 0, 0
-    else:
-        budget, window = pol.budget_tokens, 0
+    budget, window = _budget_window(pol, sliding_window, policy_layer_idx)
     summaries, supers, S, n_short = None, None, 0, 0
     if budget > 0:
         summaries, supers, S, n_short = _coarse_args(pol, q, k, cache_seqlens, page_summaries, superpage_summaries)
@@ -183,12 +188,7 @@ def _cache_step(cache, q, k_new, v_new, *, sliding_window=None, policy_layer_idx
                                 page_summaries=cache.summaries, scale=scale, out=out,
                                 superpage_summaries=cache.superpage_summaries)
     _require_ops()
-    if sliding_window is not None:
-        budget, window = 0, int(sliding_window)
-    elif _is_exact(pol, policy_layer_idx):
-        budget, window = 0, 0
-    else:
-        budget, window = pol.budget_tokens, 0
+    budget, window = _budget_window(pol, sliding_window, policy_layer_idx)
     if out is None:
         out = torch.empty_like(q)
     lse = torch.empty((q.shape[0], q.shape[1], 1), dtype=torch.float32, device=q.device)

@@ -201,10 +201,11 @@ class HydraKVCache:
         """Append one token per sequence (k_new, v_new: (B, Hkv, 1, D)) and attend q
         (B, Hq, 1, D) over the grown cache: ``append`` then ``attend``, fused.
 
-        When the step selects pages (the usual long-context case) the append runs inside
-        the selection kernels, so a step costs what ``attend`` costs; otherwise (dense
-        layers, sliding windows, sequences within the budget) it is one append launch
-        plus the attention. Lengths advance on the device, with no host sync; keyword
+        When the step selects pages (any selecting policy with ``max_seq_len`` above the
+        budget) the append rides in the first score launch (one extra CTA per sequence
+        and KV head), so a step costs what ``attend`` costs; otherwise (dense layers,
+        sliding windows, exact precision, a cache no longer than the budget) it is one
+        append launch plus the attention. Lengths advance on the device, with no host sync; keyword
         arguments are those of :meth:`attend`. Overflow is handled as in :meth:`append`.
         """
         from . import _cache_step, _debug_enabled
