@@ -75,6 +75,15 @@ __device__ __forceinline__ int seq_len(const int* seqlens, int b, int Tkv, int a
   return L < 0 ? 0 : (L > Tkv ? Tkv : L);
 }
 
+// Left padding (cache_leftpad): sequence b's valid tokens are [start, L). Kernels shift
+// their K/V base pointers by `start` rows and work on the L - start tokens after it,
+// so pages, sinks and windows count from the first valid token; padding is never read.
+__device__ __forceinline__ int seq_start(const int* leftpad, int b, int L) {
+  if (leftpad == nullptr) return 0;
+  const int s = leftpad[b];
+  return s < 0 ? 0 : (s > L ? L : s);
+}
+
 // First page holding a token of the recent window [L - recent, L); with no window
 // (recent_tokens == 0) the page count, so every page (the partial last one included)
 // is a candidate.

@@ -18,6 +18,7 @@ struct SummaryParams {
   const bf16_t* k;       // [B, Hkv, Tkv, D]
   int64_t k_batch_stride, k_head_stride, k_row_stride;
   const int* seqlens;    // [B] valid lengths, or nullptr (every sequence is Tkv long)
+  const int* leftpad;    // [B] first valid position (left padding), or nullptr (0)
   bf16_t* out;           // [B, Hkv, n_pages, 2, D]: min row then max row; pages past L: +inf / -inf
   int64_t o_batch_stride, o_head_stride, o_page_stride;  // the (2, D) block is contiguous
   int B, Hkv, Tkv, D, n_pages, page_size;
@@ -62,6 +63,7 @@ struct ScoreParams {
   const bf16_t* k;       // [B, Hkv, Tkv, D] (read only when summaries == nullptr)
   int64_t k_batch_stride, k_head_stride, k_row_stride;
   const int* seqlens;    // [B] or nullptr
+  const int* leftpad;    // [B] first valid position, or nullptr (0); positions count from it
   float* scores;         // [B, Hkv, n_pages] fp32; only candidate entries are written
   int B, Hq, Hkv, group, Tkv, D, n_pages, page_size;
   int sink_pages, recent_tokens, n_sel;
@@ -89,6 +91,7 @@ struct SelectParams {
   int dtype;             // kDtypeBf16 or kDtypeF16 (every 16-bit tensor of the call)
   const float* scores;   // see mode
   const int* seqlens;    // [B] or nullptr
+  const int* leftpad;    // [B] first valid position, or nullptr (0)
   int* pages;            // [B, Hkv, n_out] ascending indices, -1 padded
   int* counters;         // [B * Hkv] split-merge counters to zero for the attention kernel, or nullptr
   int B, Hkv, Tkv, n_pages, page_size;
@@ -118,6 +121,7 @@ struct DecodeParams {
   const int* pages;
   int64_t p_batch_stride, p_head_stride;
   const int* seqlens;    // [B] or nullptr
+  const int* leftpad;    // [B] first valid position, or nullptr (0): pages count from it
   bf16_t* out;           // [B, Hq, D]
   int64_t o_batch_stride, o_head_stride;
   float* lse;            // [B, Hq] natural-log sum-exp of the scaled scores

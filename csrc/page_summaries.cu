@@ -16,10 +16,12 @@ __global__ void __launch_bounds__(kSummaryThreads) page_summaries_kernel(Summary
   const int d0 = (threadIdx.x % kThreadsPerPage) * 8;
   if (page >= p.n_pages) return;
 
-  const int L = seq_len(p.seqlens, b, p.Tkv);
+  const int L_end = seq_len(p.seqlens, b, p.Tkv);
+  const int start = seq_start(p.leftpad, b, L_end);
+  const int L = L_end - start;
   const int t0 = page * p.page_size;
   const int t1 = min(t0 + p.page_size, L);
-  const bf16_t* k = p.k + b * p.k_batch_stride + h * p.k_head_stride + d0;
+  const bf16_t* k = p.k + b * p.k_batch_stride + h * p.k_head_stride + (int64_t)start * p.k_row_stride + d0;
 
   float mn[8], mx[8];
 #pragma unroll

@@ -121,7 +121,9 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
     return;
   }
   const int cta = blockIdx.x - (with_append ? 1 : 0);  // this CTA's share of the scoring
-  const int L = min(max(L_raw + p.len_add, 0), p.Tkv);
+  const int L_end = min(max(L_raw + p.len_add, 0), p.Tkv);
+  const int start = seq_start(p.leftpad, b, L_end);  // 0 with the fused append
+  const int L = L_end - start;
   const int n_pages_b = (L + p.page_size - 1) / p.page_size;
   if (n_pages_b <= p.n_sel) return;  // every page is attended; nothing to rank
   int cand_lo = min(p.sink_pages, n_pages_b);
@@ -203,7 +205,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
   } else {
     float qpos[8], qneg[8];
     group_query_bounds<E>(p, b, h, d0, qpos, qneg);
-    const bf16_t* k = p.k + b * p.k_batch_stride + h * p.k_head_stride + d0;
+    const bf16_t* k = p.k + b * p.k_batch_stride + h * p.k_head_stride + (int64_t)start * p.k_row_stride + d0;
     for (int i = 0; i < kScorePasses; ++i) {
       const int page = page0 + i * S::kPagesPerPass + grp;
       const bool cand = page >= cand_lo && page < cand_hi;
@@ -308,11 +310,12 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
   __shared__ int s_bin, s_above, s_n, s_need;
   __shared__ uint32_t s_list[32], s_thr;
 
-  const int L = seq_len(p.seqlens, b, p.Tkv, p.len_add);
+  const int L_end = seq_len(p.seqlens, b, p.Tkv, p.len_add);
+  const int L = L_end - seq_start(p.leftpad, b, L_end);
   const int n_pages_b = (L + p.page_size - 1) / p.page_size;
   int* out = p.pages + ((int64_t)b * p.Hkv + h) * p.n_out;
   if (p.counters != nullptr && tid == 0) p.counters[b * p.Hkv + h] = 0;
-  if (p.lens_out != nullptr && h == 0 && tid == 0) p.lens_out[b] = L;
+  if (p.lens_out != nullptr && h == 0 && tid == 0) p.lens_out[b] = L_end;
 
   if (n_pages_b <= p.n_sel) {  // L <= budget: every page, exactly (mode 1: nothing to shortlist)
     for (int i = tid; i < p.n_out; i += kSelectThreads) out[i] = (p.mode != 1 && i < n_pages_b) ? i : -1;

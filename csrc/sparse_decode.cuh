@@ -82,9 +82,11 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
   pdl_wait();
-  const int L = seq_len(p.seqlens, b, p.Tkv);
+  const int L_end = seq_len(p.seqlens, b, p.Tkv);
+  const int start = seq_start(p.leftpad, b, L_end);
+  const int L = L_end - start;  // tokens counted from the first valid one
   // Fused append: every kernel of the step has read the old lengths; advance them.
-  if (p.lengths_out != nullptr && split == 0 && h == 0 && tid == 0) p.lengths_out[b] = L;
+  if (p.lengths_out != nullptr && split == 0 && h == 0 && tid == 0) p.lengths_out[b] = L_end;
   const bool explicit_pages = p.pages != nullptr;
   const int split_lo = split * p.entries_per_split;
   int split_hi = min(split_lo + p.entries_per_split, p.n_entries);
@@ -119,8 +121,8 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
     return (tok < L && tok >= lo_tok) ? tok : -1;
   };
 
-  const bf16_t* kb = p.k + b * p.k_batch_stride + h * p.k_head_stride;
-  const bf16_t* vb = p.v + b * p.v_batch_stride + h * p.v_head_stride;
+  const bf16_t* kb = p.k + b * p.k_batch_stride + h * p.k_head_stride + (int64_t)start * p.k_row_stride;
+  const bf16_t* vb = p.v + b * p.v_batch_stride + h * p.v_head_stride + (int64_t)start * p.v_row_stride;
   const int ept = kTileTokens >> p.log2_page;  // entries per tile
   const int n_tiles = split_hi > split_lo ? (split_hi - split_lo + ept - 1) / ept : 0;
 

@@ -170,6 +170,44 @@ def test_ragged_seqlens_and_page_sizes(P):
         check_output(o, q, k, v, mask_from_pages(pages, T, P, lens))
 
 
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("P", [8, 16])
+def test_left_padding(P):
+    """cache_leftpad: positions before the padding end and past L hold NaN and are never
+    read; selection, summaries and output equal the reference, which equals attending
+    over each sequence with its padding cut off."""
+    _need_ops()
+    B, T = 5, 1500
+    pol = hydra.HydraPolicy(page_size=P, budget_tokens=16 * P, sink_tokens=P + 3, recent_tokens=3 * P)
+    q, k, v = make_qkv(B, 12, 3, T, seed=40 + P, slack=8)
+    lens = torch.tensor([T, 1400, 1000, 37, 1499], dtype=torch.int32, device=DEV)
+    pad = torch.tensor([0, 5, 999, 20, 1000 + P // 2], dtype=torch.int32, device=DEV)
+    poison_past(k, v, lens)
+    for b, n in enumerate(pad.tolist()):
+        k[b, :, :n] = float("nan")
+        v[b, :, :n] = float("nan")
+    summ = hydra.page_summaries(k, page_size=P, cache_seqlens=lens, cache_leftpad=pad)
+    assert torch.equal(summ, ref.page_summaries(k, page_size=P, cache_seqlens=lens, cache_leftpad=pad))
+    for s in (summ, None):
+        o = hydra.hydra(q, k, v, policy=pol, cache_seqlens=lens, cache_leftpad=pad, page_summaries=s,
+                        out=nan_like(q))
+        pages = hydra.select_pages(q, k, policy=pol, cache_seqlens=lens, cache_leftpad=pad, page_summaries=s)
+        pages_r = ref.select_pages(q, k, policy=pol, cache_seqlens=lens, cache_leftpad=pad)
+        assert torch.equal(pages, pages_r)
+        mask = ref.attended_token_mask(q, k, policy=pol, cache_seqlens=lens, cache_leftpad=pad)
+        check_output(o, q, k, v, mask)
+        # the same as cutting each sequence's padding off
+        for b in range(B):
+            lo, hi = int(pad[b]), int(lens[b])
+            o_b = ref.hydra(q[b:b + 1], k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi], policy=pol)
+            assert rel_err(o[b:b + 1], o_b) < 1e-2
+    # exact precision and sliding windows count from the first valid token too
+    for kw in ({"precision": "exact"}, {"sliding_window": 200}):
+        o = hydra.hydra(q, k, v, cache_seqlens=lens, cache_leftpad=pad, out=nan_like(q), **kw)
+        mask = ref.attended_token_mask(q, k, cache_seqlens=lens, cache_leftpad=pad, **kw)
+        check_output(o, q, k, v, mask)
+
+
 @pytest.mark.parametrize("T", [1, 17, 4097, 65537])
 def test_page_summaries_bitwise(T):
     _need_ops()
@@ -305,21 +343,25 @@ def test_opcheck_every_op():
     q, k, v = make_qkv(1, 8, 2, 700, seed=13)
     lens = torch.tensor([650], dtype=torch.int32, device=DEV)
     summ = hydra.page_summaries(k, cache_seqlens=lens)
-    torch.library.opcheck(ops.page_summaries.default, (k, lens, 16, summ))
+    torch.library.opcheck(ops.page_summaries.default, (k, lens, None, 16, summ))
     pages = torch.empty(1, 2, 16, dtype=torch.int32, device=DEV)
-    torch.library.opcheck(ops.select_pages.default, (q, k, summ, None, lens, 16, 0, 0, 64, 64, 256, pages))
+    torch.library.opcheck(ops.select_pages.default, (q, k, summ, None, lens, None, 16, 0, 0, 64, 64, 256, pages))
     out = torch.empty_like(q)
     lse = torch.empty(1, 8, 1, dtype=torch.float32, device=DEV)
-    torch.library.opcheck(ops.decode.default, (q, k, v, None, summ, None, lens, 16, 0, 0, 64, 64, 256, 0, 0.088, out, lse))
-    torch.library.opcheck(ops.decode.default, (q, k, v, pages, None, None, lens, 16, 0, 0, 0, 0, 0, 0, 0.088, out, lse))
-    torch.library.opcheck(ops.decode_alloc.default, (q, k, v, None, summ, None, lens, 16, 0, 0, 64, 64, 256, 0, 0.088))
-    o2, lse2 = ops.decode_alloc(q, k, v, None, summ, None, lens, 16, 0, 0, 64, 64, 256, 0, 0.088)
-    ops.decode(q, k, v, None, summ, None, lens, 16, 0, 0, 64, 64, 256, 0, 0.088, out, lse)
+    torch.library.opcheck(ops.decode.default, (q, k, v, None, summ, None, lens, None, 16, 0, 0, 64, 64, 256, 0, 0.088, out, lse))
+    torch.library.opcheck(ops.decode.default, (q, k, v, pages, None, None, lens, None, 16, 0, 0, 0, 0, 0, 0, 0.088, out, lse))
+    torch.library.opcheck(ops.decode_alloc.default, (q, k, v, None, summ, None, lens, None, 16, 0, 0, 64, 64, 256, 0, 0.088))
+    o2, lse2 = ops.decode_alloc(q, k, v, None, summ, None, lens, None, 16, 0, 0, 64, 64, 256, 0, 0.088)
+    ops.decode(q, k, v, None, summ, None, lens, None, 16, 0, 0, 64, 64, 256, 0, 0.088, out, lse)
     assert torch.equal(o2, out) and torch.equal(lse2, lse)
     # coarse-to-fine: superpages of 4 pages, a shortlist of 3
     sup = hydra.superpage_summaries(summ, 4)
-    torch.library.opcheck(ops.select_pages.default, (q, k, summ, sup, lens, 16, 4, 3, 64, 64, 256, pages))
-    torch.library.opcheck(ops.decode.default, (q, k, v, None, summ, sup, lens, 16, 4, 3, 64, 64, 256, 0, 0.088, out, lse))
+    torch.library.opcheck(ops.select_pages.default, (q, k, summ, sup, lens, None, 16, 4, 3, 64, 64, 256, pages))
+    torch.library.opcheck(ops.decode.default, (q, k, v, None, summ, sup, lens, None, 16, 4, 3, 64, 64, 256, 0, 0.088, out, lse))
+    pad = torch.tensor([37], dtype=torch.int32, device=DEV)  # left padding
+    summ_p = hydra.page_summaries(k, cache_seqlens=lens, cache_leftpad=pad)
+    torch.library.opcheck(ops.page_summaries.default, (k, lens, pad, 16, summ_p))
+    torch.library.opcheck(ops.decode.default, (q, k, v, None, summ_p, None, lens, pad, 16, 0, 0, 64, 64, 256, 0, 0.088, out, lse))
     assert add_op_namespace_prefix("decode").endswith("::decode")
 
 

@@ -295,6 +295,41 @@ def test_positions_past_L_never_matter(kwargs):
             assert (full == ref.select_pages(q[b:b + 1], sl[1], policy=SMALL)).all()
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"precision": "exact"}, {"sliding_window": 30}],
+                         ids=["sparse", "exact", "window"])
+def test_left_padding_is_cut_off(kwargs):
+    """cache_leftpad: positions before the padding end never matter, and the result is
+    that of each sequence with its padding cut off (pages, sinks and windows count from
+    the first valid token)."""
+    Tkv = 600
+    L = torch.tensor([600, 333, 590, 129], dtype=torch.int32)
+    pad = torch.tensor([0, 100, 7, 128], dtype=torch.int32)
+    q, k, v = qkv(4, 8, 2, 1, Tkv, 32, seed=8)
+    pos = torch.arange(Tkv).view(1, 1, -1, 1)
+    outside = (pos < pad.view(-1, 1, 1, 1)) | (pos >= L.view(-1, 1, 1, 1))
+    k_nan, v_nan = k.masked_fill(outside, float("nan")), v.masked_fill(outside, float("nan"))
+    out, lse = ref.hydra(q, k_nan, v_nan, policy=SMALL, cache_seqlens=L, cache_leftpad=pad, return_lse=True,
+                         **kwargs)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    mask = ref.attended_token_mask(q, k_nan, policy=SMALL, cache_seqlens=L, cache_leftpad=pad, **kwargs)
+    assert not (mask & outside.squeeze(-1)).any()
+    for b in range(4):
+        lo, hi = int(pad[b]), int(L[b])
+        sl = (q[b:b + 1], k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi])
+        out_b, lse_b = ref.hydra(*sl, policy=SMALL, return_lse=True, **kwargs)
+        close(out[b:b + 1], out_b, atol=1e-6, rtol=1e-6)
+        close(lse[b:b + 1], lse_b, atol=1e-6, rtol=1e-6)
+        assert torch.equal(mask[b, :, lo:hi], ref.attended_token_mask(q[b:b + 1], sl[1], policy=SMALL,
+                                                                      **kwargs)[0])
+        if not kwargs:
+            pages = ref.select_pages(q, k_nan, policy=SMALL, cache_seqlens=L, cache_leftpad=pad)[b:b + 1]
+            assert torch.equal(pages, ref.select_pages(q[b:b + 1], sl[1], policy=SMALL))
+    summ = ref.page_summaries(k_nan, page_size=16, cache_seqlens=L, cache_leftpad=pad)
+    assert torch.equal(summ[1:2, :, :15], ref.page_summaries(k[1:2, :, 100:333], page_size=16))
+    with pytest.raises(ValueError, match="cache_leftpad values must lie in"):
+        ref.hydra(q, k, v, cache_seqlens=L, cache_leftpad=L)
+
+
 def test_page_summaries_values():
     P = 16
     k = randn(2, 3, 97, 24, seed=9, dtype=torch.bfloat16)

@@ -124,6 +124,19 @@ def test_cache_seqlens_dtype_and_shape():
         hydra.hydra(q, k, v, cache_seqlens=[5, 6])
 
 
+def test_cache_leftpad_dtype_shape_and_path():
+    q, k, v = qkv()
+    with raises(TypeError, "hydra: cache_leftpad must be int32, got torch.int64"):
+        hydra.hydra(q, k, v, cache_leftpad=torch.tensor([5, 6]))
+    with raises(ValueError, "hydra: cache_leftpad must have shape (2,), got (1,)"):
+        hydra.select_pages(q, k, cache_leftpad=torch.tensor([5], dtype=torch.int32))
+    with raises(TypeError, "hydra: cache_leftpad must be a torch.Tensor, got list"):
+        hydra.page_summaries(k, cache_leftpad=[5, 6])
+    qp, kp, vp = qkv(Tq=128, Tkv=128)
+    with raises(ValueError, "hydra: cache_leftpad is a decode argument; prefill (Tq == Tkv) got one"):
+        hydra.hydra(qp, kp, vp, cache_leftpad=torch.zeros(2, dtype=torch.int32))
+
+
 def test_page_summaries_shape_must_fit_k_and_policy():
     q, k, v = qkv(Tkv=100)
     bad = torch.zeros(2, 2, 6, 2, 128, dtype=BF16)  # 100 tokens / 16 -> 7 pages

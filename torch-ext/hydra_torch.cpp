@@ -35,11 +35,11 @@ void check_elem_cuda(const at::Tensor& t, const char* name, at::ScalarType want)
               " must be 16-byte aligned");
 }
 
-const int* seqlens_ptr(const std::optional<at::Tensor>& s, int64_t B) {
+const int* seqlens_ptr(const std::optional<at::Tensor>& s, int64_t B, const char* name = "cache_seqlens") {
   if (!s.has_value()) return nullptr;
   TORCH_CHECK(s->is_cuda() && s->scalar_type() == at::kInt && s->dim() == 1 && s->size(0) == B &&
                   s->is_contiguous(),
-              "hydra: cache_seqlens must be a contiguous int32 CUDA tensor of shape (", B, ",), got ",
+              "hydra: ", name, " must be a contiguous int32 CUDA tensor of shape (", B, ",), got ",
               s->scalar_type(), " ", s->sizes());
   return s->data_ptr<int>();
 }
@@ -121,8 +121,8 @@ Coarse coarse_args(const std::optional<at::Tensor>& super_summaries, int64_t sup
 // select (flat), or score superpages, shortlist, score their fine pages, select
 // (coarse-to-fine). `work` holds selection_floats() floats.
 void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
-                   const int* seqlens, const Shapes& s, int page_size, int sink_tokens, int recent_tokens,
-                   int n_sel, int* pages_out, int* counters, float* work, cudaStream_t stream,
+                   const int* seqlens, const int* leftpad, const Shapes& s, int page_size, int sink_tokens,
+                   int recent_tokens, int n_sel, int* pages_out, int* counters, float* work, cudaStream_t stream,
                    const hydra::CacheWriteParams* append = nullptr, int* lens_out = nullptr,
                    const Coarse& coarse = Coarse()) {
   const int n_pages = (s.Tkv + page_size - 1) / page_size;
@@ -148,6 +148,7 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
   sp.k_head_stride = k.stride(1);
   sp.k_row_stride = k.stride(2);
   sp.seqlens = seqlens;
+  sp.leftpad = leftpad;
   sp.scores = work;
   sp.B = s.B; sp.Hq = s.Hq; sp.Hkv = s.Hkv; sp.group = s.Hq / s.Hkv; sp.Tkv = s.Tkv; sp.D = s.D;
   sp.n_pages = n_pages; sp.page_size = page_size;
@@ -166,6 +167,7 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
   se.dtype = sp.dtype;
   se.scores = work;
   se.seqlens = seqlens;
+  se.leftpad = leftpad;
   se.pages = pages_out;
   se.counters = counters;
   se.B = s.B; se.Hkv = s.Hkv; se.Tkv = s.Tkv; se.n_pages = n_pages; se.page_size = page_size;
@@ -244,8 +246,8 @@ struct Workspace {
 
 }  // namespace
 
-void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_seqlens, int64_t page_size,
-                    at::Tensor& out) {
+void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_seqlens,
+                    const std::optional<at::Tensor>& cache_leftpad, int64_t page_size, at::Tensor& out) {
   check_elem_cuda(k, "k", k.scalar_type());
   check_elem_cuda(out, "out", k.scalar_type());
   check_page_size(page_size);
@@ -263,6 +265,7 @@ void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_
   p.k_head_stride = k.stride(1);
   p.k_row_stride = k.stride(2);
   p.seqlens = seqlens_ptr(cache_seqlens, k.size(0));
+  p.leftpad = seqlens_ptr(cache_leftpad, k.size(0), "cache_leftpad");
   p.out = reinterpret_cast<bf16_t*>(out.data_ptr());
   p.o_batch_stride = out.stride(0);
   p.o_head_stride = out.stride(1);
@@ -276,7 +279,7 @@ void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_
 
 void select_pages(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
                   const std::optional<at::Tensor>& super_summaries, const std::optional<at::Tensor>& cache_seqlens,
-                  int64_t page_size, int64_t superpage, int64_t shortlist_pages, int64_t sink_tokens,
+                  const std::optional<at::Tensor>& cache_leftpad, int64_t page_size, int64_t superpage, int64_t shortlist_pages, int64_t sink_tokens,
                   int64_t recent_tokens, int64_t budget_tokens, at::Tensor& pages) {
   check_elem_cuda(q, "q", q.scalar_type());
   check_elem_cuda(k, "k", q.scalar_type());
@@ -293,7 +296,8 @@ void select_pages(const at::Tensor& q, const at::Tensor& k, const std::optional<
   const int n_pages = (s.Tkv + (int)page_size - 1) / (int)page_size;
   const Coarse coarse = coarse_args(super_summaries, superpage, shortlist_pages, summaries, s, n_pages);
   at::Tensor scores = at::empty({(int64_t)selection_floats(s, n_pages, coarse)}, q.options().dtype(at::kFloat));
-  run_selection(q, k, summaries, seqlens_ptr(cache_seqlens, s.B), s, (int)page_size, (int)sink_tokens,
+  run_selection(q, k, summaries, seqlens_ptr(cache_seqlens, s.B), seqlens_ptr(cache_leftpad, s.B, "cache_leftpad"),
+                s, (int)page_size, (int)sink_tokens,
                 (int)recent_tokens, n_sel, pages.data_ptr<int>(), nullptr, scores.data_ptr<float>(),
                 c10::cuda::getCurrentCUDAStream(), nullptr, nullptr, coarse);
 }
@@ -305,7 +309,8 @@ namespace {
 void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& pages, const std::optional<at::Tensor>& summaries,
                  const std::optional<at::Tensor>& super_summaries, int64_t superpage, int64_t shortlist_pages,
-                 const int* seqlens, int64_t page_size, int64_t sink_tokens, int64_t recent_tokens,
+                 const int* seqlens, const int* leftpad, int64_t page_size, int64_t sink_tokens,
+                 int64_t recent_tokens,
                  int64_t budget_tokens, int64_t window, double scale, at::Tensor& out, at::Tensor& lse,
                  const hydra::CacheWriteParams* append) {
   check_elem_cuda(q, "q", q.scalar_type());
@@ -385,7 +390,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (mode == kSelect) {
     int* sel = reinterpret_cast<int*>(at_off(i_pages));
     int* lens = fused_append ? reinterpret_cast<int*>(at_off(i_lens)) : nullptr;
-    run_selection(q, k, summaries, seqlens, s, P, (int)sink_tokens, (int)recent_tokens, n_entries, sel, counters,
+    run_selection(q, k, summaries, seqlens, leftpad, s, P, (int)sink_tokens, (int)recent_tokens, n_entries, sel, counters,
                   reinterpret_cast<float*>(at_off(i_scores)), stream, fused_append ? append : nullptr, lens, coarse);
     if (fused_append) {  // the attention reads the step's lengths; it writes them to the cache
       seqlens = lens;
@@ -412,6 +417,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   p.k_batch_stride = k.stride(0); p.k_head_stride = k.stride(1); p.k_row_stride = k.stride(2);
   p.v_batch_stride = v.stride(0); p.v_head_stride = v.stride(1); p.v_row_stride = v.stride(2);
   p.seqlens = seqlens;
+  p.leftpad = leftpad;
   p.out = reinterpret_cast<bf16_t*>(out.data_ptr());
   p.o_batch_stride = out.stride(0);
   p.o_head_stride = out.stride(1);
@@ -434,12 +440,14 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pages,
             const std::optional<at::Tensor>& summaries, const std::optional<at::Tensor>& super_summaries,
-            const std::optional<at::Tensor>& cache_seqlens, int64_t page_size, int64_t superpage,
+            const std::optional<at::Tensor>& cache_seqlens, const std::optional<at::Tensor>& cache_leftpad,
+            int64_t page_size, int64_t superpage,
             int64_t shortlist_pages, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
             int64_t window, double scale, at::Tensor& out, at::Tensor& lse) {
   const Shapes s = decode_shapes(q, k);
   decode_impl(q, k, v, pages, summaries, super_summaries, superpage, shortlist_pages,
-              seqlens_ptr(cache_seqlens, s.B), page_size, sink_tokens,
+              seqlens_ptr(cache_seqlens, s.B), seqlens_ptr(cache_leftpad, s.B, "cache_leftpad"), page_size,
+              sink_tokens,
               recent_tokens, budget_tokens, window, scale, out, lse, nullptr);
 }
 
@@ -447,14 +455,16 @@ std::tuple<at::Tensor, at::Tensor> decode_alloc(const at::Tensor& q, const at::T
                                                 const std::optional<at::Tensor>& pages,
                                                 const std::optional<at::Tensor>& summaries,
                                                 const std::optional<at::Tensor>& super_summaries,
-                                                const std::optional<at::Tensor>& cache_seqlens, int64_t page_size,
+                                                const std::optional<at::Tensor>& cache_seqlens,
+                                                const std::optional<at::Tensor>& cache_leftpad, int64_t page_size,
                                                 int64_t superpage, int64_t shortlist_pages,
                                                 int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
                                                 int64_t window, double scale) {
   TORCH_CHECK(q.dim() == 4, "hydra: q must be (B, Hq, 1, D), got ", q.sizes());
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  decode(q, k, v, pages, summaries, super_summaries, cache_seqlens, page_size, superpage, shortlist_pages,
+  decode(q, k, v, pages, summaries, super_summaries, cache_seqlens, cache_leftpad, page_size, superpage,
+         shortlist_pages,
          sink_tokens, recent_tokens, budget_tokens, window, scale, out, lse);
   return {out, lse};
 }
@@ -554,6 +564,6 @@ void decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tenso
   const hydra::CacheWriteParams cw = cache_params(k_new, v_new, std::nullopt, page_size, k_cache, v_cache, summaries,
                                                   lengths, overflow, super_summaries, superpage);
   decode_impl(q, k_cache, v_cache, std::nullopt, summaries, super_summaries, superpage, shortlist_pages,
-              lengths.data_ptr<int>(), page_size, sink_tokens, recent_tokens, budget_tokens, window, scale, out,
-              lse, &cw);
+              lengths.data_ptr<int>(), nullptr, page_size, sink_tokens, recent_tokens, budget_tokens, window, scale,
+              out, lse, &cw);
 }

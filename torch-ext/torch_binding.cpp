@@ -6,12 +6,16 @@
 
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   // k [B, Hkv, Tkv, D] -> out [B, Hkv, n_pages, 2, D] (min, max per page).
-  ops.def("page_summaries(Tensor k, Tensor? cache_seqlens, int page_size, Tensor! out) -> ()");
+  ops.def("page_summaries(Tensor k, Tensor? cache_seqlens, Tensor? cache_leftpad, int page_size, Tensor! out) -> ()");
   ops.impl("page_summaries", c10::kCUDA, &page_summaries);
+
+  // cache_leftpad (int32 [B], optional): each sequence's valid tokens are [leftpad, seqlen);
+  // pages count from the first valid token.
 
   // Decode page selection -> pages [B, Hkv, budget_tokens / page_size], ascending, -1 padded.
   ops.def(
       "select_pages(Tensor q, Tensor k, Tensor? summaries, Tensor? super_summaries, Tensor? cache_seqlens, "
+      "Tensor? cache_leftpad, "
       "int page_size, int superpage, int shortlist_pages, int sink_tokens, int recent_tokens, int budget_tokens, "
       "Tensor! pages) -> ()");
   ops.impl("select_pages", c10::kCUDA, &select_pages);
@@ -20,14 +24,16 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   // attend. Else attend over [L - window, L) (window 0: every token < L).
   ops.def(
       "decode(Tensor q, Tensor k, Tensor v, Tensor? pages, Tensor? summaries, Tensor? super_summaries, "
-      "Tensor? cache_seqlens, int page_size, int superpage, int shortlist_pages, int sink_tokens, "
+      "Tensor? cache_seqlens, Tensor? cache_leftpad, int page_size, int superpage, int shortlist_pages, "
+      "int sink_tokens, "
       "int recent_tokens, int budget_tokens, int window, float scale, Tensor! out, Tensor! lse) -> ()");
   ops.impl("decode", c10::kCUDA, &decode);
 
   // The same step returning a new out (B, Hq, 1, D) and fp32 lse (B, Hq, 1).
   ops.def(
       "decode_alloc(Tensor q, Tensor k, Tensor v, Tensor? pages, Tensor? summaries, Tensor? super_summaries, "
-      "Tensor? cache_seqlens, int page_size, int superpage, int shortlist_pages, int sink_tokens, "
+      "Tensor? cache_seqlens, Tensor? cache_leftpad, int page_size, int superpage, int shortlist_pages, "
+      "int sink_tokens, "
       "int recent_tokens, int budget_tokens, int window, float scale) -> (Tensor, Tensor)");
   ops.impl("decode_alloc", c10::kCUDA, &decode_alloc);
 

@@ -5,17 +5,19 @@
 #include <tuple>
 #include <ATen/ATen.h>
 
-void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_seqlens, int64_t page_size,
+void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_seqlens,
+                    const std::optional<at::Tensor>& cache_leftpad, int64_t page_size,
                     at::Tensor& out);
 
 void select_pages(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
                   const std::optional<at::Tensor>& super_summaries, const std::optional<at::Tensor>& cache_seqlens,
-                  int64_t page_size, int64_t superpage, int64_t shortlist_pages, int64_t sink_tokens,
+                  const std::optional<at::Tensor>& cache_leftpad, int64_t page_size, int64_t superpage, int64_t shortlist_pages, int64_t sink_tokens,
                   int64_t recent_tokens, int64_t budget_tokens, at::Tensor& pages);
 
 void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pages,
             const std::optional<at::Tensor>& summaries, const std::optional<at::Tensor>& super_summaries,
-            const std::optional<at::Tensor>& cache_seqlens, int64_t page_size, int64_t superpage,
+            const std::optional<at::Tensor>& cache_seqlens, const std::optional<at::Tensor>& cache_leftpad,
+            int64_t page_size, int64_t superpage,
             int64_t shortlist_pages, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
             int64_t window, double scale, at::Tensor& out, at::Tensor& lse);
 
@@ -24,7 +26,8 @@ std::tuple<at::Tensor, at::Tensor> decode_alloc(const at::Tensor& q, const at::T
                                                 const std::optional<at::Tensor>& pages,
                                                 const std::optional<at::Tensor>& summaries,
                                                 const std::optional<at::Tensor>& super_summaries,
-                                                const std::optional<at::Tensor>& cache_seqlens, int64_t page_size,
+                                                const std::optional<at::Tensor>& cache_seqlens,
+                                                const std::optional<at::Tensor>& cache_leftpad, int64_t page_size,
                                                 int64_t superpage, int64_t shortlist_pages,
                                                 int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
                                                 int64_t window, double scale);

@@ -19,6 +19,7 @@ import torch
 from . import reference
 from ._ops import add_op_namespace_prefix, ops
 from ._validate import (
+    check_cache_leftpad_values,
     check_cache_seqlens_values,
     check_pages_values,
     validate_decode_call,
@@ -100,7 +101,7 @@ def _budget_window(pol, sliding_window, policy_layer_idx):
     return pol.budget_tokens, 0
 
 
-def _coarse_args(pol, q, k, cache_seqlens, summaries, super_summaries):
+def _coarse_args(pol, q, k, cache_seqlens, summaries, super_summaries, cache_leftpad=None):
     """(page summaries, superpage summaries, superpage, shortlist length) for the ops.
     Coarse-to-fine needs both levels; missing ones are built here (slow: cache them,
     as HydraKVCache does)."""
@@ -109,7 +110,7 @@ def _coarse_args(pol, q, k, cache_seqlens, summaries, super_summaries):
     if summaries is None:
         summaries = torch.empty((k.shape[0], k.shape[1], -(-k.shape[2] // pol.page_size), 2, k.shape[3]),
                                 dtype=k.dtype, device=k.device)
-        ops.page_summaries(k, cache_seqlens, pol.page_size, summaries)
+        ops.page_summaries(k, cache_seqlens, cache_leftpad, pol.page_size, summaries)
     if super_summaries is None:
         super_summaries = superpage_summaries(summaries, pol.superpage)
     return summaries, super_summaries, pol.superpage, pol.n_short
@@ -117,7 +118,7 @@ def _coarse_args(pol, q, k, cache_seqlens, summaries, super_summaries):
 
 def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None, precision="high",
           policy=None, cache_seqlens=None, page_summaries=None, scale=None, return_lse=False, out=None,
-          superpage_summaries=None):
+          superpage_summaries=None, cache_leftpad=None):
     """Causal attention over a bounded resident set of the KV cache.
 
     Parameters
@@ -133,6 +134,10 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
     policy : HydraPolicy, optional. Fields that differ from the defaults override the preset.
     cache_seqlens : int32 Tensor (B,), optional. Valid length of each sequence (<= Tkv);
         later positions are never read.
+    cache_leftpad : int32 Tensor (B,), optional. Left padding, as in FlashAttention's
+        ``flash_attn_with_kvcache``: sequence b holds the tokens ``[cache_leftpad[b], L_b)``;
+        earlier positions are never read, and pages, sinks and windows count from the
+        first valid token (page summaries must be built with the same ``cache_leftpad``).
     page_summaries : Tensor (B, Hkv, ceil(Tkv / page_size), 2, D), optional. Cached
         output of :func:`page_summaries`; without it each step reads all of K to score pages.
     superpage_summaries : Tensor (B, Hkv, ceil(n_pages / superpage), 2, D), optional.
@@ -154,22 +159,26 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
     info = validate_decode_call(q, k, v, is_causal=is_causal, sliding_window=sliding_window,
                                 policy_layer_idx=policy_layer_idx, policy=pol, cache_seqlens=cache_seqlens,
                                 page_summaries=page_summaries, scale=scale, out=out,
-                                superpage_summaries=superpage_summaries)
-    if _debug and cache_seqlens is not None:
-        check_cache_seqlens_values(cache_seqlens, k.shape[2])
+                                superpage_summaries=superpage_summaries, cache_leftpad=cache_leftpad)
+    if _debug:
+        if cache_seqlens is not None:
+            check_cache_seqlens_values(cache_seqlens, k.shape[2])
+        if cache_leftpad is not None:
+            check_cache_leftpad_values(cache_leftpad, cache_seqlens, k.shape[2])
     _require_ops()
     B, Hq = q.shape[0], q.shape[1]
     budget, window = _budget_window(pol, sliding_window, policy_layer_idx)
     summaries, supers, S, n_short = None, None, 0, 0
     if budget > 0:
-        summaries, supers, S, n_short = _coarse_args(pol, q, k, cache_seqlens, page_summaries, superpage_summaries)
+        summaries, supers, S, n_short = _coarse_args(pol, q, k, cache_seqlens, page_summaries, superpage_summaries,
+                                                     cache_leftpad)
     if out is None:  # allocated in C++: one op call on the eager hot path
-        out, lse = ops.decode_alloc(q, k, v, None, summaries, supers, cache_seqlens, pol.page_size, S, n_short,
-                                    pol.sink_tokens, pol.recent_tokens, budget, window, info["scale"])
+        out, lse = ops.decode_alloc(q, k, v, None, summaries, supers, cache_seqlens, cache_leftpad, pol.page_size, S,
+                                    n_short, pol.sink_tokens, pol.recent_tokens, budget, window, info["scale"])
     else:
         lse = torch.empty((B, Hq, 1), dtype=torch.float32, device=q.device)
-        ops.decode(q, k, v, None, summaries, supers, cache_seqlens, pol.page_size, S, n_short, pol.sink_tokens,
-                   pol.recent_tokens, budget, window, info["scale"], out, lse)
+        ops.decode(q, k, v, None, summaries, supers, cache_seqlens, cache_leftpad, pol.page_size, S, n_short,
+                   pol.sink_tokens, pol.recent_tokens, budget, window, info["scale"], out, lse)
     return (out, lse) if return_lse else out
 
 
@@ -200,7 +209,7 @@ def _cache_step(cache, q, k_new, v_new, *, sliding_window=None, policy_layer_idx
 
 
 def select_pages(q, k, *, is_causal=True, sliding_window=None, policy_layer_idx=None, precision="high",
-                 policy=None, cache_seqlens=None, page_summaries=None, superpage_summaries=None):
+                 policy=None, cache_seqlens=None, page_summaries=None, superpage_summaries=None, cache_leftpad=None):
     """The pages a decode step attends to, per (sequence, KV head).
 
     Returns
@@ -208,7 +217,8 @@ def select_pages(q, k, *, is_causal=True, sliding_window=None, policy_layer_idx=
     int32 Tensor (B, Hkv, n_sel): ascending page indices padded with -1, where
     ``n_sel = budget_tokens // page_size``, or ``ceil(Tkv / page_size)`` for the
     exact cases known from the arguments (precision "exact", dense layers).
-    Sequences with ``L <= budget_tokens`` list all their pages.
+    Sequences with ``L <= budget_tokens`` list all their pages. With ``cache_leftpad``
+    the pages count from each sequence's first valid token.
     """
     if sliding_window is not None:
         raise ValueError(f"hydra: select_pages does not apply to sliding-window layers "
@@ -217,7 +227,7 @@ def select_pages(q, k, *, is_causal=True, sliding_window=None, policy_layer_idx=
     validate_decode_call(q, k, None, is_causal=is_causal, sliding_window=sliding_window,
                          policy_layer_idx=policy_layer_idx, policy=pol, cache_seqlens=cache_seqlens,
                          page_summaries=page_summaries, scale=None, out=None,
-                         superpage_summaries=superpage_summaries)
+                         superpage_summaries=superpage_summaries, cache_leftpad=cache_leftpad)
     _require_ops()
     B, Hkv, Tkv, _ = k.shape
     P = pol.page_size
@@ -226,17 +236,20 @@ def select_pages(q, k, *, is_causal=True, sliding_window=None, policy_layer_idx=
         idx = torch.arange(n_pages, dtype=torch.int32, device=q.device).expand(B, Hkv, n_pages)
         lens = cache_seqlens if cache_seqlens is not None else torch.full((B,), Tkv, dtype=torch.int32,
                                                                             device=q.device)
+        if cache_leftpad is not None:
+            lens = lens - cache_leftpad
         valid = idx < ((lens + (P - 1)) // P).view(B, 1, 1)
         return torch.where(valid, idx, torch.full_like(idx, -1)).contiguous()
     pages = torch.empty((B, Hkv, pol.n_sel), dtype=torch.int32, device=q.device)
-    summaries, supers, S, n_short = _coarse_args(pol, q, k, cache_seqlens, page_summaries, superpage_summaries)
-    ops.select_pages(q, k, summaries, supers, cache_seqlens, P, S, n_short, pol.sink_tokens, pol.recent_tokens,
+    summaries, supers, S, n_short = _coarse_args(pol, q, k, cache_seqlens, page_summaries, superpage_summaries,
+                                                 cache_leftpad)
+    ops.select_pages(q, k, summaries, supers, cache_seqlens, cache_leftpad, P, S, n_short, pol.sink_tokens, pol.recent_tokens,
                      pol.budget_tokens, pages)
     return pages
 
 
 def sparse_attention(q, k, v, pages, *, page_size=16, cache_seqlens=None, scale=None, return_lse=False,
-                     out=None):
+                     out=None, cache_leftpad=None):
     """Decode attention over an explicit page list.
 
     Parameters
@@ -246,63 +259,72 @@ def sparse_attention(q, k, v, pages, *, page_size=16, cache_seqlens=None, scale=
         :func:`select_pages` returns them; -1 entries are skipped and a page repeated
         in consecutive entries is attended once. Tokens ``>= L`` are never read.
     page_size : tokens per page (power of two, 8..64).
+    cache_leftpad : int32 (B,), optional. First valid positions; pages count from them.
 
     Returns
     -------
     (B, Hq, 1, D) in q's dtype, plus the fp32 (B, Hq, 1) LSE if ``return_lse``.
     """
     info = validate_sparse_attention_call(q, k, v, pages, page_size=page_size, cache_seqlens=cache_seqlens,
-                                          scale=scale, out=out)
+                                          scale=scale, out=out, cache_leftpad=cache_leftpad)
     if _debug:
         if cache_seqlens is not None:
             check_cache_seqlens_values(cache_seqlens, k.shape[2])
+        if cache_leftpad is not None:
+            check_cache_leftpad_values(cache_leftpad, cache_seqlens, k.shape[2])
         check_pages_values(pages)
     _require_ops()
     if out is None:
-        out, lse = ops.decode_alloc(q, k, v, pages, None, None, cache_seqlens, page_size, 0, 0, 0, 0, 0, 0,
-                                    info["scale"])
+        out, lse = ops.decode_alloc(q, k, v, pages, None, None, cache_seqlens, cache_leftpad, page_size, 0, 0, 0,
+                                    0, 0, 0, info["scale"])
     else:
         lse = torch.empty((q.shape[0], q.shape[1], 1), dtype=torch.float32, device=q.device)
-        ops.decode(q, k, v, pages, None, None, cache_seqlens, page_size, 0, 0, 0, 0, 0, 0, info["scale"], out, lse)
+        ops.decode(q, k, v, pages, None, None, cache_seqlens, cache_leftpad, page_size, 0, 0, 0, 0, 0, 0,
+                   info["scale"], out, lse)
     return (out, lse) if return_lse else out
 
 
-def page_summaries(k, *, page_size=16, cache_seqlens=None):
+def page_summaries(k, *, page_size=16, cache_seqlens=None, cache_leftpad=None):
     """Elementwise min and max of the keys over each page.
 
     Returns
     -------
     Tensor (B, Hkv, ceil(Tkv / page_size), 2, D) in k's dtype: ``[..., 0, :]`` is the
     min and ``[..., 1, :]`` the max over the page's valid tokens (``< L``). Pages with
-    no valid token hold +inf / -inf.
+    no valid token hold +inf / -inf. With ``cache_leftpad`` pages count from each
+    sequence's first valid token (the layout ``hydra(..., cache_leftpad=...)`` expects).
 
     Examples
     --------
     >>> summ = hydra.page_summaries(k, cache_seqlens=lens)  # reuse across decode steps
     """
-    validate_page_summaries_call(k, page_size=page_size, cache_seqlens=cache_seqlens)
-    if _debug and cache_seqlens is not None:
-        check_cache_seqlens_values(cache_seqlens, k.shape[2])
+    validate_page_summaries_call(k, page_size=page_size, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad)
+    if _debug:
+        if cache_seqlens is not None:
+            check_cache_seqlens_values(cache_seqlens, k.shape[2])
+        if cache_leftpad is not None:
+            check_cache_leftpad_values(cache_leftpad, cache_seqlens, k.shape[2])
     _require_ops()
     B, Hkv, Tkv, D = k.shape
     out = torch.empty((B, Hkv, -(-Tkv // page_size), 2, D), dtype=k.dtype, device=k.device)
-    ops.page_summaries(k, cache_seqlens, page_size, out)
+    ops.page_summaries(k, cache_seqlens, cache_leftpad, page_size, out)
     return out
 
 
 if ops is not None:
 
     @torch.library.register_fake(add_op_namespace_prefix("page_summaries"))
-    def _page_summaries_fake(k, cache_seqlens, page_size, out):
+    def _page_summaries_fake(k, cache_seqlens, cache_leftpad, page_size, out):
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("select_pages"))
-    def _select_pages_fake(q, k, summaries, super_summaries, cache_seqlens, page_size, superpage, shortlist_pages,
+    def _select_pages_fake(q, k, summaries, super_summaries, cache_seqlens, cache_leftpad, page_size, superpage,
+                           shortlist_pages,
                            sink_tokens, recent_tokens, budget_tokens, pages):
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("decode"))
-    def _decode_fake(q, k, v, pages, summaries, super_summaries, cache_seqlens, page_size, superpage,
+    def _decode_fake(q, k, v, pages, summaries, super_summaries, cache_seqlens, cache_leftpad, page_size, superpage,
                      shortlist_pages, sink_tokens, recent_tokens, budget_tokens, window, scale, out, lse):
         return None
 
@@ -322,7 +344,8 @@ if ops is not None:
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("decode_alloc"))
-    def _decode_alloc_fake(q, k, v, pages, summaries, super_summaries, cache_seqlens, page_size, superpage,
+    def _decode_alloc_fake(q, k, v, pages, summaries, super_summaries, cache_seqlens, cache_leftpad, page_size,
+                           superpage,
                            shortlist_pages, sink_tokens, recent_tokens, budget_tokens, window, scale):
         B, Hq, Tq, D = q.shape
         return q.new_empty((B, Hq, Tq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)

@@ -93,16 +93,16 @@ def _scale(scale, D):
     return float(scale)
 
 
-def _cache_seqlens(cache_seqlens, B):
+def _cache_seqlens(cache_seqlens, B, name="cache_seqlens"):
     if cache_seqlens is None:
         return
-    _tensor(cache_seqlens, "cache_seqlens")
+    _tensor(cache_seqlens, name)
     if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"hydra: cache_seqlens must be int32, got {cache_seqlens.dtype}")
+        raise TypeError(f"hydra: {name} must be int32, got {cache_seqlens.dtype}")
     if tuple(cache_seqlens.shape) != (B,):
-        raise ValueError(f"hydra: cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
+        raise ValueError(f"hydra: {name} must have shape ({B},), got {tuple(cache_seqlens.shape)}")
     if not cache_seqlens.is_contiguous():
-        raise ValueError(f"hydra: cache_seqlens must be contiguous, got strides {cache_seqlens.stride()}")
+        raise ValueError(f"hydra: {name} must be contiguous, got strides {cache_seqlens.stride()}")
 
 
 def _out(out, q):
@@ -151,10 +151,11 @@ def _fast_decode_ok(q, k, v, policy, cache_seqlens, page_summaries):
 
 
 def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx, policy, cache_seqlens,
-                         page_summaries, scale, out, superpage_summaries=None):
+                         page_summaries, scale, out, superpage_summaries=None, cache_leftpad=None):
     """Checks for hydra.hydra / hydra.select_pages. Returns {"scale": float}."""
     if (v is not None and is_causal is True and sliding_window is None and policy_layer_idx is None
             and scale is None and out is None and superpage_summaries is None and not policy.coarse
+            and cache_leftpad is None
             and _fast_decode_ok(q, k, v, policy, cache_seqlens, page_summaries)):
         return {"scale": _INV_SQRT_D[q.shape[3]]}
     if is_causal is not True:
@@ -167,6 +168,7 @@ def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx
         _int_arg(policy_layer_idx, "policy_layer_idx", 0)
     scale = _scale(scale, D)
     _cache_seqlens(cache_seqlens, B)
+    _cache_seqlens(cache_leftpad, B, "cache_leftpad")
     if page_summaries is not None:
         _tensor(page_summaries, "page_summaries")
         n_pages = -(-Tkv // policy.page_size)
@@ -207,10 +209,12 @@ def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx
     if Tq == Tkv and Tq > 1:
         if cache_seqlens is not None:
             raise ValueError("hydra: cache_seqlens is a decode argument; prefill (Tq == Tkv) got one")
+        if cache_leftpad is not None:
+            raise ValueError("hydra: cache_leftpad is a decode argument; prefill (Tq == Tkv) got one")
         if sliding_window is None and Tq % policy.block_size != 0:
             raise ValueError(f"hydra: prefill needs T % block_size == 0, got T={Tq}, "
                              f"block_size={policy.block_size}")
-    _devices([("q", q), ("k", k), ("v", v), ("cache_seqlens", cache_seqlens),
+    _devices([("q", q), ("k", k), ("v", v), ("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad),
               ("page_summaries", page_summaries), ("superpage_summaries", superpage_summaries), ("out", out)])
     if Tq == Tkv and Tq > 1:
         raise NotImplementedError(
@@ -223,7 +227,7 @@ def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx
     return {"scale": scale}
 
 
-def validate_sparse_attention_call(q, k, v, pages, *, page_size, cache_seqlens, scale, out):
+def validate_sparse_attention_call(q, k, v, pages, *, page_size, cache_seqlens, scale, out, cache_leftpad=None):
     B, Hq, Tq, D, Hkv, Tkv = _qkv(q, k, v)
     if Tq != 1:
         raise ValueError(f"hydra: sparse_attention is decode attention (Tq == 1), got Tq={Tq}")
@@ -239,12 +243,14 @@ def validate_sparse_attention_call(q, k, v, pages, *, page_size, cache_seqlens, 
         raise ValueError(f"hydra: pages must have a contiguous last dimension, got strides {pages.stride()}")
     scale = _scale(scale, D)
     _cache_seqlens(cache_seqlens, B)
+    _cache_seqlens(cache_leftpad, B, "cache_leftpad")
     _out(out, q)
-    _devices([("q", q), ("k", k), ("v", v), ("pages", pages), ("cache_seqlens", cache_seqlens), ("out", out)])
+    _devices([("q", q), ("k", k), ("v", v), ("pages", pages), ("cache_seqlens", cache_seqlens),
+              ("cache_leftpad", cache_leftpad), ("out", out)])
     return {"scale": scale}
 
 
-def validate_page_summaries_call(k, *, page_size, cache_seqlens):
+def validate_page_summaries_call(k, *, page_size, cache_seqlens, cache_leftpad=None):
     _tensor(k, "k")
     if k.dim() != 4:
         raise ValueError(f"hydra: k must be 4-D (B, Hkv, Tkv, D), got shape {tuple(k.shape)}")
@@ -261,7 +267,8 @@ def validate_page_summaries_call(k, *, page_size, cache_seqlens):
         raise ValueError(f"hydra: k must have a contiguous last dimension and 16-byte aligned strides, "
                          f"got strides {k.stride()}")
     _cache_seqlens(cache_seqlens, k.shape[0])
-    _devices([("k", k), ("cache_seqlens", cache_seqlens)])
+    _cache_seqlens(cache_leftpad, k.shape[0], "cache_leftpad")
+    _devices([("k", k), ("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)])
 
 
 def check_cache_seqlens_values(cache_seqlens, Tkv):
@@ -269,6 +276,16 @@ def check_cache_seqlens_values(cache_seqlens, Tkv):
     lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
     if lo < 1 or hi > Tkv:
         raise ValueError(f"hydra: cache_seqlens values must lie in [1, Tkv={Tkv}], got min={lo}, max={hi}")
+
+
+def check_cache_leftpad_values(cache_leftpad, cache_seqlens, Tkv):
+    """Debug only: every sequence keeps at least one token after its padding."""
+    ends = cache_seqlens.long() if cache_seqlens is not None else torch.full_like(cache_leftpad, Tkv).long()
+    bad = (cache_leftpad.long() < 0) | (cache_leftpad.long() >= ends)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"hydra: cache_leftpad values must lie in [0, length - 1]; sequence {i} has "
+                         f"cache_leftpad={int(cache_leftpad[i])} and length {int(ends[i])}")
 
 
 def check_pages_values(pages):

@@ -14,6 +14,11 @@ Conventions shared by every function:
 * ``cache_seqlens`` is an optional integer ``(B,)`` tensor of valid lengths
   ``L_b`` in ``[1, Tkv]``; key/value positions ``>= L_b`` never influence any
   result (they may hold NaN).
+* ``cache_leftpad`` is an optional integer ``(B,)`` tensor of first valid
+  positions (left padding, as in FlashAttention's ``flash_attn_with_kvcache``):
+  sequence ``b`` holds the tokens ``[leftpad_b, L_b)``, and positions, pages,
+  sinks and windows count from ``leftpad_b``, as if the padding were not there.
+  Positions ``< leftpad_b`` never influence any result.
 * Page ``p`` covers tokens ``[p*P, min((p+1)*P, L))``; ``n_pages = ceil(Tkv/P)``.
 * An attended set that is empty (only reachable through ``sparse_attention``
   with nothing valid listed) gives an output of 0 and a log-sum-exp of -inf.
@@ -112,6 +117,29 @@ def _valid_lengths(cache_seqlens: Optional[Tensor], B: int, Tkv: int, device) ->
         raise ValueError(
             f"hydra: cache_seqlens values must lie in [1, Tkv={Tkv}], got min {lo}, max {hi}")
     return L
+
+
+def _drop_left_padding(cache_leftpad: Optional[Tensor], cache_seqlens: Optional[Tensor], B: int, Tkv: int,
+                       device, *tensors: Tensor):
+    """``cache_leftpad`` semantics as a layout change: each (B, H, Tkv, D) tensor is
+    shifted left by ``leftpad_b`` along tokens, and the lengths become ``L_b - leftpad_b``.
+    Returns (shifted tensors..., int32 lengths or the given ``cache_seqlens``)."""
+    if cache_leftpad is None:
+        return (*tensors, cache_seqlens)
+    if not isinstance(cache_leftpad, Tensor):
+        raise TypeError(f"hydra: cache_leftpad must be a tensor or None, got {type(cache_leftpad).__name__}")
+    if cache_leftpad.is_floating_point() or cache_leftpad.is_complex() or cache_leftpad.dtype == torch.bool:
+        raise TypeError(f"hydra: cache_leftpad must be an int32 tensor, got {cache_leftpad.dtype}")
+    if tuple(cache_leftpad.shape) != (B,):
+        raise ValueError(f"hydra: cache_leftpad must have shape ({B},), got {tuple(cache_leftpad.shape)}")
+    L = _valid_lengths(cache_seqlens, B, Tkv, device)
+    pad = cache_leftpad.to(device=device, dtype=torch.int64)
+    if bool((pad < 0).any()) or bool((pad >= L).any()):
+        raise ValueError(f"hydra: cache_leftpad values must lie in [0, cache_seqlens - 1], got "
+                         f"{pad.tolist()} with lengths {L.tolist()}")
+    idx = (torch.arange(Tkv, device=device).view(1, Tkv) + pad.view(B, 1)).clamp(max=Tkv - 1)
+    shifted = tuple(t.gather(2, idx.view(B, 1, Tkv, 1).expand(B, t.shape[1], Tkv, t.shape[3])) for t in tensors)
+    return (*shifted, (L - pad).to(torch.int32))
 
 
 def _check_scale(scale) -> None:
@@ -224,7 +252,8 @@ def _page_list_to_token_mask(pages: Tensor, n_pages: int, page_size: int, Tkv: i
 # Public functions                                                            #
 # --------------------------------------------------------------------------- #
 
-def page_summaries(k: Tensor, *, page_size: int = 16, cache_seqlens: Optional[Tensor] = None) -> Tensor:
+def page_summaries(k: Tensor, *, page_size: int = 16, cache_seqlens: Optional[Tensor] = None,
+                   cache_leftpad: Optional[Tensor] = None) -> Tensor:
     """Per-page elementwise min and max of the keys.
 
     Parameters
@@ -236,6 +265,8 @@ def page_summaries(k: Tensor, *, page_size: int = 16, cache_seqlens: Optional[Te
         two in [8, 64]).
     cache_seqlens : Tensor, (B,), optional
         Valid lengths ``L_b``; tokens ``>= L_b`` are ignored.
+    cache_leftpad : Tensor, (B,), optional
+        First valid positions; pages count from them (see the module notes).
 
     Returns
     -------
@@ -254,6 +285,7 @@ def page_summaries(k: Tensor, *, page_size: int = 16, cache_seqlens: Optional[Te
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"hydra: page_size must be a positive int, got {page_size!r}")
     B, Hkv, Tkv, D = k.shape
+    k, cache_seqlens = _drop_left_padding(cache_leftpad, cache_seqlens, B, Tkv, k.device, k)
     P = page_size
     n_pages = _ceil_div(Tkv, P)
     L = _valid_lengths(cache_seqlens, B, Tkv, k.device)
@@ -446,7 +478,8 @@ def _decode_page_mask(q: Tensor, k: Tensor, pol: HydraPolicy, dense: bool,
 def select_pages(q: Tensor, k: Tensor, *, is_causal: bool = True, sliding_window: Optional[int] = None,
                  policy_layer_idx: Optional[int] = None, precision: str = "high",
                  policy: Optional[HydraPolicy] = None, cache_seqlens: Optional[Tensor] = None,
-                 page_summaries: Optional[Tensor] = None, superpage_summaries: Optional[Tensor] = None) -> Tensor:
+                 page_summaries: Optional[Tensor] = None, superpage_summaries: Optional[Tensor] = None,
+                 cache_leftpad: Optional[Tensor] = None) -> Tensor:
     """Decode page selection (SPEC 2, Tq == 1).
 
     Per sequence ``b`` and KV head ``h`` with valid length ``L``: when
@@ -479,6 +512,8 @@ def select_pages(q: Tensor, k: Tensor, *, is_causal: bool = True, sliding_window
     superpage_summaries : Tensor, (B, Hkv, ceil(n_pages/superpage), 2, D), optional
         Coarse-to-fine only: cached :func:`superpage_summaries`; computed from the
         page summaries when None.
+    cache_leftpad : Tensor, (B,), optional
+        First valid positions; the returned pages count from them.
 
     Returns
     -------
@@ -503,6 +538,7 @@ def select_pages(q: Tensor, k: Tensor, *, is_causal: bool = True, sliding_window
     _check_qk(q, k)
     _check_decode_q(q, "select_pages")
     pol = resolve_policy(precision, policy)
+    k, cache_seqlens = _drop_left_padding(cache_leftpad, cache_seqlens, k.shape[0], k.shape[2], q.device, k)
     mask, width = _decode_page_mask(q, k, pol, _is_dense(pol, policy_layer_idx), cache_seqlens,
                                     page_summaries, superpage_summaries)
     return _mask_to_page_list(mask, width)
@@ -512,7 +548,8 @@ def attended_token_mask(q: Tensor, k: Tensor, *, is_causal: bool = True, sliding
                         policy_layer_idx: Optional[int] = None, precision: str = "high",
                         policy: Optional[HydraPolicy] = None, cache_seqlens: Optional[Tensor] = None,
                         page_summaries: Optional[Tensor] = None,
-                        superpage_summaries: Optional[Tensor] = None) -> Tensor:
+                        superpage_summaries: Optional[Tensor] = None,
+                        cache_leftpad: Optional[Tensor] = None) -> Tensor:
     """The set of tokens a decode step attends to (SPEC 2.5 and 2.6).
 
     Parameters
@@ -524,7 +561,8 @@ def attended_token_mask(q: Tensor, k: Tensor, *, is_causal: bool = True, sliding
     Returns
     -------
     Tensor, (B, Hkv, Tkv), bool
-        The tokens ``< L`` of the selected pages, or the window.
+        The tokens ``< L`` of the selected pages, or the window, at their positions in
+        ``k`` (with ``cache_leftpad``, shifted back past the padding).
 
     Examples
     --------
@@ -540,6 +578,14 @@ def attended_token_mask(q: Tensor, k: Tensor, *, is_causal: bool = True, sliding
     _check_decode_q(q, "attended_token_mask")
     pol = resolve_policy(precision, policy)
     B, Hkv, Tkv, _ = k.shape
+    if cache_leftpad is not None:  # select on the unpadded layout, then shift the mask back
+        k_u, lens_u = _drop_left_padding(cache_leftpad, cache_seqlens, B, Tkv, q.device, k)
+        m = attended_token_mask(q, k_u, sliding_window=sliding_window, policy_layer_idx=policy_layer_idx,
+                                precision=precision, policy=policy, cache_seqlens=lens_u,
+                                page_summaries=page_summaries, superpage_summaries=superpage_summaries)
+        src = torch.arange(Tkv, device=q.device).view(1, Tkv) - cache_leftpad.to(q.device).long().view(B, 1)
+        ok = (src >= 0).view(B, 1, Tkv)
+        return ok & m.gather(2, src.clamp(min=0).view(B, 1, Tkv).expand(B, Hkv, Tkv))
     L = _valid_lengths(cache_seqlens, B, Tkv, q.device)
     pos = torch.arange(Tkv, device=q.device).view(1, 1, Tkv)
     if sliding_window is not None:
@@ -615,7 +661,8 @@ def attention_with_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, scale:
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pages: Tensor, *, cache_seqlens: Optional[Tensor] = None,
-                     scale: Optional[float] = None, return_lse: bool = False, page_size: int = 16):
+                     scale: Optional[float] = None, return_lse: bool = False, page_size: int = 16,
+                     cache_leftpad: Optional[Tensor] = None):
     """Decode attention over listed pages.
 
     Each query head attends to the tokens ``< L_b`` of the pages listed for its
@@ -635,6 +682,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pages: Tensor, *, cache_se
         Also return the log-sum-exp over the attended set.
     page_size : int
         Tokens per page ``P``.
+    cache_leftpad : Tensor, (B,), optional
+        First valid positions; page indices count from them.
 
     Returns
     -------
@@ -669,6 +718,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pages: Tensor, *, cache_se
         lo, hi = int(pages.min()), int(pages.max())
         if lo < -1 or hi >= n_pages:
             raise ValueError(f"hydra: pages entries must be -1 or in [0, {n_pages}), got min {lo}, max {hi}")
+    k, v, cache_seqlens = _drop_left_padding(cache_leftpad, cache_seqlens, B, Tkv, q.device, k, v)
     L = _valid_lengths(cache_seqlens, B, Tkv, q.device)
     mask = _page_list_to_token_mask(pages, n_pages, page_size, Tkv, L)
     return attention_with_mask(q, k, v, mask.unsqueeze(2), scale=scale, return_lse=return_lse,
@@ -787,7 +837,7 @@ def hydra(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = True, sliding_wi
           policy_layer_idx: Optional[int] = None, precision: str = "high", policy: Optional[HydraPolicy] = None,
           cache_seqlens: Optional[Tensor] = None, page_summaries: Optional[Tensor] = None,
           scale: Optional[float] = None, return_lse: bool = False, out: Optional[Tensor] = None,
-          superpage_summaries: Optional[Tensor] = None):
+          superpage_summaries: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None):
     """The whole hydra contract in PyTorch (SPEC sections 1-3).
 
     Parameters
@@ -813,6 +863,8 @@ def hydra(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = True, sliding_wi
         selection uses block summaries of its own keys.
     superpage_summaries : Tensor, optional
         Decode with ``policy.superpage > 1`` only: cached :func:`superpage_summaries`.
+    cache_leftpad : Tensor, (B,), optional
+        Decode only: first valid positions (left padding); see the module notes.
     scale : float, optional
         Default ``1 / sqrt(D)``.
     return_lse : bool
@@ -859,7 +911,10 @@ def hydra(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = True, sliding_wi
         if out.device != q.device:
             raise ValueError(f"hydra: out must be on q's device ({q.device}), got {out.device}")
 
+    if cache_leftpad is not None and Tq != 1:
+        raise ValueError(f"hydra: cache_leftpad is decode-only (Tq == 1), got Tq={Tq}")
     if Tq == 1:
+        k, v, cache_seqlens = _drop_left_padding(cache_leftpad, cache_seqlens, B, Tkv, q.device, k, v)
         mask = attended_token_mask(q, k, sliding_window=sliding_window, policy_layer_idx=policy_layer_idx,
                                    precision=precision, policy=policy, cache_seqlens=cache_seqlens,
                                    page_summaries=page_summaries, superpage_summaries=superpage_summaries)
