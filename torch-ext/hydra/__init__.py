@@ -29,6 +29,12 @@ from ._validate import (
 from .policy import PRESETS, SCORERS, HydraPolicy, resolve_policy
 from .reference import superpage_summaries
 from .cache import HydraKVCache  # noqa: E402  (after the ops it uses)
+from .integrations.attention import hydra_attention  # noqa: E402  (transformers' attention signature)
+
+# transformers (5.18 and later) accepts a Hub kernel as attn_implementation="<repo>:<function>"
+# only if the kernel also exports flash_attn_varlen_func, sparse_atten_func or flash_attn_forward
+# (an attention-interface forward). hydra_attention is such a forward; this alias is that marker.
+flash_attn_forward = hydra_attention
 
 __all__ = [
     "hydra",
@@ -38,6 +44,7 @@ __all__ = [
     "superpage_summaries",
     "HydraPolicy",
     "HydraKVCache",
+    "hydra_attention",
     "PRESETS",
     "SCORERS",
     "reference",
