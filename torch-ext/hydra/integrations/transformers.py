@@ -162,6 +162,18 @@ class HydraLayer(CacheLayerMixin):
                                        scale, window)
         return out
 
+    def load(self, keys, values, attention_mask=None) -> None:
+        """Fill an empty layer with a prompt's K/V (B, Hkv, T, D) computed elsewhere, as if
+        the model had run it; ``attention_mask`` (B, T) marks left padding."""
+        if self.seen:
+            raise ValueError(f"hydra: HydraLayer.load needs an empty layer, this one holds {self.seen} tokens")
+        if keys.shape[2] > self.max_cache_len:
+            raise ValueError(f"hydra: {keys.shape[2]} tokens do not fit max_cache_len={self.max_cache_len}")
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        self._store_prompt(keys, values, attention_mask)
+        self.seen = keys.shape[2]
+
     def _store_prompt(self, key, value, attention_mask):
         S = key.shape[2]
         if attention_mask is None or bool(attention_mask.bool().all()):
