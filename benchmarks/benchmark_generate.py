@@ -13,7 +13,8 @@ batch 8 would need tens of GB of activations, and prefill is not what this measu
 each timed call is one decode step as ``generate`` runs it: ``model(next_token,
 past_key_values=cache, logits_to_keep=1)`` and a greedy argmax, the cache growing by
 one token per call. Medians of ``triton.testing.do_bench`` (ms per step); tokens/s is
-B / step time. Rows:
+B / step time; ``kernel_ms`` is the GPU time of the step's kernels (torch.profiler), so
+step_ms - kernel_ms is time the GPU waits for the host. Rows:
 
 * ``hydra_generate``: ``attn_implementation="hydra"`` with ``HydraCache`` (precision
   "high": 4096-token budget, fused append + attend per layer);
@@ -84,6 +85,20 @@ def fill(cache_kind, cfg, B, T, extra):
     return cache
 
 
+def kernel_time_ms(step, n=5):
+    """GPU kernel time of one step (sum of the device time of every kernel and copy the
+    profiler records, over n steps, divided by n): what the step costs without host gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    total_us = sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return total_us / n / 1e3
+
+
 def measure(model, cfg, impl, cache_kind, B, T, rep_ms, extra):
     model.set_attn_implementation(impl)
     gc.collect()
@@ -103,6 +118,7 @@ def measure(model, cfg, impl, cache_kind, B, T, rep_ms, extra):
         ms = triton.testing.do_bench(step, warmup=50, rep=rep_ms, return_mode="median")
         finite = bool(torch.isfinite(model(input_ids=state["tok"], past_key_values=cache, use_cache=True,
                                            logits_to_keep=1).logits).all())
+        kernel_ms = kernel_time_ms(step)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     steps = cache.get_seq_length() - T
@@ -112,6 +128,7 @@ def measure(model, cfg, impl, cache_kind, B, T, rep_ms, extra):
     return {"name": f"{impl}_{cache_kind}" if impl == "sdpa" else "hydra_generate", "B": B, "T": T,
             "layers": cfg.num_hidden_layers, "cache": cache_kind, "step_ms": round(ms, 4),
             "tokens_per_s": round(B / (ms / 1e3), 1), "peak_mem_bytes": int(peak), "steps_run": int(steps),
+            "kernel_ms": round(kernel_ms, 4),
             "logits_finite": finite}
 
 
@@ -137,7 +154,8 @@ def main():
             res[kind] = r
             rows.append(r)
             log(f"T={T:>6} {r['name']:>15}: {r['step_ms']:8.3f} ms/step  {r['tokens_per_s']:9.1f} tok/s  "
-                f"peak {r['peak_mem_bytes'] / 2**30:6.2f} GiB  steps {r['steps_run']}  finite {r['logits_finite']}")
+                f"kernels {r['kernel_ms']:8.3f} ms  peak {r['peak_mem_bytes'] / 2**30:6.2f} GiB  steps {r['steps_run']}  "
+                f"finite {r['logits_finite']}")
         best = min((res["dynamic"], res["static"]), key=lambda r: r["step_ms"])
         rows.append(dict(best, name="sdpa_generate"))
         res["hydra"]["speedup_vs_sdpa"] = round(best["step_ms"] / res["hydra"]["step_ms"], 3)

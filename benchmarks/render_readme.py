@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 DECODE_MARKERS = ("<!-- BENCH:decode:start -->", "<!-- BENCH:decode:end -->")
 TESTS_MARKERS = ("<!-- EVIDENCE:tests:start -->", "<!-- EVIDENCE:tests:end -->")
 FIDELITY_MARKERS = ("<!-- EVIDENCE:fidelity:start -->", "<!-- EVIDENCE:fidelity:end -->")
+GENERATE_MARKERS = ("<!-- EVIDENCE:generate:start -->", "<!-- EVIDENCE:generate:end -->")
 
 HYDRA_NAMES = ("hydra_cached", "hydra_stateless")
 
@@ -307,6 +308,24 @@ def fidelity_section(record, path: Path, stale) -> str:
     return "\n".join(out)
 
 
+def generate_section(record, path: Path, stale) -> str:
+    """Decode tokens/s through transformers, one row per (T, configuration)."""
+    rows = record.get("rows") or []
+    out = [f"{record.get('model', '?')}: " + _caption(record, path, stale), "",
+           f"Command: `{record.get('command', '?')}`", "",
+           "| T | B | implementation | cache | ms / step | GPU kernels ms / step | tokens/s | peak memory (GiB) | speedup vs best SDPA |",
+           "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted((r for r in rows if r["name"] != "sdpa_generate"), key=lambda r: (r["T"], r["name"] != "hydra_generate", r["name"])):
+        impl = "hydra" if r["name"] == "hydra_generate" else "sdpa"
+        sp = r.get("speedup_vs_sdpa")
+        speedup = "-" if sp is None else f"{sp:.2f}x (vs {r.get('sdpa_cache')})"
+        km = r.get("kernel_ms")
+        out.append(f"| {r['T']:,} | {r['B']} | {impl} | {r['cache']} | {r['step_ms']:.2f} | "
+                   f"{'-' if km is None else f'{km:.2f}'} | {r['tokens_per_s']:,.0f} | "
+                   f"{r['peak_mem_bytes'] / 2**30:.1f} | {speedup} |")
+    return "\n".join(out)
+
+
 def tests_section(record, path: Path, stale) -> str:
     summary = record.get("summary") or {}
     counts = ", ".join(f"{summary.get(k, 0)} {k}" for k in ("passed", "failed", "skipped"))
@@ -365,7 +384,8 @@ def render(readme_text: str, evidence_dir: Path, repo: Path, log=print) -> str:
     evidence_module = _load_evidence_module(repo)
     sections = [("decode_bench.json", DECODE_MARKERS, decode_section),
                 ("gpu_tests.json", TESTS_MARKERS, tests_section),
-                ("fidelity.json", FIDELITY_MARKERS, fidelity_section)]
+                ("fidelity.json", FIDELITY_MARKERS, fidelity_section),
+                ("generate_bench.json", GENERATE_MARKERS, generate_section)]
     text = readme_text
     for filename, markers, make in sections:
         path = evidence_dir / filename

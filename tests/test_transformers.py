@@ -225,7 +225,7 @@ def test_torch_compile_and_graph_capture_of_a_decode_step():
     mask[2, :1000] = False
     mod = Attn()
     eager, _ = hydra.hydra_attention(mod, q, k, v, mask, scaling=0.09)
-    want = hydra.reference.hydra(q, k, v, policy=ht.hydra.integrations.attention._DEFAULTS["policy"],
+    want = hydra.reference.hydra(q, k, v, policy=hydra.integrations.attention._DEFAULTS["policy"],
                                  policy_layer_idx=2, scale=0.09,
                                  cache_seqlens=torch.full((3,), 1500, dtype=torch.int32, device="cuda"),
                                  cache_leftpad=torch.tensor([300, 0, 1000], dtype=torch.int32, device="cuda"))
