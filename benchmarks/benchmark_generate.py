@@ -17,7 +17,9 @@ B / step time; ``kernel_ms`` is the GPU time of the step's kernels (torch.profil
 step_ms - kernel_ms is time the GPU waits for the host. Rows:
 
 * ``hydra_generate``: ``attn_implementation="hydra"`` with ``HydraCache`` (precision
-  "high": 4096-token budget, fused append + attend per layer);
+  "high": 4096-token budget, fused append + attend per layer), with ``dense_layers=0``
+  by default: the preset's first 2 dense layers are 2 of 32 in Llama-3-8B, but would be
+  half of this 4-layer stand-in (``--dense-layers 2`` measures that);
 * ``sdpa_dynamic``, ``sdpa_static``: ``attn_implementation="sdpa"`` with DynamicCache
   (concatenates K/V every step) and StaticCache (preallocated; transformers then passes a
   mask, and SDPA's GQA path expands K/V);
@@ -62,12 +64,12 @@ def build_model(layers, max_pos):
     return model.eval(), cfg
 
 
-def fill(cache_kind, cfg, B, T, extra):
+def fill(cache_kind, cfg, B, T, extra, policy=None):
     """A cache of `cache_kind` holding T random tokens per layer."""
     from transformers import DynamicCache, StaticCache
 
     if cache_kind == "hydra":
-        cache = ht.HydraCache(cfg, max_cache_len=T + extra)
+        cache = ht.HydraCache(cfg, max_cache_len=T + extra, policy=policy)
     elif cache_kind == "dynamic":
         cache = DynamicCache(config=cfg)
     else:
@@ -99,12 +101,12 @@ def kernel_time_ms(step, n=5):
     return total_us / n / 1e3
 
 
-def measure(model, cfg, impl, cache_kind, B, T, rep_ms, extra):
+def measure(model, cfg, impl, cache_kind, B, T, rep_ms, extra, policy=None):
     model.set_attn_implementation(impl)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    cache = fill(cache_kind, cfg, B, T, extra)
+    cache = fill(cache_kind, cfg, B, T, extra, policy)
     tok = torch.randint(1, cfg.vocab_size, (B, 1), device="cuda", generator=torch.Generator(device="cuda").manual_seed(T))
     state = {"tok": tok}
 
@@ -139,10 +141,14 @@ def main():
     ap.add_argument("--B", type=int, default=8)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rep", type=int, default=400, help="do_bench rep (ms) per configuration")
+    ap.add_argument("--dense-layers", type=int, default=0,
+                    help="HydraPolicy.dense_layers (the preset's 2 would make half of a 4-layer model dense; "
+                         "in the 32-layer model they are 2 of 32)")
     args = ap.parse_args()
     Ts = [int(x) for x in args.T.split(",")]
     extra = 4096  # headroom for the steps do_bench runs
     ht.register()
+    policy = hydra.HydraPolicy(dense_layers=args.dense_layers)
     model, cfg = build_model(args.layers, max(Ts) + extra)
     props = torch.cuda.get_device_properties(0)
     log(f"device {props.name}; torch {torch.__version__}; B={args.B}, {args.layers} layers of Llama-3-8B shape")
@@ -150,7 +156,7 @@ def main():
     for T in Ts:
         res = {}
         for impl, kind in (("hydra", "hydra"), ("sdpa", "dynamic"), ("sdpa", "static")):
-            r = measure(model, cfg, impl, kind, args.B, T, args.rep, extra)
+            r = measure(model, cfg, impl, kind, args.B, T, args.rep, extra, policy)
             res[kind] = r
             rows.append(r)
             log(f"T={T:>6} {r['name']:>15}: {r['step_ms']:8.3f} ms/step  {r['tokens_per_s']:9.1f} tok/s  "
@@ -165,7 +171,7 @@ def main():
         write_evidence(args.out, kind="generate_bench", command=shlex.join([sys.executable] + sys.argv), rows=rows,
                        extra={"model": "Llama-3-8B shapes (hidden 4096, 32/8 heads, D=128, MLP 14336, vocab 128256), "
                                        f"{args.layers} layers, bf16, random weights",
-                              "gpu": props.name, "transformers": __import__("transformers").__version__,
+                              "gpu": props.name, "hydra_policy": f"precision='high', dense_layers={args.dense_layers}", "transformers": __import__("transformers").__version__,
                               "method": "one decode step per call through model.forward (logits_to_keep=1) + argmax; "
                                         "caches filled with random K/V; do_bench medians"})
         log(f"wrote {args.out}")

@@ -162,11 +162,14 @@ def resolve_policy(precision: str = "high", policy: Optional[HydraPolicy] = None
         raise TypeError(f"hydra: policy must be a hydra.HydraPolicy or None, got {type(policy).__name__}")
     fields = dict(PRESETS[precision])
     if policy is not None:
-        default = HydraPolicy()
-        for f in dataclasses.fields(HydraPolicy):
-            value = getattr(policy, f.name)
-            if value != getattr(default, f.name):
-                fields[f.name] = value
+        for name in _FIELD_NAMES:  # precomputed: torch.compile cannot trace dataclasses.fields
+            value = getattr(policy, name)
+            if value != getattr(_DEFAULT_POLICY, name):
+                fields[name] = value
     if precision == "exact":
         fields["budget_tokens"] = None
     return HydraPolicy(**fields)
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(HydraPolicy))
+_DEFAULT_POLICY = HydraPolicy()
