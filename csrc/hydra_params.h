@@ -134,7 +134,36 @@ struct DecodeParams {
   float scale_log2;      // softmax scale * log2(e)
 };
 
+// Causal prefill over key blocks of 64 tokens (Tq <= Tkv; query t sits at key position
+// Tkv - Tq + t). Query block i (rows 64i .. 64i+63) attends either a selected list of key
+// blocks (`blocks` set: ascending, -1 padded, shared by the KV head's query heads) or the
+// range of blocks up to its last query (a sliding `window` > 0 bounds it from below),
+// token-causally, with keys >= Tkv never read.
+constexpr int kPrefillBlock = 64;
+constexpr int kMaxPrefillList = 1024;  // entries of a block list (budget_tokens / 64)
+struct PrefillParams {
+  int dtype;             // kDtypeBf16 or kDtypeF16
+  const bf16_t* q;       // [B, Hq, Tq, D]
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  const bf16_t* k;       // [B, Hkv, Tkv, D]
+  const bf16_t* v;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  const bf16_t* summaries;  // [B, Hkv, nbk, 2, D] key block min/max (selection)
+  int64_t s_batch_stride, s_head_stride, s_page_stride;
+  int* blocks;           // [B, Hkv, nbq, n_list] selected key blocks, or nullptr: range mode
+  int n_list;
+  bf16_t* out;           // [B, Hq, Tq, D]
+  int64_t o_batch_stride, o_head_stride, o_row_stride;
+  float* lse;            // [B, Hq, Tq] natural-log sum-exp, contiguous
+  int B, Hq, Hkv, group, Tq, Tkv, D, nbq, nbk;
+  int sink_blocks, local_back, window;
+  float scale_log2;
+};
+
 void launch_page_summaries(const SummaryParams& p, cudaStream_t stream);
+void launch_prefill_select(const PrefillParams& p, cudaStream_t stream);
+void launch_prefill_attention(const PrefillParams& p, cudaStream_t stream);
 void launch_cache_prefill(const CacheWriteParams& p, cudaStream_t stream);
 void launch_cache_append(const CacheWriteParams& p, cudaStream_t stream);
 void launch_score_pages(const ScoreParams& p, cudaStream_t stream);

@@ -110,8 +110,12 @@ def test_unsupported_tq():
 
 def test_prefill_block_size():
     q, k, v = qkv(Tq=100, Tkv=100)
-    with raises(ValueError, "hydra: prefill needs T % block_size == 0, got T=100, block_size=64"):
-        hydra.hydra(q, k, v)
+    with raises(ValueError, "hydra: the prefill kernel uses blocks of 64 tokens; set HydraPolicy(block_size=64), "
+                            "got block_size=32"):
+        hydra.hydra(q, k, v, policy=hydra.HydraPolicy(block_size=32))
+    qd, kd, vd = qkv(Tq=100, Tkv=100, D=256)
+    with raises(ValueError, "hydra: the prefill kernel takes head dim D in (64, 128), got D=256"):
+        hydra.hydra(qd, kd, vd)
 
 
 def test_cache_seqlens_dtype_and_shape():

@@ -567,3 +567,118 @@ void decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tenso
               lengths.data_ptr<int>(), nullptr, page_size, sink_tokens, recent_tokens, budget_tokens, window, scale,
               out, lse, &cw);
 }
+
+namespace {
+
+// Causal prefill: block summaries, selection (when the call selects) and attention.
+// blocks_out: where the selection goes (the prefill_blocks op), or null (a workspace).
+void prefill_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t sink_tokens,
+                  int64_t recent_tokens, int64_t budget_tokens, int64_t window, double scale, at::Tensor* out,
+                  at::Tensor* lse, at::Tensor* blocks_out) {
+  check_elem_cuda(q, "q", q.scalar_type());
+  check_elem_cuda(k, "k", q.scalar_type());
+  if (out != nullptr) {
+    check_elem_cuda(v, "v", q.scalar_type());
+    check_elem_cuda(*out, "out", q.scalar_type());
+  }
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "hydra: prefill q, k, v must be 4-D");
+  const int B = (int)q.size(0), Hq = (int)q.size(1), Tq = (int)q.size(2), D = (int)q.size(3);
+  const int Hkv = (int)k.size(1), Tkv = (int)k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= 16,
+              "hydra: prefill k ", k.sizes(), " does not fit q ", q.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "hydra: v ", v.sizes(), " must match k ", k.sizes());
+  TORCH_CHECK(D == 64 || D == 128, "hydra: the prefill kernel takes head dim 64 or 128, got D=", D);
+  TORCH_CHECK(Tq >= 1 && Tq <= Tkv, "hydra: prefill needs 1 <= Tq <= Tkv, got Tq=", Tq, ", Tkv=", Tkv);
+  TORCH_CHECK(window >= 0, "hydra: window must be >= 0, got ", window);
+  const int nbq = ceil_div(Tq, hydra::kPrefillBlock), nbk = ceil_div(Tkv, hydra::kPrefillBlock);
+  const bool select = budget_tokens > 0 && window == 0 && Tkv > budget_tokens;
+  int n_list = 0;
+  if (select) {
+    TORCH_CHECK(budget_tokens % hydra::kPrefillBlock == 0 && budget_tokens / hydra::kPrefillBlock <= hydra::kMaxPrefillList,
+                "hydra: prefill budget_tokens must be a multiple of 64 and at most ", hydra::kMaxPrefillList * 64,
+                ", got ", budget_tokens);
+    n_list = (int)(budget_tokens / hydra::kPrefillBlock);
+    const int forced = ceil_div((int)sink_tokens, hydra::kPrefillBlock) + (int)(recent_tokens / hydra::kPrefillBlock) + 1;
+    TORCH_CHECK(forced < n_list, "hydra: prefill budget_tokens=", budget_tokens, " leaves no block to select after ",
+                sink_tokens, " sink and ", recent_tokens, " recent tokens");
+    int smem_optin = 0;
+    cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device());
+    TORCH_CHECK(size_t(nbk) * 4 + 16 * 1024 <= size_t(smem_optin),
+                "hydra: prefill selection holds one score per key block in shared memory; Tkv=", Tkv, " is too long");
+  }
+  if (out != nullptr) {
+    TORCH_CHECK(out->sizes() == q.sizes() && out->stride(-1) == 1, "hydra: out ", out->sizes(), " must match q ",
+                q.sizes());
+    TORCH_CHECK(lse->is_cuda() && lse->scalar_type() == at::kFloat && lse->is_contiguous() &&
+                    lse->numel() == (int64_t)B * Hq * Tq,
+                "hydra: lse must be a contiguous fp32 CUDA tensor of B*Hq*Tq elements, got ", lse->sizes());
+  }
+  if (B == 0 || Hq == 0) return;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  hydra::PrefillParams p{};
+  p.dtype = dtype_flag(q, "q");
+  p.q = bf16_ptr(q);
+  p.q_batch_stride = q.stride(0); p.q_head_stride = q.stride(1); p.q_row_stride = q.stride(2);
+  p.k = bf16_ptr(k);
+  p.v = bf16_ptr(v);
+  p.k_batch_stride = k.stride(0); p.k_head_stride = k.stride(1); p.k_row_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0); p.v_head_stride = v.stride(1); p.v_row_stride = v.stride(2);
+  p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.group = Hq / Hkv; p.Tq = Tq; p.Tkv = Tkv; p.D = D; p.nbq = nbq; p.nbk = nbk;
+  p.sink_blocks = ceil_div((int)sink_tokens, hydra::kPrefillBlock);
+  p.local_back = (int)(recent_tokens / hydra::kPrefillBlock);
+  p.window = (int)window;
+  p.scale_log2 = (float)(scale * 1.4426950408889634);
+
+  at::Tensor summaries, blocks;
+  if (select) {
+    summaries = at::empty({B, Hkv, nbk, 2, D}, q.options());
+    hydra::SummaryParams sp{};
+    sp.dtype = p.dtype;
+    sp.k = p.k;
+    sp.k_batch_stride = p.k_batch_stride; sp.k_head_stride = p.k_head_stride; sp.k_row_stride = p.k_row_stride;
+    sp.out = reinterpret_cast<bf16_t*>(summaries.data_ptr());
+    sp.o_batch_stride = summaries.stride(0); sp.o_head_stride = summaries.stride(1);
+    sp.o_page_stride = summaries.stride(2);
+    sp.B = B; sp.Hkv = Hkv; sp.Tkv = Tkv; sp.D = D; sp.n_pages = nbk; sp.page_size = hydra::kPrefillBlock;
+    hydra::launch_page_summaries(sp, stream);
+    if (blocks_out != nullptr) {
+      blocks = *blocks_out;
+    } else {
+      blocks = at::empty({B, Hkv, nbq, n_list}, q.options().dtype(at::kInt));
+    }
+    p.summaries = bf16_ptr(summaries);
+    p.s_batch_stride = summaries.stride(0); p.s_head_stride = summaries.stride(1);
+    p.s_page_stride = summaries.stride(2);
+    p.blocks = blocks.data_ptr<int>();
+    p.n_list = n_list;
+    hydra::launch_prefill_select(p, stream);
+  }
+  if (out == nullptr) return;
+  p.out = reinterpret_cast<bf16_t*>(out->data_ptr());
+  p.o_batch_stride = out->stride(0); p.o_head_stride = out->stride(1); p.o_row_stride = out->stride(2);
+  p.lse = lse->data_ptr<float>();
+  hydra::launch_prefill_attention(p, stream);
+}
+
+}  // namespace
+
+void prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t sink_tokens,
+             int64_t recent_tokens, int64_t budget_tokens, int64_t window, double scale, at::Tensor& out,
+             at::Tensor& lse) {
+  prefill_impl(q, k, v, sink_tokens, recent_tokens, budget_tokens, window, scale, &out, &lse, nullptr);
+}
+
+void prefill_blocks(const at::Tensor& q, const at::Tensor& k, int64_t sink_tokens, int64_t recent_tokens,
+                    int64_t budget_tokens, at::Tensor& blocks) {
+  const int64_t nbq = (q.size(2) + hydra::kPrefillBlock - 1) / hydra::kPrefillBlock;
+  const int64_t n_list = budget_tokens / hydra::kPrefillBlock;
+  TORCH_CHECK(blocks.is_cuda() && blocks.scalar_type() == at::kInt && blocks.is_contiguous() && blocks.dim() == 4 &&
+                  blocks.size(0) == q.size(0) && blocks.size(1) == k.size(1) && blocks.size(2) == nbq &&
+                  blocks.size(3) == n_list,
+              "hydra: blocks must be a contiguous int32 CUDA tensor (B, Hkv, ", nbq, ", ", n_list, "), got ",
+              blocks.scalar_type(), " ", blocks.sizes());
+  TORCH_CHECK(k.size(2) > budget_tokens, "hydra: prefill_blocks selects only when Tkv > budget_tokens");
+  prefill_impl(q, k, k, sink_tokens, recent_tokens, budget_tokens, 0, 1.0, nullptr, nullptr, &blocks);
+}

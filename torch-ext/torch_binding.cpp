@@ -56,6 +56,19 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "int shortlist_pages, int sink_tokens, int recent_tokens, int budget_tokens, int window, float scale, "
       "Tensor! out, Tensor! lse) -> ()");
   ops.impl("decode_append", c10::kCUDA, &decode_append);
+
+  // Causal prefill (Tq <= Tkv, queries bottom-right aligned) over 64-token key blocks:
+  // budget_tokens > 0 with Tkv > budget selects blocks; otherwise every block up to the
+  // diagonal (window > 0: a sliding window). out [B, Hq, Tq, D], lse [B, Hq, Tq] fp32.
+  ops.def(
+      "prefill(Tensor q, Tensor k, Tensor v, int sink_tokens, int recent_tokens, int budget_tokens, int window, "
+      "float scale, Tensor! out, Tensor! lse) -> ()");
+  ops.impl("prefill", c10::kCUDA, &prefill);
+  // The prefill's block selection alone: blocks [B, Hkv, ceil(Tq / 64), budget_tokens / 64].
+  ops.def(
+      "prefill_blocks(Tensor q, Tensor k, int sink_tokens, int recent_tokens, int budget_tokens, Tensor! blocks) "
+      "-> ()");
+  ops.impl("prefill_blocks", c10::kCUDA, &prefill_blocks);
 }
 
 REGISTER_EXTENSION(TORCH_EXTENSION_NAME)

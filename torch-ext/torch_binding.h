@@ -50,3 +50,9 @@ void decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tenso
                    at::Tensor& lengths, at::Tensor& overflow, int64_t page_size, int64_t superpage,
                    int64_t shortlist_pages, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
                    int64_t window, double scale, at::Tensor& out, at::Tensor& lse);
+
+void prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t sink_tokens,
+             int64_t recent_tokens, int64_t budget_tokens, int64_t window, double scale, at::Tensor& out,
+             at::Tensor& lse);
+void prefill_blocks(const at::Tensor& q, const at::Tensor& k, int64_t sink_tokens, int64_t recent_tokens,
+                    int64_t budget_tokens, at::Tensor& blocks);

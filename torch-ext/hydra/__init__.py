@@ -130,7 +130,9 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
 
     Parameters
     ----------
-    q : Tensor (B, Hq, Tq, D), bf16 or fp16, CUDA. Tq == 1 is decode.
+    q : Tensor (B, Hq, Tq, D), bf16 or fp16, CUDA. Tq == 1 is decode; Tq == Tkv is causal
+        prefill (any T; D = 64 or 128; query block i of 64 tokens attends the sink, local and
+        top-scoring key blocks, or every earlier block when T <= budget or precision "exact").
     k, v : Tensor (B, Hkv, Tkv, D), q's dtype, on q's device. ``Hq % Hkv == 0``. Only the
         last dimension must be contiguous: ``K[:, :, :T]`` of a larger cache works.
     is_causal : must be True.
@@ -175,6 +177,12 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
     _require_ops()
     B, Hq = q.shape[0], q.shape[1]
     budget, window = _budget_window(pol, sliding_window, policy_layer_idx)
+    if q.shape[2] > 1:  # causal prefill (Tq == Tkv)
+        if out is None:
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty((B, Hq, q.shape[2]), dtype=torch.float32, device=q.device)
+        ops.prefill(q, k, v, pol.sink_tokens, pol.recent_tokens, budget, window, info["scale"], out, lse)
+        return (out, lse) if return_lse else out
     summaries, supers, S, n_short = None, None, 0, 0
     if budget > 0:
         summaries, supers, S, n_short = _coarse_args(pol, q, k, cache_seqlens, page_summaries, superpage_summaries,
@@ -348,6 +356,14 @@ if ops is not None:
     def _decode_append_fake(q, k_new, v_new, k_cache, v_cache, summaries, super_summaries, lengths, overflow,
                             page_size, superpage, shortlist_pages, sink_tokens, recent_tokens, budget_tokens,
                             window, scale, out, lse):
+        return None
+
+    @torch.library.register_fake(add_op_namespace_prefix("prefill"))
+    def _prefill_fake(q, k, v, sink_tokens, recent_tokens, budget_tokens, window, scale, out, lse):
+        return None
+
+    @torch.library.register_fake(add_op_namespace_prefix("prefill_blocks"))
+    def _prefill_blocks_fake(q, k, sink_tokens, recent_tokens, budget_tokens, blocks):
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("decode_alloc"))

@@ -13,6 +13,7 @@ import math
 import torch
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+PREFILL_HEAD_DIMS = (64, 128)
 _INV_SQRT_D = {d: 1.0 / math.sqrt(d) for d in SUPPORTED_HEAD_DIMS}
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_GROUP = 16
@@ -211,15 +212,15 @@ def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx
             raise ValueError("hydra: cache_seqlens is a decode argument; prefill (Tq == Tkv) got one")
         if cache_leftpad is not None:
             raise ValueError("hydra: cache_leftpad is a decode argument; prefill (Tq == Tkv) got one")
-        if sliding_window is None and Tq % policy.block_size != 0:
-            raise ValueError(f"hydra: prefill needs T % block_size == 0, got T={Tq}, "
-                             f"block_size={policy.block_size}")
+        if policy.block_size != 64:
+            raise ValueError(f"hydra: the prefill kernel uses blocks of 64 tokens; set HydraPolicy(block_size=64), "
+                             f"got block_size={policy.block_size}")
+        if D not in PREFILL_HEAD_DIMS:
+            raise ValueError(f"hydra: the prefill kernel takes head dim D in {PREFILL_HEAD_DIMS}, got D={D}")
+        if not policy.exact and policy.budget_tokens % 64:
+            raise ValueError(f"hydra: prefill needs budget_tokens to be a multiple of 64, got {policy.budget_tokens}")
     _devices([("q", q), ("k", k), ("v", v), ("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad),
               ("page_summaries", page_summaries), ("superpage_summaries", superpage_summaries), ("out", out)])
-    if Tq == Tkv and Tq > 1:
-        raise NotImplementedError(
-            f"hydra: causal prefill (Tq == Tkv == {Tq}) has no CUDA kernel yet (planned); "
-            "hydra.reference.hydra computes it")
     if 1 < Tq < Tkv:
         raise NotImplementedError(
             f"hydra: 1 < Tq < Tkv (chunked prefill / speculative verification) is planned, got Tq={Tq}, "

@@ -729,7 +729,7 @@ def prefill_block_mask(q: Tensor, k: Tensor, *, policy: HydraPolicy) -> Tensor:
     """Block-level prefill selection (SPEC 2, "Prefill selection").
 
     With ``T = Tq = Tkv``, blocks of ``bs = policy.block_size`` tokens and
-    ``nb = T / bs``, query block ``i`` attends to
+    ``nb = ceil(T / bs)`` (the last block may be partial), query block ``i`` attends to
 
     * the sink blocks ``0 .. ceil(sink_tokens / bs) - 1`` that are ``<= i``;
     * the local blocks ``max(0, i - recent_tokens // bs) .. i``;
@@ -737,8 +737,8 @@ def prefill_block_mask(q: Tensor, k: Tensor, *, policy: HydraPolicy) -> Tensor:
       blocks ``< i`` (none if that count is <= 0), ties to the lower index.
 
     A block's score is the Quest bound of :func:`page_scores` with the block's
-    mean query (per query head, over its ``bs`` tokens) against the key block's
-    min/max, summed over the GQA group. When ``T <= budget_tokens`` (or the
+    mean query (per query head, over its tokens) against the key block's
+    min/max (over its tokens), summed over the GQA group. When ``T <= budget_tokens`` (or the
     policy is exact) every block ``<= i`` is attended. Memory is O(nb^2).
 
     Parameters
@@ -768,9 +768,7 @@ def prefill_block_mask(q: Tensor, k: Tensor, *, policy: HydraPolicy) -> Tensor:
     if k.shape[2] != T:
         raise ValueError(f"hydra: prefill needs Tq == Tkv, got Tq={T}, Tkv={k.shape[2]}")
     bs = policy.block_size
-    if T % bs:
-        raise ValueError(f"hydra: prefill needs T % block_size == 0 (block_size={bs}), got T={T}")
-    nb = T // bs
+    nb = _ceil_div(T, bs)
     blk = torch.arange(nb, device=q.device)
     causal = blk.view(nb, 1) >= blk.view(1, nb)  # [i, j]: j <= i
     if policy.exact or T <= policy.budget_tokens:
@@ -781,9 +779,12 @@ def prefill_block_mask(q: Tensor, k: Tensor, *, policy: HydraPolicy) -> Tensor:
     sink_blocks = _ceil_div(policy.sink_tokens, bs)
     local_back = policy.recent_tokens // bs
 
-    q_mean = q.float().view(B, Hkv, G, nb, bs, D).mean(dim=4)  # (B, Hkv, G, nb, D)
-    kb = k.float().view(B, Hkv, nb, bs, D)
-    block_summaries = torch.stack([kb.amin(dim=3), kb.amax(dim=3)], dim=3)  # (B, Hkv, nb, 2, D)
+    pad = nb * bs - T  # the last block's missing tokens
+    qf = torch.nn.functional.pad(q.float(), (0, 0, 0, pad)).view(B, Hkv, G, nb, bs, D)
+    counts = torch.full((nb,), bs, dtype=torch.float32, device=q.device)
+    counts[-1] = bs - pad
+    q_mean = qf.sum(dim=4) / counts.view(1, 1, 1, nb, 1)  # (B, Hkv, G, nb, D), over the block's tokens
+    block_summaries = page_summaries(k, page_size=bs)  # (B, Hkv, nb, 2, D), over the block's tokens
 
     mask = torch.zeros((B, Hkv, nb, nb), dtype=torch.bool, device=q.device)
     for i in range(nb):
@@ -804,7 +805,7 @@ def _prefill(q: Tensor, k: Tensor, v: Tensor, pol: HydraPolicy, dense: bool, sli
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     bs = pol.block_size
-    nb = T // bs
+    nb = _ceil_div(T, bs)
     if sliding_window is None and not dense:
         block_mask = prefill_block_mask(q, k, policy=pol)
     else:
@@ -812,17 +813,18 @@ def _prefill(q: Tensor, k: Tensor, v: Tensor, pol: HydraPolicy, dense: bool, sli
 
     outs, lses = [], []
     for i in range(nb):
-        q_pos = torch.arange(i * bs, (i + 1) * bs, device=q.device).view(bs, 1)
-        n_keys = (i + 1) * bs  # keys past the block's last query are never attended
+        hi = min((i + 1) * bs, T)
+        q_pos = torch.arange(i * bs, hi, device=q.device).view(-1, 1)
+        n_keys = hi  # keys past the block's last query are never attended
         k_pos = torch.arange(n_keys, device=q.device).view(1, n_keys)
-        tok = k_pos <= q_pos  # (bs, n_keys) token-level causal
+        tok = k_pos <= q_pos  # (rows, n_keys) token-level causal
         if sliding_window is not None:
             tok = tok & (k_pos > q_pos - sliding_window)
-        mask = tok.view(1, 1, bs, n_keys)
+        mask = tok.view(1, 1, hi - i * bs, n_keys)
         if block_mask is not None:
             key_blocks = block_mask[:, :, i, torch.arange(n_keys, device=q.device) // bs]  # (B, Hkv, n_keys)
             mask = mask & key_blocks.unsqueeze(2)
-        res = attention_with_mask(q[:, :, i * bs:(i + 1) * bs], k[:, :, :n_keys], v[:, :, :n_keys], mask,
+        res = attention_with_mask(q[:, :, i * bs:hi], k[:, :, :n_keys], v[:, :, :n_keys], mask,
                                   scale=scale, return_lse=return_lse)
         if return_lse:
             outs.append(res[0])
@@ -880,8 +882,8 @@ def hydra(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = True, sliding_wi
     Paths
     -----
     * ``Tq == 1``: decode over :func:`attended_token_mask`.
-    * ``Tq == Tkv``: causal prefill; needs ``T % block_size == 0``. Query block
-      ``i`` attends the blocks of :func:`prefill_block_mask`, token-causally.
+    * ``Tq == Tkv``: causal prefill, any T. Query block ``i`` attends the blocks of
+      :func:`prefill_block_mask`, token-causally.
     * ``1 < Tq < Tkv``: chunked prefill, not implemented yet.
 
     Examples
@@ -923,9 +925,6 @@ def hydra(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = True, sliding_wi
         if cache_seqlens is not None:
             raise ValueError("hydra: cache_seqlens is decode-only (Tq == 1), got it with prefill "
                              f"Tq == Tkv == {Tq}")
-        if Tq % pol.block_size:
-            raise ValueError(f"hydra: prefill needs T % block_size == 0 (block_size={pol.block_size}), "
-                             f"got T={Tq}")
         res = _prefill(q, k, v, pol, _is_dense(pol, policy_layer_idx), sliding_window, scale, return_lse)
     elif 1 < Tq < Tkv:
         raise NotImplementedError(
