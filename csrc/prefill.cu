@@ -171,7 +171,10 @@ struct PrefillShape {
   static constexpr size_t kSmemBytes = size_t(kStages) * 2 * kTileElems * sizeof(bf16_t);
 };
 
-// Grid (nbq, Hq, B), 128 threads; the largest query blocks first (they have the most tiles).
+// Grid (Hq, nbq, B), 128 threads. The query heads of one query block are adjacent in
+// launch order, so the heads of a GQA group (same block list, same K/V tiles) run
+// together and read each tile from L2 after the first; the largest query blocks
+// (the most tiles) go first.
 template <int D, typename E>
 __global__ void __launch_bounds__(128) prefill_attn_kernel(PrefillParams p) {
   using S = PrefillShape<D>;
@@ -181,7 +184,7 @@ __global__ void __launch_bounds__(128) prefill_attn_kernel(PrefillParams p) {
   __shared__ int s_list[kMaxPrefillList];
   __shared__ int s_n;
 
-  const int i = p.nbq - 1 - blockIdx.x, qh = blockIdx.y, b = blockIdx.z;
+  const int i = p.nbq - 1 - blockIdx.y, qh = blockIdx.x, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int h = qh / p.group;
   const int off = p.Tkv - p.Tq;
@@ -320,10 +323,12 @@ __global__ void __launch_bounds__(128) prefill_attn_kernel(PrefillParams p) {
     }
     l0 = l0 * a0 + ps0;
     l1 = l1 * a1 + ps1;
+    if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {  // the running max settles after a few tiles
 #pragma unroll
-    for (int n = 0; n < S::kDTiles; ++n) {
-      o[n][0] *= a0; o[n][1] *= a0;
-      o[n][2] *= a1; o[n][3] *= a1;
+      for (int n = 0; n < S::kDTiles; ++n) {
+        o[n][0] *= a0; o[n][1] *= a0;
+        o[n][2] *= a1; o[n][3] *= a1;
+      }
     }
     // O += P V over the tile's 4 k-steps of 16 tokens.
 #pragma unroll
@@ -401,7 +406,7 @@ void launch_prefill_attention(const PrefillParams& p, cudaStream_t stream) {
       auto kernel = prefill_attn_kernel<kD, E>;
       constexpr size_t smem = PrefillShape<kD>::kSmemBytes;
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      kernel<<<dim3(p.nbq, p.Hq, p.B), PrefillShape<kD>::kThreads, smem, stream>>>(p);
+      kernel<<<dim3(p.Hq, p.nbq, p.B), PrefillShape<kD>::kThreads, smem, stream>>>(p);
       check_launch("prefill_attn_kernel");
     });
   });

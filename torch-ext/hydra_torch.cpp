@@ -591,6 +591,8 @@ void prefill_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(Tq >= 1 && Tq <= Tkv, "hydra: prefill needs 1 <= Tq <= Tkv, got Tq=", Tq, ", Tkv=", Tkv);
   TORCH_CHECK(window >= 0, "hydra: window must be >= 0, got ", window);
   const int nbq = ceil_div(Tq, hydra::kPrefillBlock), nbk = ceil_div(Tkv, hydra::kPrefillBlock);
+  TORCH_CHECK(nbq <= 65535 && B <= 65535, "hydra: prefill takes at most 65535 query blocks (", 65535 * 64,
+              " tokens) and 65535 sequences, got Tq=", Tq, ", B=", B);
   const bool select = budget_tokens > 0 && window == 0 && Tkv > budget_tokens;
   int n_list = 0;
   if (select) {
