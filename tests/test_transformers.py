@@ -246,3 +246,32 @@ def test_torch_compile_and_graph_capture_of_a_decode_step():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_long_prompts_run_the_sparse_prefill_kernel():
+    """A prompt longer than the budget goes through hydra's prefill kernel, per sequence
+    with its left padding cut off; a prompt within the budget stays dense SDPA."""
+    pol = hydra.HydraPolicy(budget_tokens=256, sink_tokens=64, recent_tokens=64, dense_layers=0)
+    ht.set_defaults(policy=pol)
+
+    class Attn(torch.nn.Module):
+        layer_idx = 3
+
+    g = torch.Generator(device="cuda").manual_seed(12)
+    q = torch.randn(2, 8, 700, 128, device="cuda", generator=g).to(torch.bfloat16)
+    k = torch.randn(2, 2, 700, 128, device="cuda", generator=g).to(torch.bfloat16)
+    v = torch.randn(2, 2, 700, 128, device="cuda", generator=g).to(torch.bfloat16)
+    mask = torch.ones(2, 700, dtype=torch.bool, device="cuda")
+    mask[1, :150] = False
+    out, _ = hydra.hydra_attention(Attn(), q, k, v, mask, scaling=0.08)
+    want0 = hydra.hydra(q[:1], k[:1], v[:1], policy=pol, policy_layer_idx=3, scale=0.08)
+    want1 = hydra.hydra(q[1:, :, 150:], k[1:, :, 150:], v[1:, :, 150:], policy=pol, policy_layer_idx=3, scale=0.08)
+    assert torch.equal(out[0], want0[0].transpose(0, 1))
+    assert torch.equal(out[1, 150:], want1[0].transpose(0, 1))
+    assert (out[1, :150] == 0).all()
+    short, _ = hydra.hydra_attention(Attn(), q[:, :, :200], k[:, :, :200], v[:, :, :200], None, scaling=0.08)
+    dense = torch.nn.functional.scaled_dot_product_attention(q[:, :, :200], k[:, :, :200], v[:, :, :200],
+                                                             is_causal=True, scale=0.08, enable_gqa=True)
+    assert torch.equal(short, dense.transpose(1, 2))

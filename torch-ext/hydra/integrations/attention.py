@@ -13,8 +13,9 @@ Routing:
 * any other cache (DynamicCache, StaticCache): decode (S == 1) runs ``hydra.hydra`` on
   the cache's tensors, the padding passed as ``cache_leftpad``; pages are scored from K
   each step (no summaries are kept), which is correct but reads all of K;
-* prompts (S > 1) run dense causal SDPA (hydra's prefill kernel is not built yet;
-  a one-line notice says so once);
+* prompts (S > 1): a whole prompt longer than the budget runs hydra's sparse prefill
+  kernel (CUDA, bf16/fp16, D = 64 or 128, no sliding window); shorter prompts, chunks
+  after a prompt and the rest run dense causal SDPA;
 * without a CUDA device, decode runs ``hydra.reference`` (pure PyTorch), with a
   one-time warning; on CUDA, dtypes or head dims the kernels do not cover (fp32,
   D not in 64/128/256) fall back to dense SDPA, with a one-time warning.
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from .._validate import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from .._validate import PREFILL_HEAD_DIMS, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from ..policy import HydraPolicy, resolve_policy
 
 __all__ = ["hydra_attention", "set_defaults"]
@@ -121,20 +122,35 @@ def causal_sdpa(q, k, v, scale, window: Optional[int] = None):
     return torch.cat(outs, dim=2)
 
 
-def dense_prompt(query, key, value, attention_mask, scale, window):
-    """A prompt (or chunk) of S queries over the first W cached tokens, densely, with the
-    left padding cut off per sequence. Rows of padding queries are zero."""
+def _prompt_one(q, k, v, scale, window, layer_idx, precision, policy):
+    """A whole prompt (S == Lk) longer than the budget runs hydra's sparse prefill kernel;
+    shorter prompts, chunks after a prompt, windows and what the kernel does not cover run
+    dense causal SDPA (which is exact there, and faster than the kernel's exact mode)."""
+    if (window is None and q.shape[2] == k.shape[2] and kernels_cover(q, k) and q.shape[-1] in PREFILL_HEAD_DIMS):
+        pol = resolve_policy(precision, policy)
+        dense = pol.exact or (layer_idx is not None and layer_idx < pol.dense_layers)
+        if not dense and pol.block_size == 64 and pol.budget_tokens % 64 == 0 and k.shape[2] > pol.budget_tokens:
+            from .. import hydra as _hydra
+
+            return _hydra(q, k, v, policy_layer_idx=layer_idx, precision=precision, policy=policy, scale=scale)
+    return causal_sdpa(q, k, v, scale, window)
+
+
+def prompt_attention(query, key, value, attention_mask, scale, window, layer_idx=None, precision="high",
+                     policy=None):
+    """A prompt (or chunk) of S queries over the first W cached tokens, with the left padding
+    cut off per sequence (rows of padding queries are zero)."""
     B, _, S, _ = query.shape
     W = key.shape[2] if attention_mask is None else attention_mask.shape[1]
     k, v = key[:, :, :W], value[:, :, :W]
+    args = (scale, window, layer_idx, precision, policy)
     if attention_mask is None or bool(attention_mask.bool().all()):
-        return causal_sdpa(query, k, v, scale, window)
+        return _prompt_one(query, k, v, *args)
     pads = check_left_padded(attention_mask)
     out = torch.zeros_like(query)
     for b, pad in enumerate(pads):
         r0 = max(0, pad - (W - S))  # the first query row that is a real token
-        out[b:b + 1, :, r0:] = causal_sdpa(query[b:b + 1, :, r0:], k[b:b + 1, :, pad:], v[b:b + 1, :, pad:], scale,
-                                           window)
+        out[b:b + 1, :, r0:] = _prompt_one(query[b:b + 1, :, r0:], k[b:b + 1, :, pad:], v[b:b + 1, :, pad:], *args)
     return out
 
 
@@ -190,7 +206,6 @@ def hydra_attention(module, query, key, value, attention_mask, scaling=None, dro
         out = decode(query, key, value, cache_seqlens=lens, cache_leftpad=pad, layer_idx=layer_idx, window=window,
                      scale=scaling, precision=_DEFAULTS["precision"], policy=_DEFAULTS["policy"])
     else:
-        _notice("prefill", "hydra: prompts run dense causal SDPA until hydra's prefill kernel lands; "
-                           "decode steps run hydra")
-        out = dense_prompt(query, key, value, attention_mask, scaling, window)
+        out = prompt_attention(query, key, value, attention_mask, scaling, window, layer_idx,
+                               _DEFAULTS["precision"], _DEFAULTS["policy"])
     return out.transpose(1, 2).contiguous(), None

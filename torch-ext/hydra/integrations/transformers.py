@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..cache import HydraKVCache
 from ..policy import HydraPolicy, resolve_policy
-from .attention import (causal_sdpa, check_left_padded, decode, dense_prompt, hydra_attention, kernels_cover,
+from .attention import (causal_sdpa, check_left_padded, decode, hydra_attention, kernels_cover, prompt_attention,
                         set_defaults)
 
 __all__ = ["register", "hydra_attention", "HydraCache", "HydraLayer", "set_defaults"]
@@ -141,7 +141,8 @@ class HydraLayer(CacheLayerMixin):
         """Called by hydra_attention with what update() returned."""
         if self._prompt_pending:
             self._prompt_pending = False
-            out = dense_prompt(query, key, value, attention_mask, scale, window)
+            out = prompt_attention(query, key, value, attention_mask, scale, window, layer_idx, self.precision,
+                                   self.policy)
             self._store_prompt(key, value, attention_mask)
             return out
         kw = dict(policy_layer_idx=layer_idx, sliding_window=window, scale=scale)
