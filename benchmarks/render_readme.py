@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 DECODE_MARKERS = ("<!-- BENCH:decode:start -->", "<!-- BENCH:decode:end -->")
 TESTS_MARKERS = ("<!-- EVIDENCE:tests:start -->", "<!-- EVIDENCE:tests:end -->")
 FIDELITY_MARKERS = ("<!-- EVIDENCE:fidelity:start -->", "<!-- EVIDENCE:fidelity:end -->")
+PREFILL_MARKERS = ("<!-- EVIDENCE:prefill:start -->", "<!-- EVIDENCE:prefill:end -->")
 GENERATE_MARKERS = ("<!-- EVIDENCE:generate:start -->", "<!-- EVIDENCE:generate:end -->")
 
 HYDRA_NAMES = ("hydra_cached", "hydra_stateless")
@@ -308,6 +309,31 @@ def fidelity_section(record, path: Path, stale) -> str:
     return "\n".join(out)
 
 
+def prefill_section(record, path: Path, stale) -> str:
+    """Prefill times per T: the dense peers, hydra "high" and "exact", with targets."""
+    rows = record.get("rows") or []
+    out = [f"Prefill, {record.get('shape', '?')}: " + _caption(record, path, stale), "",
+           f"Command: `{record.get('command', '?')}`", "",
+           "| T | implementation | time (µs) | TFLOP/s on work done | attended fraction | peak extra memory (MiB) "
+           "| speedup vs best dense | target |",
+           "|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["T"], not r["name"].startswith("sdpa"), r["name"])):
+        sp = r.get("speedup_vs_best_dense")
+        target = "-"
+        if "meets_target" in r:
+            target = f"≥ {r['target_speedup']}x {'✓' if r['meets_target'] else '✗'}"
+        elif "meets_exact_target" in r:
+            target = f"≤ 1.3x SDPA flash time: {r['vs_sdpa_flash']:.2f}x {'✓' if r['meets_exact_target'] else '✗'}"
+        frac = r.get("attended_fraction")
+        frac_s = "-" if frac is None else f"{frac:.3f}"
+        sp_s = "-" if sp is None else f"{sp:.2f}x ({r.get('best_dense')})"
+        out.append(f"| {r['T']:,} | {r['name']} | {r['us']:,.0f} | {r['tflops']:.0f} | {frac_s} | "
+                   f"{r['peak_mem_bytes'] / 2**20:,.0f} | {sp_s} | {target} |")
+    if record.get("flashinfer"):
+        out += ["", f"FlashInfer prefill: {record['flashinfer']}."]
+    return "\n".join(out)
+
+
 def generate_section(record, path: Path, stale) -> str:
     """Decode tokens/s through transformers, one row per (T, configuration)."""
     rows = record.get("rows") or []
@@ -385,7 +411,8 @@ def render(readme_text: str, evidence_dir: Path, repo: Path, log=print) -> str:
     sections = [("decode_bench.json", DECODE_MARKERS, decode_section),
                 ("gpu_tests.json", TESTS_MARKERS, tests_section),
                 ("fidelity.json", FIDELITY_MARKERS, fidelity_section),
-                ("generate_bench.json", GENERATE_MARKERS, generate_section)]
+                ("generate_bench.json", GENERATE_MARKERS, generate_section),
+                ("prefill_bench.json", PREFILL_MARKERS, prefill_section)]
     text = readme_text
     for filename, markers, make in sections:
         path = evidence_dir / filename

@@ -2,7 +2,8 @@
 # One device call: carried wheels, JIT build, the full GPU suite (evidence
 # gpu_tests.json), the fidelity harness (fidelity.json) and the decode benchmark
 # (decode_bench.json) and the transformers generate benchmark (generate_bench.json), all under $OUT.
-#   bash scripts/gpu_check.sh [tests|fidelity|bench|generate|all|none] [extra benchmark args...]
+#   bash scripts/gpu_check.sh [tests|fidelity|bench|generate|prefill|all|none] [extra benchmark args...]
+# (prefill_bench.json comes from the prefill stage.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -30,6 +31,9 @@ if [ "$what" = all ] || [ "$what" = fidelity ]; then
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   python3 benchmarks/benchmark_hydra_decode.py --out "$OUT/decode_bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -40
+fi
+if [ "$what" = all ] || [ "$what" = prefill ]; then
+  python3 benchmarks/benchmark_hydra_prefill.py --out "$OUT/prefill_bench.json" 2>&1 | tee "$OUT/prefill.log" | tail -20
 fi
 if [ "$what" = all ] || [ "$what" = generate ]; then
   python3 benchmarks/benchmark_generate.py --out "$OUT/generate_bench.json" 2>&1 | tee "$OUT/generate.log" | tail -12
