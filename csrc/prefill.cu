@@ -8,12 +8,14 @@
 // list (ties to the lower block). Memory: the lists, nbq x budget / 64 per head.
 //
 // Attention (one CTA per query block, query head and sequence; 4 warps of 16 query
-// rows): 64-token K/V tiles stream through a 2-stage cp.async pipeline into padded
+// rows): 64-token K/V tiles stream through a 2- or 3-stage cp.async pipeline into padded
 // shared memory; QK^T and PV run on tensor cores (mma.sync m16n8k16 through ldmatrix,
 // fp32 accumulate) with an fp32 online softmax in base 2; the tiles on the diagonal
 // (and past Tkv, and outside a sliding window) are masked token by token.
 #include "common.cuh"
 #include "mma.cuh"
+
+#include <type_traits>
 
 namespace hydra {
 
@@ -159,11 +161,11 @@ __global__ void __launch_bounds__(kSelThreads) prefill_select_kernel(PrefillPara
   for (int e = pos + tid; e < p.n_list; e += kSelThreads) out[e] = -1;
 }
 
-template <int D>
+template <int D, int HEADS>
 struct PrefillShape {
-  static constexpr int kThreads = 128;
+  static constexpr int kThreads = 128 * HEADS;  // 4 warps of 16 query rows per head
   static constexpr int kStride = D + 8;  // 16-byte skew: ldmatrix rows hit distinct banks
-  static constexpr int kStages = 2;
+  static constexpr int kStages = HEADS == 2 ? 3 : 2;  // one 256-thread CTA per SM has room for 3
   static constexpr int kTileElems = kPrefillBlock * kStride;
   static constexpr int kKSteps = D / 16;
   static constexpr int kDTiles = D / 8;
@@ -171,22 +173,24 @@ struct PrefillShape {
   static constexpr size_t kSmemBytes = size_t(kStages) * 2 * kTileElems * sizeof(bf16_t);
 };
 
-// Grid (Hq, nbq, B), 128 threads. The query heads of one query block are adjacent in
-// launch order, so the heads of a GQA group (same block list, same K/V tiles) run
-// together and read each tile from L2 after the first; the largest query blocks
-// (the most tiles) go first.
-template <int D, typename E>
-__global__ void __launch_bounds__(128) prefill_attn_kernel(PrefillParams p) {
-  using S = PrefillShape<D>;
+// Grid (Hq / HEADS, nbq, B), 128 * HEADS threads: HEADS query heads of one GQA group
+// (same block list, same K/V tiles) share each tile loaded into shared memory, which
+// halves the L2 -> SM traffic per flop for HEADS = 2. Query heads of one query block
+// are adjacent in launch order, so the rest of a group reads the tiles from L2; the
+// largest query blocks (the most tiles) go first.
+template <int D, int HEADS, typename E>
+__global__ void __launch_bounds__(128 * HEADS) prefill_attn_kernel(PrefillParams p) {
+  using S = PrefillShape<D, HEADS>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16_t* sk = reinterpret_cast<bf16_t*>(smem_raw);
   bf16_t* sv = sk + S::kStages * S::kTileElems;
   __shared__ int s_list[kMaxPrefillList];
   __shared__ int s_n;
 
-  const int i = p.nbq - 1 - blockIdx.y, qh = blockIdx.x, b = blockIdx.z;
+  const int i = p.nbq - 1 - blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int h = qh / p.group;
+  const int qh = blockIdx.x * HEADS + warp / 4, wq = warp % 4;  // this warp's head and row slice
+  const int h = blockIdx.x * HEADS / p.group;
   const int off = p.Tkv - p.Tq;
   const int t0 = i * kPrefillBlock;
   const int q_last = off + min(t0 + kPrefillBlock, p.Tq) - 1;  // position of the block's last query
@@ -226,12 +230,15 @@ __global__ void __launch_bounds__(128) prefill_attn_kernel(PrefillParams p) {
       cp_async16(dv + row * S::kStride + col, vb + t64 * p.v_row_stride + col, ok ? 16 : 0);
     }
   };
-  if (n_ent > 0) load_tile(0, 0);
-  cp_async_commit();
+#pragma unroll
+  for (int st = 0; st < S::kStages - 1; ++st) {
+    if (st < n_ent) load_tile(st, st);
+    cp_async_commit();
+  }
 
   // Query A-fragments: this warp's 16 rows (rows past Tq are zero).
   const int r0 = lane / 4, kc = (lane % 4) * 2;
-  const int row0 = t0 + warp * 16 + r0, row1 = row0 + 8;
+  const int row0 = t0 + wq * 16 + r0, row1 = row0 + 8;
   uint32_t qa[S::kKSteps][4];
   {
     const bf16_t* qb = p.q + b * p.q_batch_stride + (int64_t)qh * p.q_head_stride;
@@ -248,7 +255,7 @@ __global__ void __launch_bounds__(128) prefill_attn_kernel(PrefillParams p) {
     }
   }
   const int qp0 = off + row0, qp1 = off + row1;           // query positions
-  const int warp_first = off + t0 + warp * 16;            // this warp's first query position
+  const int warp_first = off + t0 + wq * 16;              // this warp's first query position
 
   float o[S::kDTiles][4];
 #pragma unroll
@@ -258,9 +265,9 @@ __global__ void __launch_bounds__(128) prefill_attn_kernel(PrefillParams p) {
 
   for (int e = 0; e < n_ent; ++e) {
     __syncthreads();  // every warp is done with the stage the next load overwrites
-    if (e + 1 < n_ent) load_tile(e + 1, (e + 1) % S::kStages);
+    if (e + S::kStages - 1 < n_ent) load_tile(e + S::kStages - 1, (e + S::kStages - 1) % S::kStages);
     cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<S::kStages - 1>();
     __syncthreads();
     const bf16_t* ck = sk + (e % S::kStages) * S::kTileElems;
     const bf16_t* cv = sv + (e % S::kStages) * S::kTileElems;
@@ -403,10 +410,18 @@ void launch_prefill_select(const PrefillParams& p, cudaStream_t stream) {
 void launch_prefill_attention(const PrefillParams& p, cudaStream_t stream) {
   HYDRA_DISPATCH_PREFILL_HEAD_DIM(p.D, kD, [&] {
     HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
-      auto kernel = prefill_attn_kernel<kD, E>;
-      constexpr size_t smem = PrefillShape<kD>::kSmemBytes;
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      kernel<<<dim3(p.Hq, p.nbq, p.B), PrefillShape<kD>::kThreads, smem, stream>>>(p);
+      auto launch = [&](auto heads) {
+        constexpr int kHeads = decltype(heads)::value;
+        auto kernel = prefill_attn_kernel<kD, kHeads, E>;
+        constexpr size_t smem = PrefillShape<kD, kHeads>::kSmemBytes;
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+        kernel<<<dim3(p.Hq / kHeads, p.nbq, p.B), PrefillShape<kD, kHeads>::kThreads, smem, stream>>>(p);
+      };
+      if (p.group % 2 == 0) {  // two heads of a group per CTA
+        launch(std::integral_constant<int, 2>{});
+      } else {
+        launch(std::integral_constant<int, 1>{});
+      }
       check_launch("prefill_attn_kernel");
     });
   });
