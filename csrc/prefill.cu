@@ -382,6 +382,238 @@ __global__ void __launch_bounds__(128 * HEADS) prefill_attn_kernel(PrefillParams
   }
 }
 
+// The same attention with two m-tiles per warp: a warp computes 32 query rows (two
+// heads of a GQA group per CTA, 2 warps each), so every K and V fragment it loads from
+// shared memory feeds twice the MMAs. Q waits in shared memory and is reloaded per
+// k-step (the accumulators of 32 rows leave no registers for it). Grid (Hq / 2, nbq, B).
+template <int D>
+struct PrefillShape2 {
+  static constexpr int kThreads = 128;
+  static constexpr int kStride = D + 8;
+  static constexpr int kStages = 2;
+  static constexpr int kTileElems = kPrefillBlock * kStride;
+  static constexpr int kKSteps = D / 16;
+  static constexpr int kDTiles = D / 8;
+  static constexpr int kChunks = D / 8;
+  static constexpr size_t kSmemBytes = (size_t(kStages) * 2 + 2) * kTileElems * sizeof(bf16_t);  // K, V, Q
+};
+
+template <int D, typename E>
+__global__ void __launch_bounds__(128) prefill_attn_mt2_kernel(PrefillParams p) {
+  using S = PrefillShape2<D>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16_t* sk = reinterpret_cast<bf16_t*>(smem_raw);
+  bf16_t* sv = sk + S::kStages * S::kTileElems;
+  bf16_t* sq = sv + S::kStages * S::kTileElems;  // [2 heads][64 rows][kStride]
+  __shared__ int s_list[kMaxPrefillList];
+  __shared__ int s_n;
+
+  const int i = p.nbq - 1 - blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int qh = blockIdx.x * 2 + warp / 2, wq = warp % 2;  // head and 32-row slice
+  const int h = blockIdx.x * 2 / p.group;
+  const int off = p.Tkv - p.Tq;
+  const int t0 = i * kPrefillBlock;
+  const int q_last = off + min(t0 + kPrefillBlock, p.Tq) - 1;
+  const bool list_mode = p.blocks != nullptr;
+  int kb_lo = 0;
+  if (list_mode) {
+    const int* lst = p.blocks + (((int64_t)b * p.Hkv + h) * p.nbq + i) * p.n_list;
+    if (tid == 0) s_n = 0;
+    __syncthreads();
+    for (int e = tid; e < p.n_list; e += S::kThreads) {
+      const int j = lst[e];
+      s_list[e] = j;
+      if (j >= 0) atomicAdd(&s_n, 1);
+    }
+  } else {
+    if (p.window > 0) kb_lo = max(0, off + t0 - p.window + 1) / kPrefillBlock;
+    if (tid == 0) s_n = q_last / kPrefillBlock - kb_lo + 1;
+  }
+  __syncthreads();
+  const int n_ent = s_n;
+
+  const bf16_t* kb = p.k + b * p.k_batch_stride + h * p.k_head_stride;
+  const bf16_t* vb = p.v + b * p.v_batch_stride + h * p.v_head_stride;
+  auto key_block = [&](int e) { return list_mode ? s_list[e] : kb_lo + e; };
+  auto load_tile = [&](int e, int stage) {
+    const int j0 = key_block(e) * kPrefillBlock;
+    bf16_t* dk = sk + stage * S::kTileElems;
+    bf16_t* dv = sv + stage * S::kTileElems;
+#pragma unroll
+    for (int it = 0; it < kPrefillBlock * S::kChunks / S::kThreads; ++it) {
+      const int c = tid + it * S::kThreads;
+      const int row = c / S::kChunks, col = (c % S::kChunks) * 8;
+      const int tok = j0 + row;
+      const bool ok = tok < p.Tkv;
+      const int64_t t64 = ok ? tok : 0;
+      cp_async16(dk + row * S::kStride + col, kb + t64 * p.k_row_stride + col, ok ? 16 : 0);
+      cp_async16(dv + row * S::kStride + col, vb + t64 * p.v_row_stride + col, ok ? 16 : 0);
+    }
+  };
+  // Q of both heads (rows past Tq zero), with the first tile.
+#pragma unroll
+  for (int it = 0; it < 2 * kPrefillBlock * S::kChunks / S::kThreads; ++it) {
+    const int c = tid + it * S::kThreads;
+    const int hs = c / (kPrefillBlock * S::kChunks), rc = c % (kPrefillBlock * S::kChunks);
+    const int row = rc / S::kChunks, col = (rc % S::kChunks) * 8;
+    const int t = t0 + row;
+    const bool ok = t < p.Tq;
+    const bf16_t* src = p.q + b * p.q_batch_stride + (int64_t)(blockIdx.x * 2 + hs) * p.q_head_stride +
+                        (int64_t)(ok ? t : 0) * p.q_row_stride + col;
+    cp_async16(sq + (hs * kPrefillBlock + row) * S::kStride + col, src, ok ? 16 : 0);
+  }
+  if (n_ent > 0) load_tile(0, 0);
+  cp_async_commit();
+
+  const int r0 = lane / 4, kc = (lane % 4) * 2;
+  const int qrow = (warp / 2) * kPrefillBlock + wq * 32;  // this warp's first row in sq
+  const int mi = lane / 8, mr = lane % 8;
+  const int row_base = t0 + wq * 32 + r0;  // row of (mt, rr): row_base + mt * 16 + rr * 8
+  const int warp_first = off + t0 + wq * 32;
+
+  float o[2][S::kDTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int n = 0; n < S::kDTiles; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+  float m[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
+  float l[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+
+  for (int e = 0; e < n_ent; ++e) {
+    __syncthreads();
+    if (e + 1 < n_ent) load_tile(e + 1, (e + 1) % S::kStages);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const bf16_t* ck = sk + (e % S::kStages) * S::kTileElems;
+    const bf16_t* cv = sv + (e % S::kStages) * S::kTileElems;
+    const int j0 = key_block(e) * kPrefillBlock;
+
+    float s[2][8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < S::kKSteps; ks += 2) {
+      uint32_t qf[2][2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int k2 = 0; k2 < 2; ++k2)
+          ldmatrix_x4(qf[mt][k2], sq + (qrow + mt * 16 + (lane % 16)) * S::kStride + (ks + k2) * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        uint32_t kf[4];
+        ldmatrix_x4(kf, ck + (nt * 8 + mr) * S::kStride + ks * 16 + mi * 8);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_16816<E>(s[mt][nt], qf[mt][0], kf[0], kf[1]);
+          mma_16816<E>(s[mt][nt], qf[mt][1], kf[2], kf[3]);
+        }
+      }
+    }
+    const bool need_mask = j0 + kPrefillBlock - 1 > warp_first || j0 + kPrefillBlock > p.Tkv || p.window > 0;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float x0 = s[mt][nt][c] * p.scale_log2, x1 = s[mt][nt][c + 2] * p.scale_log2;
+          if (need_mask) {
+            const int kp = j0 + nt * 8 + kc + c;
+            const int qp0 = off + row_base + mt * 16, qp1 = qp0 + 8;
+            const bool in = kp < p.Tkv;
+            const bool ok0 = in && kp <= qp0 && (p.window <= 0 || kp > qp0 - p.window);
+            const bool ok1 = in && kp <= qp1 && (p.window <= 0 || kp > qp1 - p.window);
+            x0 = ok0 ? x0 : -INFINITY;
+            x1 = ok1 ? x1 : -INFINITY;
+          }
+          s[mt][nt][c] = x0;
+          s[mt][nt][c + 2] = x1;
+          mx0 = fmaxf(mx0, x0);
+          mx1 = fmaxf(mx1, x1);
+        }
+      }
+#pragma unroll
+      for (int o2 = 1; o2 < 4; o2 <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o2));
+      }
+      const float mn0 = fmaxf(m[mt][0], mx0), mn1 = fmaxf(m[mt][1], mx1);
+      const float a0 = safe_exp2_diff(m[mt][0], mn0), a1 = safe_exp2_diff(m[mt][1], mn1);
+      m[mt][0] = mn0;
+      m[mt][1] = mn1;
+      float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          s[mt][nt][c] = safe_exp2_diff(s[mt][nt][c], mn0);
+          s[mt][nt][c + 2] = safe_exp2_diff(s[mt][nt][c + 2], mn1);
+          ps0 += s[mt][nt][c];
+          ps1 += s[mt][nt][c + 2];
+        }
+      }
+      l[mt][0] = l[mt][0] * a0 + ps0;
+      l[mt][1] = l[mt][1] * a1 + ps1;
+      if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
+#pragma unroll
+        for (int n = 0; n < S::kDTiles; ++n) {
+          o[mt][n][0] *= a0; o[mt][n][1] *= a0;
+          o[mt][n][2] *= a1; o[mt][n][3] *= a1;
+        }
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t pa[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        pa[mt][0] = pack2<E>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][1] = pack2<E>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][2] = pack2<E>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][3] = pack2<E>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int nd = 0; nd < S::kDTiles; nd += 2) {
+        uint32_t vf[4];
+        ldmatrix_x4_trans(vf, cv + (kk * 16 + (mi % 2) * 8 + mr) * S::kStride + nd * 8 + (mi / 2) * 8);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_16816<E>(o[mt][nd], pa[mt], vf[0], vf[1]);
+          mma_16816<E>(o[mt][nd + 1], pa[mt], vf[2], vf[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  constexpr float kLn2 = 0.6931471805599453f;
+  bf16_t* ob = p.out + b * p.o_batch_stride + (int64_t)qh * p.o_head_stride;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float lr = l[mt][rr];
+#pragma unroll
+      for (int o2 = 1; o2 < 4; o2 <<= 1) lr += __shfl_xor_sync(0xffffffffu, lr, o2);
+      const int row = row_base + mt * 16 + rr * 8;
+      if (row >= p.Tq) continue;
+      const float inv = lr > 0.f ? 1.f / lr : 0.f;
+      bf16_t* orow = ob + (int64_t)row * p.o_row_stride;
+#pragma unroll
+      for (int n = 0; n < S::kDTiles; ++n)
+        *reinterpret_cast<uint32_t*>(orow + n * 8 + kc) = pack2<E>(o[mt][n][2 * rr] * inv, o[mt][n][2 * rr + 1] * inv);
+      if (lane % 4 == 0)
+        p.lse[((int64_t)b * p.Hq + qh) * p.Tq + row] = lr > 0.f ? (m[mt][rr] + __log2f(lr)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
 #define HYDRA_DISPATCH_PREFILL_HEAD_DIM(D, CONST_NAME, ...)                                       \
   [&] {                                                                                          \
     switch (D) {                                                                                 \
@@ -417,8 +649,11 @@ void launch_prefill_attention(const PrefillParams& p, cudaStream_t stream) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
         kernel<<<dim3(p.Hq / kHeads, p.nbq, p.B), PrefillShape<kD, kHeads>::kThreads, smem, stream>>>(p);
       };
-      if (p.group % 2 == 0) {  // two heads of a group per CTA
-        launch(std::integral_constant<int, 2>{});
+      if (p.group % 2 == 0) {  // two heads of a group per CTA, two m-tiles per warp
+        auto kernel = prefill_attn_mt2_kernel<kD, E>;
+        constexpr size_t smem = PrefillShape2<kD>::kSmemBytes;
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+        kernel<<<dim3(p.Hq / 2, p.nbq, p.B), PrefillShape2<kD>::kThreads, smem, stream>>>(p);
       } else {
         launch(std::integral_constant<int, 1>{});
       }
