@@ -490,102 +490,106 @@ __global__ void __launch_bounds__(128) prefill_attn_mt2_kernel(PrefillParams p) 
     const bf16_t* cv = sv + (e % S::kStages) * S::kTileElems;
     const int j0 = key_block(e) * kPrefillBlock;
 
-    float s[2][8][4];
+    // The tile in two halves of 32 keys (an online-softmax update each): the scores of a
+    // half take 32 registers, which leaves room for the 32 rows' accumulators.
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < S::kKSteps; ks += 2) {
-      uint32_t qf[2][2][4];
+    for (int hf = 0; hf < 2; ++hf) {
+      const int jh = j0 + hf * 32;
+      float s[2][4][4];
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int k2 = 0; k2 < 2; ++k2)
-          ldmatrix_x4(qf[mt][k2], sq + (qrow + mt * 16 + (lane % 16)) * S::kStride + (ks + k2) * 16 + (lane / 16) * 8);
+        for (int nt = 0; nt < 4; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        uint32_t kf[4];
-        ldmatrix_x4(kf, ck + (nt * 8 + mr) * S::kStride + ks * 16 + mi * 8);
+      for (int ks = 0; ks < S::kKSteps; ++ks) {
+        uint32_t qf[2][4];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          mma_16816<E>(s[mt][nt], qf[mt][0], kf[0], kf[1]);
-          mma_16816<E>(s[mt][nt], qf[mt][1], kf[2], kf[3]);
-        }
-      }
-    }
-    const bool need_mask = j0 + kPrefillBlock - 1 > warp_first || j0 + kPrefillBlock > p.Tkv || p.window > 0;
+        for (int mt = 0; mt < 2; ++mt)
+          ldmatrix_x4(qf[mt], sq + (qrow + mt * 16 + (lane % 16)) * S::kStride + ks * 16 + (lane / 16) * 8);
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      float mx0 = -INFINITY, mx1 = -INFINITY;
+        for (int np = 0; np < 2; ++np) {  // two n-tiles (16 keys) of this k-step per ldmatrix
+          uint32_t kf[4];
+          ldmatrix_x4(kf, ck + (hf * 32 + np * 16 + (mi / 2) * 8 + mr) * S::kStride + ks * 16 + (mi % 2) * 8);
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          float x0 = s[mt][nt][c] * p.scale_log2, x1 = s[mt][nt][c + 2] * p.scale_log2;
-          if (need_mask) {
-            const int kp = j0 + nt * 8 + kc + c;
-            const int qp0 = off + row_base + mt * 16, qp1 = qp0 + 8;
-            const bool in = kp < p.Tkv;
-            const bool ok0 = in && kp <= qp0 && (p.window <= 0 || kp > qp0 - p.window);
-            const bool ok1 = in && kp <= qp1 && (p.window <= 0 || kp > qp1 - p.window);
-            x0 = ok0 ? x0 : -INFINITY;
-            x1 = ok1 ? x1 : -INFINITY;
+          for (int mt = 0; mt < 2; ++mt) {
+            mma_16816<E>(s[mt][2 * np], qf[mt], kf[0], kf[1]);
+            mma_16816<E>(s[mt][2 * np + 1], qf[mt], kf[2], kf[3]);
           }
-          s[mt][nt][c] = x0;
-          s[mt][nt][c + 2] = x1;
-          mx0 = fmaxf(mx0, x0);
-          mx1 = fmaxf(mx1, x1);
         }
       }
-#pragma unroll
-      for (int o2 = 1; o2 < 4; o2 <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o2));
-      }
-      const float mn0 = fmaxf(m[mt][0], mx0), mn1 = fmaxf(m[mt][1], mx1);
-      const float a0 = safe_exp2_diff(m[mt][0], mn0), a1 = safe_exp2_diff(m[mt][1], mn1);
-      m[mt][0] = mn0;
-      m[mt][1] = mn1;
-      float ps0 = 0.f, ps1 = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          s[mt][nt][c] = safe_exp2_diff(s[mt][nt][c], mn0);
-          s[mt][nt][c + 2] = safe_exp2_diff(s[mt][nt][c + 2], mn1);
-          ps0 += s[mt][nt][c];
-          ps1 += s[mt][nt][c + 2];
-        }
-      }
-      l[mt][0] = l[mt][0] * a0 + ps0;
-      l[mt][1] = l[mt][1] * a1 + ps1;
-      if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
-#pragma unroll
-        for (int n = 0; n < S::kDTiles; ++n) {
-          o[mt][n][0] *= a0; o[mt][n][1] *= a0;
-          o[mt][n][2] *= a1; o[mt][n][3] *= a1;
-        }
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      uint32_t pa[2][4];
+      const bool need_mask = jh + 31 > warp_first || jh + 32 > p.Tkv || p.window > 0;
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
-        pa[mt][0] = pack2<E>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        pa[mt][1] = pack2<E>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        pa[mt][2] = pack2<E>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        pa[mt][3] = pack2<E>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            float x0 = s[mt][nt][c] * p.scale_log2, x1 = s[mt][nt][c + 2] * p.scale_log2;
+            if (need_mask) {
+              const int kp = jh + nt * 8 + kc + c;
+              const int qp0 = off + row_base + mt * 16, qp1 = qp0 + 8;
+              const bool in = kp < p.Tkv;
+              const bool ok0 = in && kp <= qp0 && (p.window <= 0 || kp > qp0 - p.window);
+              const bool ok1 = in && kp <= qp1 && (p.window <= 0 || kp > qp1 - p.window);
+              x0 = ok0 ? x0 : -INFINITY;
+              x1 = ok1 ? x1 : -INFINITY;
+            }
+            s[mt][nt][c] = x0;
+            s[mt][nt][c + 2] = x1;
+            mx0 = fmaxf(mx0, x0);
+            mx1 = fmaxf(mx1, x1);
+          }
+        }
+#pragma unroll
+        for (int o2 = 1; o2 < 4; o2 <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o2));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o2));
+        }
+        const float mn0 = fmaxf(m[mt][0], mx0), mn1 = fmaxf(m[mt][1], mx1);
+        const float a0 = safe_exp2_diff(m[mt][0], mn0), a1 = safe_exp2_diff(m[mt][1], mn1);
+        m[mt][0] = mn0;
+        m[mt][1] = mn1;
+        float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            s[mt][nt][c] = safe_exp2_diff(s[mt][nt][c], mn0);
+            s[mt][nt][c + 2] = safe_exp2_diff(s[mt][nt][c + 2], mn1);
+            ps0 += s[mt][nt][c];
+            ps1 += s[mt][nt][c + 2];
+          }
+        }
+        l[mt][0] = l[mt][0] * a0 + ps0;
+        l[mt][1] = l[mt][1] * a1 + ps1;
+        if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
+#pragma unroll
+          for (int n = 0; n < S::kDTiles; ++n) {
+            o[mt][n][0] *= a0; o[mt][n][1] *= a0;
+            o[mt][n][2] *= a1; o[mt][n][3] *= a1;
+          }
+        }
       }
 #pragma unroll
-      for (int nd = 0; nd < S::kDTiles; nd += 2) {
-        uint32_t vf[4];
-        ldmatrix_x4_trans(vf, cv + (kk * 16 + (mi % 2) * 8 + mr) * S::kStride + nd * 8 + (mi / 2) * 8);
+      for (int kk = 0; kk < 2; ++kk) {
+        uint32_t pa[2][4];
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
-          mma_16816<E>(o[mt][nd], pa[mt], vf[0], vf[1]);
-          mma_16816<E>(o[mt][nd + 1], pa[mt], vf[2], vf[3]);
+          pa[mt][0] = pack2<E>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+          pa[mt][1] = pack2<E>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+          pa[mt][2] = pack2<E>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+          pa[mt][3] = pack2<E>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int nd = 0; nd < S::kDTiles; nd += 2) {
+          uint32_t vf[4];
+          ldmatrix_x4_trans(vf, cv + (hf * 32 + kk * 16 + (mi % 2) * 8 + mr) * S::kStride + nd * 8 + (mi / 2) * 8);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            mma_16816<E>(o[mt][nd], pa[mt], vf[0], vf[1]);
+            mma_16816<E>(o[mt][nd + 1], pa[mt], vf[2], vf[3]);
+          }
         }
       }
     }
