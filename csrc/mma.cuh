@@ -40,4 +40,17 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
+// Two finite floats -> packed 16-bit pair with one hardware conversion (round to nearest
+// even, as pack2<E>), for values known not to be NaN (softmax probabilities).
+template <typename E>
+__device__ __forceinline__ uint32_t pack2_fast(float lo, float hi) {
+  uint32_t r;
+  if constexpr (E::kHalf) {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  }
+  return r;
+}
+
 }  // namespace hydra

@@ -341,10 +341,10 @@ __global__ void __launch_bounds__(128 * HEADS) prefill_attn_kernel(PrefillParams
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t pa[4];
-      pa[0] = pack2<E>(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = pack2<E>(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = pack2<E>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = pack2<E>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      pa[0] = pack2_fast<E>(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = pack2_fast<E>(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = pack2_fast<E>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = pack2_fast<E>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
       for (int nd = 0; nd < S::kDTiles; nd += 2) {
         uint32_t vf[4];
@@ -520,12 +520,12 @@ __global__ void __launch_bounds__(128) prefill_attn_mt2_kernel(PrefillParams p) 
       const bool need_mask = jh + 31 > warp_first || jh + 32 > p.Tkv || p.window > 0;
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
-        float mx0 = -INFINITY, mx1 = -INFINITY;
+        float mx0 = -INFINITY, mx1 = -INFINITY;  // of the raw scores; the scale > 0 keeps the order
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            float x0 = s[mt][nt][c] * p.scale_log2, x1 = s[mt][nt][c + 2] * p.scale_log2;
+            float x0 = s[mt][nt][c], x1 = s[mt][nt][c + 2];
             if (need_mask) {
               const int kp = jh + nt * 8 + kc + c;
               const int qp0 = off + row_base + mt * 16, qp1 = qp0 + 8;
@@ -546,17 +546,20 @@ __global__ void __launch_bounds__(128) prefill_attn_mt2_kernel(PrefillParams p) 
           mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o2));
           mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o2));
         }
-        const float mn0 = fmaxf(m[mt][0], mx0), mn1 = fmaxf(m[mt][1], mx1);
+        // m is in scaled log2 units; p = exp2(s * scale - m) is one FFMA and one EX2
+        // (exp2(-inf) = 0 for masked scores; a row with nothing yet subtracts 0).
+        const float mn0 = fmaxf(m[mt][0], mx0 * p.scale_log2), mn1 = fmaxf(m[mt][1], mx1 * p.scale_log2);
         const float a0 = safe_exp2_diff(m[mt][0], mn0), a1 = safe_exp2_diff(m[mt][1], mn1);
         m[mt][0] = mn0;
         m[mt][1] = mn1;
+        const float sub0 = mn0 == -INFINITY ? 0.f : mn0, sub1 = mn1 == -INFINITY ? 0.f : mn1;
         float ps0 = 0.f, ps1 = 0.f;
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            s[mt][nt][c] = safe_exp2_diff(s[mt][nt][c], mn0);
-            s[mt][nt][c + 2] = safe_exp2_diff(s[mt][nt][c + 2], mn1);
+            s[mt][nt][c] = exp2f(fmaf(s[mt][nt][c], p.scale_log2, -sub0));
+            s[mt][nt][c + 2] = exp2f(fmaf(s[mt][nt][c + 2], p.scale_log2, -sub1));
             ps0 += s[mt][nt][c];
             ps1 += s[mt][nt][c + 2];
           }
@@ -576,10 +579,10 @@ __global__ void __launch_bounds__(128) prefill_attn_mt2_kernel(PrefillParams p) 
         uint32_t pa[2][4];
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
-          pa[mt][0] = pack2<E>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-          pa[mt][1] = pack2<E>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-          pa[mt][2] = pack2<E>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-          pa[mt][3] = pack2<E>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+          pa[mt][0] = pack2_fast<E>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+          pa[mt][1] = pack2_fast<E>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+          pa[mt][2] = pack2_fast<E>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+          pa[mt][3] = pack2_fast<E>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
         }
 #pragma unroll
         for (int nd = 0; nd < S::kDTiles; nd += 2) {
