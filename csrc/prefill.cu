@@ -492,7 +492,7 @@ __global__ void __launch_bounds__(128) prefill_attn_mt2_kernel(PrefillParams p) 
 
     // The tile in two halves of 32 keys (an online-softmax update each): the scores of a
     // half take 32 registers, which leaves room for the 32 rows' accumulators.
-#pragma unroll
+#pragma unroll 1
     for (int hf = 0; hf < 2; ++hf) {
       const int jh = j0 + hf * 32;
       float s[2][4][4];
