@@ -25,9 +25,9 @@ def _need_ops():
         pytest.fail("the CUDA extension did not build on a GPU machine")
 
 
-def make(B, Hq, Hkv, T, D=128, *, seed, dtype=torch.bfloat16):
+def make(B, Hq, Hkv, T, D=128, *, seed, dtype=torch.bfloat16, Tq=None):
     g = torch.Generator(device=DEV).manual_seed(seed)
-    q = torch.randn(B, Hq, T, D, device=DEV, generator=g).to(dtype)
+    q = torch.randn(B, Hq, T if Tq is None else Tq, D, device=DEV, generator=g).to(dtype)
     k = torch.randn(B, Hkv, T, D, device=DEV, generator=g).to(dtype)
     v = torch.randn(B, Hkv, T, D, device=DEV, generator=g).to(dtype)
     return q, k, v
@@ -49,6 +49,7 @@ def kernel_blocks(q, k, pol):
 
 
 def blocks_to_mask(blocks, nb):
+    """(B, Hkv, nbq, nb) bool from block lists."""
     B, Hkv, nbq, _ = blocks.shape
     m = torch.zeros(B, Hkv, nbq, nb + 1, dtype=torch.bool, device=blocks.device)
     m.scatter_(3, torch.where(blocks < 0, nb, blocks).long(), True)
@@ -56,16 +57,18 @@ def blocks_to_mask(blocks, nb):
 
 
 def reference_with_blocks(q, k, v, block_mask, scale=None):
-    """fp32 prefill over a given (B, Hkv, nbq, nbk) block mask, token-causal, block by block."""
+    """fp32 prefill over a given (B, Hkv, nbq, nbk) block mask, token-causal with the
+    queries bottom-right aligned, block by block."""
     B, Hq, T, D = q.shape
+    off = k.shape[2] - T
     outs, lses = [], []
     for i in range(-(-T // 64)):
         hi = min(i * 64 + 64, T)
-        qp = torch.arange(i * 64, hi, device=DEV).view(-1, 1)
-        kp = torch.arange(hi, device=DEV).view(1, -1)
-        mask = (kp <= qp).view(1, 1, hi - i * 64, hi) & block_mask[:, :, i, kp.view(-1) // 64].unsqueeze(2)
-        o, lse = ref.attention_with_mask(q[:, :, i * 64:hi], k[:, :, :hi], v[:, :, :hi], mask, scale=scale,
-                                         return_lse=True)
+        qp = off + torch.arange(i * 64, hi, device=DEV).view(-1, 1)
+        kp = torch.arange(off + hi, device=DEV).view(1, -1)
+        mask = (kp <= qp).view(1, 1, hi - i * 64, off + hi) & block_mask[:, :, i, kp.view(-1) // 64].unsqueeze(2)
+        o, lse = ref.attention_with_mask(q[:, :, i * 64:hi], k[:, :, :off + hi], v[:, :, :off + hi], mask,
+                                         scale=scale, return_lse=True)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, 2), torch.cat(lses, 2)
@@ -75,7 +78,7 @@ def check_blocks(blocks, q, k, pol):
     """Kernel block lists == reference block mask, except swaps within relative 1e-3 of the
     k-th score (the kernel folds the GQA sum as qpos . kmax + qneg . kmin)."""
     T = q.shape[2]
-    nb = -(-T // 64)
+    nb = -(-k.shape[2] // 64)
     want = ref.prefill_block_mask(q, k, policy=pol)
     got = blocks_to_mask(blocks, nb)
     valid = blocks[blocks >= 0]
@@ -179,3 +182,27 @@ def test_prefill_memory_is_linear_in_T():
     meta = 8 * (T // 64) * (2 * 128 * 2 + 64 * 4)  # summaries + block lists
     assert extra <= out_bytes + lse_bytes + meta + (8 << 20), f"{extra} bytes allocated"
     assert torch.isfinite(o).all()
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("Tq,Tkv", [(2, 4160), (100, 4160), (1000, 5000), (640, 8191), (3000, 3100)])
+def test_chunked_prefill(Tq, Tkv):
+    """1 < Tq < Tkv: queries are the last Tq positions (chunked prefill, speculative
+    verification); selection and attention against the reference, and the exact mode
+    against SDPA with a bottom-right causal mask."""
+    _need_ops()
+    q, k, v = make(1, 16, 4, Tkv, seed=Tq + Tkv, Tq=Tq)
+    out = torch.full_like(q, float("nan"))
+    o, lse = hydra.hydra(q, k, v, policy=POL, out=out, return_lse=True)
+    assert not torch.isnan(o).any()
+    blocks = kernel_blocks(q, k, POL)
+    check_blocks(blocks, q, k, POL)
+    o_ref, lse_ref = reference_with_blocks(q, k, v, blocks_to_mask(blocks, -(-Tkv // 64)))
+    assert rel_err(o, o_ref) < 1e-2
+    assert torch.allclose(lse, lse_ref, atol=2e-2, rtol=1e-3)
+    exact = hydra.hydra(q, k, v, precision="exact", out=torch.full_like(q, float("nan")))
+    allowed = torch.arange(Tkv, device=DEV).view(1, -1) <= (Tkv - Tq + torch.arange(Tq, device=DEV)).view(-1, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed,
+                                                            enable_gqa=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    assert rel_err(exact, want) <= 2 * rel_err(sdpa, want) + 1e-4

@@ -587,14 +587,29 @@ def test_prefill_any_length(T):
     close(out[:, :, t:t + 1], want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("Tq,Tkv", [(4, 100), (128, 640), (100, 600), (700, 700)])
+def test_chunked_prefill_is_the_tail_of_full_prefill(Tq, Tkv):
+    """Queries bottom-right aligned: exact mode gives the last Tq rows of the full causal
+    prefill; with selection, a chunk whose start is block-aligned selects what the full
+    prefill selects for those blocks, so it too gives the last Tq rows."""
+    q, k, v = qkv(1, 8, 2, Tkv, Tkv, 32, seed=Tq + Tkv)
+    tail = q[:, :, Tkv - Tq:]
+    close(ref.hydra(tail, k, v), ref.hydra(q, k, v)[:, :, Tkv - Tq:], atol=1e-5, rtol=1e-5)
+    pol = HydraPolicy(budget_tokens=256, sink_tokens=32, recent_tokens=64, block_size=32, dense_layers=0)
+    if (Tkv - Tq) % 32 == 0:
+        close(ref.hydra(tail, k, v, policy=pol), ref.hydra(q, k, v, policy=pol)[:, :, Tkv - Tq:],
+              atol=1e-5, rtol=1e-5)
+    m = ref.prefill_block_mask(tail, k, policy=pol)
+    assert m.shape == (1, 2, -(-Tq // 32), -(-Tkv // 32))
+    assert (m.sum(-1) <= 8).all()
+
+
 # --------------------------------------------------------------------------- #
 # Errors                                                                      #
 # --------------------------------------------------------------------------- #
 
 def test_errors():
     q, k, v = qkv(1, 8, 2, 1, 100, 32, seed=81)
-    with pytest.raises(NotImplementedError, match="chunked prefill"):
-        ref.hydra(*qkv(1, 8, 2, 4, 100, 32, seed=1))
     with pytest.raises(ValueError, match="Tq"):
         ref.hydra(*qkv(1, 8, 2, 8, 4, 32, seed=1))
     with pytest.raises(ValueError, match="is_causal"):

@@ -137,7 +137,7 @@ def test_cache_leftpad_dtype_shape_and_path():
     with raises(TypeError, "hydra: cache_leftpad must be a torch.Tensor, got list"):
         hydra.page_summaries(k, cache_leftpad=[5, 6])
     qp, kp, vp = qkv(Tq=128, Tkv=128)
-    with raises(ValueError, "hydra: cache_leftpad is a decode argument; prefill (Tq == Tkv) got one"):
+    with raises(ValueError, "hydra: cache_leftpad is a decode argument; prefill (Tq=128) got one"):
         hydra.hydra(qp, kp, vp, cache_leftpad=torch.zeros(2, dtype=torch.int32))
 
 
@@ -202,13 +202,10 @@ def test_select_pages_and_summaries_and_sparse_attention_validate():
         hydra.sparse_attention(q, k, v, torch.zeros(2, 3, 4, dtype=torch.int32))
 
 
-def test_chunked_prefill_not_implemented():
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU: the device check comes before the NotImplementedError")
-    q, k, v = qkv(Tq=3, Tkv=100, device="cuda")
-    with raises(NotImplementedError, "hydra: 1 < Tq < Tkv (chunked prefill / speculative verification) is planned, "
-                                     "got Tq=3, Tkv=100"):
-        hydra.hydra(q, k, v)
+def test_prefill_takes_no_cache_arguments():
+    q, k, v = qkv(Tq=3, Tkv=100)
+    with raises(ValueError, "hydra: cache_seqlens is a decode argument; prefill (Tq=3) got one"):
+        hydra.hydra(q, k, v, cache_seqlens=torch.full((2,), 50, dtype=torch.int32))
 
 
 @pytest.mark.gpu

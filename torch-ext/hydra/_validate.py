@@ -206,12 +206,13 @@ def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx
     if Tq < 1:
         raise ValueError(f"hydra: q must hold at least one query (Tq >= 1), got Tq={Tq}")
     if Tq > Tkv:
-        raise ValueError(f"hydra: Tq must be 1 (decode) or equal Tkv (prefill), got Tq={Tq} > Tkv={Tkv}")
-    if Tq == Tkv and Tq > 1:
+        raise ValueError(f"hydra: Tq must be at most Tkv (queries are the last Tq positions), got Tq={Tq} > "
+                         f"Tkv={Tkv}")
+    if Tq > 1:
         if cache_seqlens is not None:
-            raise ValueError("hydra: cache_seqlens is a decode argument; prefill (Tq == Tkv) got one")
+            raise ValueError(f"hydra: cache_seqlens is a decode argument; prefill (Tq={Tq}) got one")
         if cache_leftpad is not None:
-            raise ValueError("hydra: cache_leftpad is a decode argument; prefill (Tq == Tkv) got one")
+            raise ValueError(f"hydra: cache_leftpad is a decode argument; prefill (Tq={Tq}) got one")
         if policy.block_size != 64:
             raise ValueError(f"hydra: the prefill kernel uses blocks of 64 tokens; set HydraPolicy(block_size=64), "
                              f"got block_size={policy.block_size}")
@@ -221,10 +222,6 @@ def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx
             raise ValueError(f"hydra: prefill needs budget_tokens to be a multiple of 64, got {policy.budget_tokens}")
     _devices([("q", q), ("k", k), ("v", v), ("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad),
               ("page_summaries", page_summaries), ("superpage_summaries", superpage_summaries), ("out", out)])
-    if 1 < Tq < Tkv:
-        raise NotImplementedError(
-            f"hydra: 1 < Tq < Tkv (chunked prefill / speculative verification) is planned, got Tq={Tq}, "
-            f"Tkv={Tkv}")
     return {"scale": scale}
 
 

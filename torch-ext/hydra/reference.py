@@ -728,31 +728,34 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pages: Tensor, *, cache_se
 def prefill_block_mask(q: Tensor, k: Tensor, *, policy: HydraPolicy) -> Tensor:
     """Block-level prefill selection (SPEC 2, "Prefill selection").
 
-    With ``T = Tq = Tkv``, blocks of ``bs = policy.block_size`` tokens and
-    ``nb = ceil(T / bs)`` (the last block may be partial), query block ``i`` attends to
+    Queries are bottom-right aligned: with ``Tq <= Tkv``, query ``t`` sits at key position
+    ``Tkv - Tq + t`` (``Tq == Tkv`` is a plain causal prefill; ``Tq < Tkv`` a chunk after
+    earlier tokens, or speculative verification). Query blocks cover ``bs =
+    policy.block_size`` queries (the last may be partial) and key blocks ``bs`` keys.
+    Query block ``i``, whose last query sits in key block ``d``, attends to
 
-    * the sink blocks ``0 .. ceil(sink_tokens / bs) - 1`` that are ``<= i``;
-    * the local blocks ``max(0, i - recent_tokens // bs) .. i``;
+    * the sink blocks ``0 .. ceil(sink_tokens / bs) - 1`` that are ``<= d``;
+    * the local blocks ``max(0, d - recent_tokens // bs) .. d``;
     * the ``budget_tokens // bs - |sink U local|`` highest-scoring remaining
-      blocks ``< i`` (none if that count is <= 0), ties to the lower index.
+      blocks ``< d`` (none if that count is <= 0), ties to the lower index.
 
     A block's score is the Quest bound of :func:`page_scores` with the block's
-    mean query (per query head, over its tokens) against the key block's
-    min/max (over its tokens), summed over the GQA group. When ``T <= budget_tokens`` (or the
-    policy is exact) every block ``<= i`` is attended. Memory is O(nb^2).
+    mean query (per query head, over its queries) against the key block's
+    min/max (over its keys), summed over the GQA group. When ``Tkv <= budget_tokens``
+    (or the policy is exact) every block ``<= d`` is attended. Memory is O(nbq * nbk).
 
     Parameters
     ----------
-    q : Tensor, (B, Hq, T, D)
-    k : Tensor, (B, Hkv, T, D)
+    q : Tensor, (B, Hq, Tq, D)
+    k : Tensor, (B, Hkv, Tkv, D), ``Tkv >= Tq``
     policy : HydraPolicy
         A resolved policy (see ``resolve_policy``).
 
     Returns
     -------
-    Tensor, (B, Hkv, nb, nb), bool
+    Tensor, (B, Hkv, nbq, nbk), bool
         ``[b, h, i, j]`` is True when query block ``i`` attends key block ``j``.
-        The diagonal block is further masked token-causally by the attention.
+        The attention masks the blocks it attends token-causally.
 
     Examples
     --------
@@ -763,59 +766,64 @@ def prefill_block_mask(q: Tensor, k: Tensor, *, policy: HydraPolicy) -> Tensor:
     _check_qk(q, k)
     if not isinstance(policy, HydraPolicy):
         raise TypeError(f"hydra: policy must be a hydra.HydraPolicy, got {type(policy).__name__}")
-    B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    if k.shape[2] != T:
-        raise ValueError(f"hydra: prefill needs Tq == Tkv, got Tq={T}, Tkv={k.shape[2]}")
+    B, Hq, Tq, D = q.shape
+    Hkv, Tkv = k.shape[1], k.shape[2]
+    if Tq > Tkv:
+        raise ValueError(f"hydra: prefill needs Tq <= Tkv, got Tq={Tq}, Tkv={Tkv}")
     bs = policy.block_size
-    nb = _ceil_div(T, bs)
-    blk = torch.arange(nb, device=q.device)
-    causal = blk.view(nb, 1) >= blk.view(1, nb)  # [i, j]: j <= i
-    if policy.exact or T <= policy.budget_tokens:
-        return causal.expand(B, Hkv, nb, nb).clone()
+    off = Tkv - Tq
+    nbq, nbk = _ceil_div(Tq, bs), _ceil_div(Tkv, bs)
+    blk = torch.arange(nbk, device=q.device)
+    last = torch.clamp(torch.arange(nbq, device=q.device) * bs + bs, max=Tq) - 1  # each block's last query
+    diag = (off + last) // bs  # (nbq,) key block of that query
+    causal = blk.view(1, nbk) <= diag.view(nbq, 1)  # [i, j]: j <= d_i
+    if policy.exact or Tkv <= policy.budget_tokens:
+        return causal.expand(B, Hkv, nbq, nbk).clone()
 
     G = Hq // Hkv
     n_budget = policy.budget_tokens // bs
     sink_blocks = _ceil_div(policy.sink_tokens, bs)
     local_back = policy.recent_tokens // bs
 
-    pad = nb * bs - T  # the last block's missing tokens
-    qf = torch.nn.functional.pad(q.float(), (0, 0, 0, pad)).view(B, Hkv, G, nb, bs, D)
-    counts = torch.full((nb,), bs, dtype=torch.float32, device=q.device)
+    pad = nbq * bs - Tq  # the last query block's missing queries
+    qf = torch.nn.functional.pad(q.float(), (0, 0, 0, pad)).view(B, Hkv, G, nbq, bs, D)
+    counts = torch.full((nbq,), bs, dtype=torch.float32, device=q.device)
     counts[-1] = bs - pad
-    q_mean = qf.sum(dim=4) / counts.view(1, 1, 1, nb, 1)  # (B, Hkv, G, nb, D), over the block's tokens
-    block_summaries = page_summaries(k, page_size=bs)  # (B, Hkv, nb, 2, D), over the block's tokens
+    q_mean = qf.sum(dim=4) / counts.view(1, 1, 1, nbq, 1)  # (B, Hkv, G, nbq, D), over the block's queries
+    block_summaries = page_summaries(k, page_size=bs)  # (B, Hkv, nbk, 2, D), over the block's keys
 
-    mask = torch.zeros((B, Hkv, nb, nb), dtype=torch.bool, device=q.device)
-    for i in range(nb):
+    mask = torch.zeros((B, Hkv, nbq, nbk), dtype=torch.bool, device=q.device)
+    for i in range(nbq):
+        d = int(diag[i])
         sink = blk < sink_blocks
-        local = blk >= i - local_back
-        forced = (sink | local) & (blk <= i)
-        candidates = (blk < i) & ~forced
+        local = blk >= d - local_back
+        forced = (sink | local) & (blk <= d)
+        candidates = (blk < d) & ~forced
         k_top = max(0, n_budget - int(forced.sum()))
-        scores = _quest_bound(q_mean[:, :, :, i], block_summaries)  # (B, Hkv, nb)
-        chosen = _top_k_mask(scores, candidates.view(1, 1, nb), k_top)
-        mask[:, :, i] = forced.view(1, 1, nb) | chosen
+        scores = _quest_bound(q_mean[:, :, :, i], block_summaries)  # (B, Hkv, nbk)
+        chosen = _top_k_mask(scores, candidates.view(1, 1, nbk), k_top)
+        mask[:, :, i] = forced.view(1, 1, nbk) | chosen
     return mask
 
 
 def _prefill(q: Tensor, k: Tensor, v: Tensor, pol: HydraPolicy, dense: bool, sliding_window: Optional[int],
              scale: Optional[float], return_lse: bool):
-    """Causal prefill, one query block at a time so memory stays O(bs * T)."""
-    B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
+    """Causal prefill (queries bottom-right aligned), one query block at a time so memory
+    stays O(bs * Tkv)."""
+    B, Hq, Tq, D = q.shape
+    Tkv = k.shape[2]
     bs = pol.block_size
-    nb = _ceil_div(T, bs)
+    off = Tkv - Tq
     if sliding_window is None and not dense:
         block_mask = prefill_block_mask(q, k, policy=pol)
     else:
         block_mask = None  # exact causal or windowed: no selection
 
     outs, lses = [], []
-    for i in range(nb):
-        hi = min((i + 1) * bs, T)
-        q_pos = torch.arange(i * bs, hi, device=q.device).view(-1, 1)
-        n_keys = hi  # keys past the block's last query are never attended
+    for i in range(_ceil_div(Tq, bs)):
+        hi = min((i + 1) * bs, Tq)
+        q_pos = off + torch.arange(i * bs, hi, device=q.device).view(-1, 1)
+        n_keys = off + hi  # keys past the block's last query are never attended
         k_pos = torch.arange(n_keys, device=q.device).view(1, n_keys)
         tok = k_pos <= q_pos  # (rows, n_keys) token-level causal
         if sliding_window is not None:
@@ -882,9 +890,9 @@ def hydra(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = True, sliding_wi
     Paths
     -----
     * ``Tq == 1``: decode over :func:`attended_token_mask`.
-    * ``Tq == Tkv``: causal prefill, any T. Query block ``i`` attends the blocks of
-      :func:`prefill_block_mask`, token-causally.
-    * ``1 < Tq < Tkv``: chunked prefill, not implemented yet.
+    * ``1 < Tq <= Tkv``: causal prefill, queries bottom-right aligned (``Tq < Tkv``: a
+      chunk after earlier tokens, or speculative verification), any lengths. Query
+      block ``i`` attends the blocks of :func:`prefill_block_mask`, token-causally.
 
     Examples
     --------
@@ -921,17 +929,14 @@ def hydra(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = True, sliding_wi
                                    precision=precision, policy=policy, cache_seqlens=cache_seqlens,
                                    page_summaries=page_summaries, superpage_summaries=superpage_summaries)
         res = attention_with_mask(q, k, v, mask.unsqueeze(2), scale=scale, return_lse=return_lse)
-    elif Tq == Tkv:
+    elif Tq <= Tkv:
         if cache_seqlens is not None:
             raise ValueError("hydra: cache_seqlens is decode-only (Tq == 1), got it with prefill "
-                             f"Tq == Tkv == {Tq}")
+                             f"Tq={Tq}, Tkv={Tkv}")
         res = _prefill(q, k, v, pol, _is_dense(pol, policy_layer_idx), sliding_window, scale, return_lse)
-    elif 1 < Tq < Tkv:
-        raise NotImplementedError(
-            f"hydra: 1 < Tq < Tkv (chunked prefill or speculative verification) is not implemented yet, "
-            f"got Tq={Tq}, Tkv={Tkv}")
     else:
-        raise ValueError(f"hydra: Tq must be 1 (decode) or Tkv (prefill), got Tq={Tq}, Tkv={Tkv}")
+        raise ValueError(f"hydra: Tq must be at most Tkv (queries are the last Tq positions), got Tq={Tq}, "
+                         f"Tkv={Tkv}")
 
     o, lse = res if return_lse else (res, None)
     if out is not None:
