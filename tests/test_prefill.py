@@ -206,3 +206,18 @@ def test_chunked_prefill(Tq, Tkv):
                                                             enable_gqa=True)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
     assert rel_err(exact, want) <= 2 * rel_err(sdpa, want) + 1e-4
+
+
+@pytest.mark.kernels_ci
+def test_prefill_opcheck_and_compile():
+    _need_ops()
+    from hydra import ops
+
+    q, k, v = make(1, 8, 2, 1500, seed=5)
+    out = torch.empty_like(q)
+    lse = torch.empty(1, 8, 1500, dtype=torch.float32, device=DEV)
+    torch.library.opcheck(ops.prefill.default, (q, k, v, 64, 192, 1024, 0, 0.088, out, lse))
+    blocks = torch.empty(1, 2, 24, 16, dtype=torch.int32, device=DEV)
+    torch.library.opcheck(ops.prefill_blocks.default, (q, k, 64, 192, 1024, blocks))
+    f = lambda q_, k_, v_: hydra.hydra(q_, k_, v_, policy=POL)  # noqa: E731
+    assert torch.equal(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v))
