@@ -8,6 +8,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
+# The device tool returns at most 8 files from $OUT: the evidence JSON goes there, logs to $LOGS.
+LOGS=${LOGS:-/tmp/hydra_logs}
+mkdir -p "$LOGS"
 what=${1:-all}
 shift || true
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -15,27 +18,27 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/nvidia_smi.txt"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$LOGS/nvidia_smi.txt"
 start=$(date +%s)
 python3 -c "import sys; sys.path.insert(0, 'torch-ext'); import hydra; assert hydra.ops is not None, 'build failed'" \
-  2>&1 | tee "$OUT/build.log"
+  2>&1 | tee "$LOGS/build.log"
 echo "build+import: $(( $(date +%s) - start )) s"
 rc=0
 if [ "$what" = all ] || [ "$what" = tests ]; then
-  python3 scripts/run_gpu_suite.py --out "$OUT/gpu_tests.json" 2>&1 | tee "$OUT/tests.log" | grep -v "^$" | tail -60
+  python3 scripts/run_gpu_suite.py --out "$OUT/gpu_tests.json" 2>&1 | tee "$LOGS/tests.log" | grep -v "^$" | tail -60
   rc=${PIPESTATUS[0]}
 fi
 if [ "$what" = all ] || [ "$what" = fidelity ]; then
   python3 benchmarks/fidelity.py --synthetic --device cuda --T 4096,16384,65536 \
-    --evidence "$OUT/fidelity.json" 2>&1 | tee "$OUT/fidelity.log" | tail -3
+    --evidence "$OUT/fidelity.json" 2>&1 | tee "$LOGS/fidelity.log" | tail -3
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
-  python3 benchmarks/benchmark_hydra_decode.py --out "$OUT/decode_bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -40
+  python3 benchmarks/benchmark_hydra_decode.py --out "$OUT/decode_bench.json" "$@" 2>&1 | tee "$LOGS/bench.log" | tail -40
 fi
 if [ "$what" = all ] || [ "$what" = prefill ]; then
-  python3 benchmarks/benchmark_hydra_prefill.py --out "$OUT/prefill_bench.json" 2>&1 | tee "$OUT/prefill.log" | tail -20
+  python3 benchmarks/benchmark_hydra_prefill.py --out "$OUT/prefill_bench.json" 2>&1 | tee "$LOGS/prefill.log" | tail -20
 fi
 if [ "$what" = all ] || [ "$what" = generate ]; then
-  python3 benchmarks/benchmark_generate.py --out "$OUT/generate_bench.json" 2>&1 | tee "$OUT/generate.log" | tail -12
+  python3 benchmarks/benchmark_generate.py --out "$OUT/generate_bench.json" 2>&1 | tee "$LOGS/generate.log" | tail -12
 fi
 exit $rc
