@@ -330,7 +330,7 @@ def prefill_section(record, path: Path, stale) -> str:
         out.append(f"| {r['T']:,} | {r['name']} | {r['us']:,.0f} | {r['tflops']:.0f} | {frac_s} | "
                    f"{r['peak_mem_bytes'] / 2**20:,.0f} | {sp_s} | {target} |")
     if record.get("flashinfer"):
-        out += ["", f"FlashInfer prefill: {record['flashinfer']}."]
+        out += ["", f"FlashInfer: {record['flashinfer']}."]
     return "\n".join(out)
 
 
