@@ -317,7 +317,7 @@ def prefill_section(record, path: Path, stale) -> str:
            "| T | implementation | time (µs) | TFLOP/s on work done | attended fraction | peak extra memory (MiB) "
            "| speedup vs best dense | target |",
            "|---:|---|---:|---:|---:|---:|---:|---|"]
-    for r in sorted(rows, key=lambda r: (r["T"], not r["name"].startswith("sdpa"), r["name"])):
+    for r in sorted(rows, key=lambda r: (r["T"], r["name"].startswith("hydra"), r["name"])):
         sp = r.get("speedup_vs_best_dense")
         target = "-"
         if "meets_target" in r:
