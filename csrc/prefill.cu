@@ -273,84 +273,93 @@ __global__ void __launch_bounds__(128 * HEADS) prefill_attn_kernel(PrefillParams
     const bf16_t* cv = sv + (e % S::kStages) * S::kTileElems;
     const int j0 = key_block(e) * kPrefillBlock;
 
-    float s[8][4];
+    // The tile in two halves of 32 keys (an online-softmax update each), as in the
+    // two-m-tile kernel: fewer live registers (D = 256 keeps its Q fragments in them).
+#pragma unroll 1
+    for (int hf = 0; hf < 2; ++hf) {
+      const int jh = j0 + hf * 32;
+      float s[4][4];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      for (int nt = 0; nt < 4; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-      for (int ks = 0; ks < S::kKSteps; ks += 2) {
-        uint32_t kf[4];
-        ldmatrix_x4(kf, ck + (nt * 8 + mr) * S::kStride + ks * 16 + mi * 8);
-        mma_16816<E>(s[nt], qa[ks], kf[0], kf[1]);
-        mma_16816<E>(s[nt], qa[ks + 1], kf[2], kf[3]);
-      }
-    }
-    // Token masks only where a tile reaches past this warp's first query, past Tkv, or
-    // below a sliding window.
-    const bool need_mask = j0 + kPrefillBlock - 1 > warp_first || j0 + kPrefillBlock > p.Tkv || p.window > 0;
-    float mx0 = -INFINITY, mx1 = -INFINITY;
+      for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        float x0 = s[nt][c] * p.scale_log2, x1 = s[nt][c + 2] * p.scale_log2;
-        if (need_mask) {
-          const int kp = j0 + nt * 8 + kc + c;
-          const bool in = kp < p.Tkv;
-          const bool ok0 = in && kp <= qp0 && (p.window <= 0 || kp > qp0 - p.window);
-          const bool ok1 = in && kp <= qp1 && (p.window <= 0 || kp > qp1 - p.window);
-          x0 = ok0 ? x0 : -INFINITY;
-          x1 = ok1 ? x1 : -INFINITY;
+        for (int ks = 0; ks < S::kKSteps; ks += 2) {
+          uint32_t kf[4];
+          ldmatrix_x4(kf, ck + (hf * 32 + nt * 8 + mr) * S::kStride + ks * 16 + mi * 8);
+          mma_16816<E>(s[nt], qa[ks], kf[0], kf[1]);
+          mma_16816<E>(s[nt], qa[ks + 1], kf[2], kf[3]);
         }
-        s[nt][c] = x0;
-        s[nt][c + 2] = x1;
-        mx0 = fmaxf(mx0, x0);
-        mx1 = fmaxf(mx1, x1);
       }
-    }
+      // Token masks only where the half reaches past this warp's first query, past Tkv,
+      // or below a sliding window.
+      const bool need_mask = jh + 31 > warp_first || jh + 32 > p.Tkv || p.window > 0;
+      float mx0 = -INFINITY, mx1 = -INFINITY;  // of the raw scores; the scale > 0 keeps the order
 #pragma unroll
-    for (int o2 = 1; o2 < 4; o2 <<= 1) {
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o2));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o2));
-    }
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-    const float a0 = safe_exp2_diff(m0, mn0), a1 = safe_exp2_diff(m1, mn1);
-    m0 = mn0;
-    m1 = mn1;
-    float ps0 = 0.f, ps1 = 0.f;
+      for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        s[nt][c] = safe_exp2_diff(s[nt][c], mn0);
-        s[nt][c + 2] = safe_exp2_diff(s[nt][c + 2], mn1);
-        ps0 += s[nt][c];
-        ps1 += s[nt][c + 2];
+        for (int c = 0; c < 2; ++c) {
+          float x0 = s[nt][c], x1 = s[nt][c + 2];
+          if (need_mask) {
+            const int kp = jh + nt * 8 + kc + c;
+            const bool in = kp < p.Tkv;
+            const bool ok0 = in && kp <= qp0 && (p.window <= 0 || kp > qp0 - p.window);
+            const bool ok1 = in && kp <= qp1 && (p.window <= 0 || kp > qp1 - p.window);
+            x0 = ok0 ? x0 : -INFINITY;
+            x1 = ok1 ? x1 : -INFINITY;
+          }
+          s[nt][c] = x0;
+          s[nt][c + 2] = x1;
+          mx0 = fmaxf(mx0, x0);
+          mx1 = fmaxf(mx1, x1);
+        }
       }
-    }
-    l0 = l0 * a0 + ps0;
-    l1 = l1 * a1 + ps1;
-    if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {  // the running max settles after a few tiles
 #pragma unroll
-      for (int n = 0; n < S::kDTiles; ++n) {
-        o[n][0] *= a0; o[n][1] *= a0;
-        o[n][2] *= a1; o[n][3] *= a1;
+      for (int o2 = 1; o2 < 4; o2 <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o2));
       }
-    }
-    // O += P V over the tile's 4 k-steps of 16 tokens.
+      // m in scaled log2 units; p = exp2(s * scale - m): one FFMA and one EX2.
+      const float mn0 = fmaxf(m0, mx0 * p.scale_log2), mn1 = fmaxf(m1, mx1 * p.scale_log2);
+      const float a0 = safe_exp2_diff(m0, mn0), a1 = safe_exp2_diff(m1, mn1);
+      m0 = mn0;
+      m1 = mn1;
+      const float sub0 = mn0 == -INFINITY ? 0.f : mn0, sub1 = mn1 == -INFINITY ? 0.f : mn1;
+      float ps0 = 0.f, ps1 = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      uint32_t pa[4];
-      pa[0] = pack2_fast<E>(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = pack2_fast<E>(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = pack2_fast<E>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = pack2_fast<E>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
-      for (int nd = 0; nd < S::kDTiles; nd += 2) {
-        uint32_t vf[4];
-        ldmatrix_x4_trans(vf, cv + (kk * 16 + (mi % 2) * 8 + mr) * S::kStride + nd * 8 + (mi / 2) * 8);
-        mma_16816<E>(o[nd], pa, vf[0], vf[1]);
-        mma_16816<E>(o[nd + 1], pa, vf[2], vf[3]);
+        for (int c = 0; c < 2; ++c) {
+          s[nt][c] = exp2f(fmaf(s[nt][c], p.scale_log2, -sub0));
+          s[nt][c + 2] = exp2f(fmaf(s[nt][c + 2], p.scale_log2, -sub1));
+          ps0 += s[nt][c];
+          ps1 += s[nt][c + 2];
+        }
+      }
+      l0 = l0 * a0 + ps0;
+      l1 = l1 * a1 + ps1;
+      if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {  // the running max settles after a few tiles
+#pragma unroll
+        for (int n = 0; n < S::kDTiles; ++n) {
+          o[n][0] *= a0; o[n][1] *= a0;
+          o[n][2] *= a1; o[n][3] *= a1;
+        }
+      }
+      // O += P V over the half's 2 k-steps of 16 tokens.
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        uint32_t pa[4];
+        pa[0] = pack2_fast<E>(s[2 * kk][0], s[2 * kk][1]);
+        pa[1] = pack2_fast<E>(s[2 * kk][2], s[2 * kk][3]);
+        pa[2] = pack2_fast<E>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[3] = pack2_fast<E>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int nd = 0; nd < S::kDTiles; nd += 2) {
+          uint32_t vf[4];
+          ldmatrix_x4_trans(vf, cv + (hf * 32 + kk * 16 + (mi % 2) * 8 + mr) * S::kStride + nd * 8 + (mi / 2) * 8);
+          mma_16816<E>(o[nd], pa, vf[0], vf[1]);
+          mma_16816<E>(o[nd + 1], pa, vf[2], vf[3]);
+        }
       }
     }
   }
@@ -621,13 +630,17 @@ __global__ void __launch_bounds__(128) prefill_attn_mt2_kernel(PrefillParams p) 
   }
 }
 
+// D = 256 runs the 16-rows-per-warp kernel: its Q fragments (64 registers) and accumulators
+// (128) leave the compiler short, and it spills about 300 bytes per thread to local memory
+// (L1-resident); correct everywhere it fits (2 x 2 x 33 KB tiles: A100, H100 and up).
 #define HYDRA_DISPATCH_PREFILL_HEAD_DIM(D, CONST_NAME, ...)                                       \
   [&] {                                                                                          \
     switch (D) {                                                                                 \
       case 64: { constexpr int CONST_NAME = 64; return __VA_ARGS__(); }                          \
       case 128: { constexpr int CONST_NAME = 128; return __VA_ARGS__(); }                        \
+      case 256: { constexpr int CONST_NAME = 256; return __VA_ARGS__(); }                        \
       default:                                                                                   \
-        throw std::invalid_argument("hydra: the prefill kernel takes head dim 64 or 128, got D=" + \
+        throw std::invalid_argument("hydra: the prefill kernel takes head dim 64, 128 or 256, got D=" + \
                                     std::to_string(D));                                          \
     }                                                                                            \
   }()
@@ -656,14 +669,16 @@ void launch_prefill_attention(const PrefillParams& p, cudaStream_t stream) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
         kernel<<<dim3(p.Hq / kHeads, p.nbq, p.B), PrefillShape<kD, kHeads>::kThreads, smem, stream>>>(p);
       };
-      if (p.group % 2 == 0) {  // two heads of a group per CTA, two m-tiles per warp
-        auto kernel = prefill_attn_mt2_kernel<kD, E>;
-        constexpr size_t smem = PrefillShape2<kD>::kSmemBytes;
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-        kernel<<<dim3(p.Hq / 2, p.nbq, p.B), PrefillShape2<kD>::kThreads, smem, stream>>>(p);
-      } else {
-        launch(std::integral_constant<int, 1>{});
+      if constexpr (kD <= 128) {
+        if (p.group % 2 == 0) {  // two heads of a group per CTA, two m-tiles per warp
+          auto kernel = prefill_attn_mt2_kernel<kD, E>;
+          constexpr size_t smem = PrefillShape2<kD>::kSmemBytes;
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+          kernel<<<dim3(p.Hq / 2, p.nbq, p.B), PrefillShape2<kD>::kThreads, smem, stream>>>(p);
+          return;
+        }
       }
+      launch(std::integral_constant<int, 1>{});  // D = 256 (its 32-row accumulators would not fit) and odd groups
       check_launch("prefill_attn_kernel");
     });
   });

@@ -221,3 +221,27 @@ def test_prefill_opcheck_and_compile():
     torch.library.opcheck(ops.prefill_blocks.default, (q, k, 64, 192, 1024, blocks))
     f = lambda q_, k_, v_: hydra.hydra(q_, k_, v_, policy=POL)  # noqa: E731
     assert torch.equal(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v))
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("T", [192, 4160])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_head_dim_256(T, dtype):
+    """D = 256 with few KV heads (16 query heads over 2, the Gemma / Qwen3-Next shape):
+    selection and attention against the reference, exact mode against SDPA."""
+    _need_ops()
+    q, k, v = make(1, 16, 2, T, D=256, seed=T, dtype=dtype)
+    o = hydra.hydra(q, k, v, policy=POL, out=torch.full_like(q, float("nan")))
+    nb = -(-T // 64)
+    if T > POL.budget_tokens:
+        blocks = kernel_blocks(q, k, POL)
+        check_blocks(blocks, q, k, POL)
+        mask = blocks_to_mask(blocks, nb)
+    else:
+        mask = torch.ones(1, 2, nb, nb, dtype=torch.bool, device=DEV)
+    assert rel_err(o, reference_with_blocks(q, k, v, mask)[0]) < 1e-2
+    exact = hydra.hydra(q, k, v, precision="exact")
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
+                                                            enable_gqa=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert rel_err(exact, want) <= 2 * rel_err(sdpa, want) + 1e-4

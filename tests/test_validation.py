@@ -113,9 +113,7 @@ def test_prefill_block_size():
     with raises(ValueError, "hydra: the prefill kernel uses blocks of 64 tokens; set HydraPolicy(block_size=64), "
                             "got block_size=32"):
         hydra.hydra(q, k, v, policy=hydra.HydraPolicy(block_size=32))
-    qd, kd, vd = qkv(Tq=100, Tkv=100, D=256)
-    with raises(ValueError, "hydra: the prefill kernel takes head dim D in (64, 128), got D=256"):
-        hydra.hydra(qd, kd, vd)
+
 
 
 def test_cache_seqlens_dtype_and_shape():

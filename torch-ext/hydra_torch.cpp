@@ -587,7 +587,14 @@ void prefill_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= 16,
               "hydra: prefill k ", k.sizes(), " does not fit q ", q.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), "hydra: v ", v.sizes(), " must match k ", k.sizes());
-  TORCH_CHECK(D == 64 || D == 128, "hydra: the prefill kernel takes head dim 64 or 128, got D=", D);
+  TORCH_CHECK(D == 64 || D == 128 || D == 256, "hydra: the prefill kernel takes head dim 64, 128 or 256, got D=", D);
+  if (D == 256) {  // 2 stages of 64-token K and V tiles at D = 256, plus the block list
+    int optin = 0;
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device());
+    const int need = 2 * 2 * 64 * (256 + 8) * 2 + 4112;
+    TORCH_CHECK(optin >= need, "hydra: the D=256 prefill kernel needs ", need, " bytes of shared memory per block; ",
+                "this GPU offers ", optin, " (A100, H100 and newer data-center GPUs have enough)");
+  }
   TORCH_CHECK(Tq >= 1 && Tq <= Tkv, "hydra: prefill needs 1 <= Tq <= Tkv, got Tq=", Tq, ", Tkv=", Tkv);
   TORCH_CHECK(window >= 0, "hydra: window must be >= 0, got ", window);
   const int nbq = ceil_div(Tq, hydra::kPrefillBlock), nbk = ceil_div(Tkv, hydra::kPrefillBlock);

@@ -131,7 +131,7 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
     Parameters
     ----------
     q : Tensor (B, Hq, Tq, D), bf16 or fp16, CUDA. Tq == 1 is decode; Tq == Tkv is causal
-        prefill (any T; D = 64 or 128; query block i of 64 tokens attends the sink, local and
+        prefill (any T; D = 64, 128 or 256; query block i of 64 tokens attends the sink, local and
         top-scoring key blocks, or every earlier block when T <= budget or precision "exact").
     k, v : Tensor (B, Hkv, Tkv, D), q's dtype, on q's device. ``Hq % Hkv == 0``. Only the
         last dimension must be contiguous: ``K[:, :, :T]`` of a larger cache works.

@@ -13,7 +13,7 @@ import math
 import torch
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
-PREFILL_HEAD_DIMS = (64, 128)
+PREFILL_HEAD_DIMS = (64, 128, 256)
 _INV_SQRT_D = {d: 1.0 / math.sqrt(d) for d in SUPPORTED_HEAD_DIMS}
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_GROUP = 16

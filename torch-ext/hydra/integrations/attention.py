@@ -14,7 +14,7 @@ Routing:
   the cache's tensors, the padding passed as ``cache_leftpad``; pages are scored from K
   each step (no summaries are kept), which is correct but reads all of K;
 * prompts (S > 1): a whole prompt longer than the budget runs hydra's sparse prefill
-  kernel (CUDA, bf16/fp16, D = 64 or 128, no sliding window); shorter prompts, chunks
+  kernel (CUDA, bf16/fp16, D = 64, 128 or 256, no sliding window); shorter prompts, chunks
   after a prompt and the rest run dense causal SDPA;
 * without a CUDA device, decode runs ``hydra.reference`` (pure PyTorch), with a
   one-time warning; on CUDA, dtypes or head dims the kernels do not cover (fp32,
@@ -122,11 +122,20 @@ def causal_sdpa(q, k, v, scale, window: Optional[int] = None):
     return torch.cat(outs, dim=2)
 
 
+def _prefill_fits(q) -> bool:
+    """The D = 256 prefill kernel needs ~139 KB of shared memory per block (A100, H100...)."""
+    if q.shape[-1] <= 128:
+        return True
+    props = torch.cuda.get_device_properties(q.device)
+    return getattr(props, "shared_memory_per_block_optin", 0) >= 2 * 2 * 64 * (256 + 8) * 2 + 4112
+
+
 def _prompt_one(q, k, v, scale, window, layer_idx, precision, policy):
     """A whole prompt (S == Lk) longer than the budget runs hydra's sparse prefill kernel;
     shorter prompts, chunks after a prompt, windows and what the kernel does not cover run
     dense causal SDPA (which is exact there, and faster than the kernel's exact mode)."""
-    if (window is None and q.shape[2] == k.shape[2] and kernels_cover(q, k) and q.shape[-1] in PREFILL_HEAD_DIMS):
+    if (window is None and q.shape[2] == k.shape[2] and kernels_cover(q, k) and q.shape[-1] in PREFILL_HEAD_DIMS
+            and _prefill_fits(q)):
         pol = resolve_policy(precision, policy)
         dense = pol.exact or (layer_idx is not None and layer_idx < pol.dense_layers)
         if not dense and pol.block_size == 64 and pol.budget_tokens % 64 == 0 and k.shape[2] > pol.budget_tokens:
