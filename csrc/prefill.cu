@@ -15,8 +15,6 @@
 #include "common.cuh"
 #include "mma.cuh"
 
-#include <type_traits>
-
 namespace hydra {
 
 namespace {
@@ -161,11 +159,11 @@ __global__ void __launch_bounds__(kSelThreads) prefill_select_kernel(PrefillPara
   for (int e = pos + tid; e < p.n_list; e += kSelThreads) out[e] = -1;
 }
 
-template <int D, int HEADS>
+template <int D>
 struct PrefillShape {
-  static constexpr int kThreads = 128 * HEADS;  // 4 warps of 16 query rows per head
+  static constexpr int kThreads = 128;   // 4 warps of 16 query rows
   static constexpr int kStride = D + 8;  // 16-byte skew: ldmatrix rows hit distinct banks
-  static constexpr int kStages = HEADS == 2 ? 3 : 2;  // one 256-thread CTA per SM has room for 3
+  static constexpr int kStages = 2;
   static constexpr int kTileElems = kPrefillBlock * kStride;
   static constexpr int kKSteps = D / 16;
   static constexpr int kDTiles = D / 8;
@@ -173,14 +171,13 @@ struct PrefillShape {
   static constexpr size_t kSmemBytes = size_t(kStages) * 2 * kTileElems * sizeof(bf16_t);
 };
 
-// Grid (Hq / HEADS, nbq, B), 128 * HEADS threads: HEADS query heads of one GQA group
-// (same block list, same K/V tiles) share each tile loaded into shared memory, which
-// halves the L2 -> SM traffic per flop for HEADS = 2. Query heads of one query block
-// are adjacent in launch order, so the rest of a group reads the tiles from L2; the
-// largest query blocks (the most tiles) go first.
-template <int D, int HEADS, typename E>
-__global__ void __launch_bounds__(128 * HEADS) prefill_attn_kernel(PrefillParams p) {
-  using S = PrefillShape<D, HEADS>;
+// Grid (Hq, nbq, B), 128 threads: one query head and query block per CTA (odd GQA groups,
+// MHA, D = 256). The query heads of one query block are adjacent in launch order, so a
+// group's heads read the same K/V tiles from L2; the largest query blocks (the most
+// tiles) go first.
+template <int D, typename E>
+__global__ void __launch_bounds__(128) prefill_attn_kernel(PrefillParams p) {
+  using S = PrefillShape<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16_t* sk = reinterpret_cast<bf16_t*>(smem_raw);
   bf16_t* sv = sk + S::kStages * S::kTileElems;
@@ -189,8 +186,8 @@ __global__ void __launch_bounds__(128 * HEADS) prefill_attn_kernel(PrefillParams
 
   const int i = p.nbq - 1 - blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int qh = blockIdx.x * HEADS + warp / 4, wq = warp % 4;  // this warp's head and row slice
-  const int h = blockIdx.x * HEADS / p.group;
+  const int qh = blockIdx.x, wq = warp;  // the head, and this warp's 16-row slice
+  const int h = qh / p.group;
   const int off = p.Tkv - p.Tq;
   const int t0 = i * kPrefillBlock;
   const int q_last = off + min(t0 + kPrefillBlock, p.Tq) - 1;  // position of the block's last query
@@ -659,26 +656,30 @@ void launch_prefill_select(const PrefillParams& p, cudaStream_t stream) {
   });
 }
 
+// Which attention kernel: two heads per CTA with two m-tiles per warp for even groups at
+// D <= 128; one head per CTA otherwise (odd groups, MHA, and D = 256, whose 32-row
+// accumulators would not fit). A template, so that D = 256 never instantiates the former.
+template <int D, typename E>
+void launch_prefill_attention_for(const PrefillParams& p, cudaStream_t stream) {
+  if constexpr (D <= 128) {
+    if (p.group % 2 == 0) {
+      auto kernel = prefill_attn_mt2_kernel<D, E>;
+      constexpr size_t smem = PrefillShape2<D>::kSmemBytes;
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      kernel<<<dim3(p.Hq / 2, p.nbq, p.B), PrefillShape2<D>::kThreads, smem, stream>>>(p);
+      return;
+    }
+  }
+  auto kernel = prefill_attn_kernel<D, E>;
+  constexpr size_t smem = PrefillShape<D>::kSmemBytes;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  kernel<<<dim3(p.Hq, p.nbq, p.B), PrefillShape<D>::kThreads, smem, stream>>>(p);
+}
+
 void launch_prefill_attention(const PrefillParams& p, cudaStream_t stream) {
   HYDRA_DISPATCH_PREFILL_HEAD_DIM(p.D, kD, [&] {
     HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
-      auto launch = [&](auto heads) {
-        constexpr int kHeads = decltype(heads)::value;
-        auto kernel = prefill_attn_kernel<kD, kHeads, E>;
-        constexpr size_t smem = PrefillShape<kD, kHeads>::kSmemBytes;
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-        kernel<<<dim3(p.Hq / kHeads, p.nbq, p.B), PrefillShape<kD, kHeads>::kThreads, smem, stream>>>(p);
-      };
-      if constexpr (kD <= 128) {
-        if (p.group % 2 == 0) {  // two heads of a group per CTA, two m-tiles per warp
-          auto kernel = prefill_attn_mt2_kernel<kD, E>;
-          constexpr size_t smem = PrefillShape2<kD>::kSmemBytes;
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-          kernel<<<dim3(p.Hq / 2, p.nbq, p.B), PrefillShape2<kD>::kThreads, smem, stream>>>(p);
-          return;
-        }
-      }
-      launch(std::integral_constant<int, 1>{});  // D = 256 (its 32-row accumulators would not fit) and odd groups
+      launch_prefill_attention_for<kD, E>(p, stream);
       check_launch("prefill_attn_kernel");
     });
   });
