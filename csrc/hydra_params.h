@@ -168,6 +168,12 @@ void launch_cache_prefill(const CacheWriteParams& p, cudaStream_t stream);
 void launch_cache_append(const CacheWriteParams& p, cudaStream_t stream);
 void launch_score_pages(const ScoreParams& p, cudaStream_t stream);
 void launch_select_pages(const SelectParams& p, cudaStream_t stream);
+// Flat selection from cached summaries in one launch (score_select_cluster.cu): the keys
+// each CTA of the cluster holds for a row of n_pages pages, for `rows` (sequence, KV head)
+// rows, or 0 when the fused kernel does not apply here (before sm_90, more rows than one
+// wave of clusters, too little shared memory, HYDRA_CLUSTER_SELECT=0).
+int score_select_cluster_keys(int n_pages, int rows);
+void launch_score_select_cluster(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream);
 void launch_sparse_decode(const DecodeParams& p, cudaStream_t stream);
 
 // Entries (pages) a split may hold: the split's page indices are staged in shared memory.

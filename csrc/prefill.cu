@@ -627,25 +627,10 @@ __global__ void __launch_bounds__(128) prefill_attn_mt2_kernel(PrefillParams p) 
   }
 }
 
-// D = 256 runs the 16-rows-per-warp kernel: its Q fragments (64 registers) and accumulators
-// (128) leave the compiler short, and it spills about 300 bytes per thread to local memory
-// (L1-resident); correct everywhere it fits (2 x 2 x 33 KB tiles: A100, H100 and up).
-#define HYDRA_DISPATCH_PREFILL_HEAD_DIM(D, CONST_NAME, ...)                                       \
-  [&] {                                                                                          \
-    switch (D) {                                                                                 \
-      case 64: { constexpr int CONST_NAME = 64; return __VA_ARGS__(); }                          \
-      case 128: { constexpr int CONST_NAME = 128; return __VA_ARGS__(); }                        \
-      case 256: { constexpr int CONST_NAME = 256; return __VA_ARGS__(); }                        \
-      default:                                                                                   \
-        throw std::invalid_argument("hydra: the prefill kernel takes head dim 64, 128 or 256, got D=" + \
-                                    std::to_string(D));                                          \
-    }                                                                                            \
-  }()
-
 }  // namespace
 
 void launch_prefill_select(const PrefillParams& p, cudaStream_t stream) {
-  HYDRA_DISPATCH_PREFILL_HEAD_DIM(p.D, kD, [&] {
+  HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
     HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
       auto kernel = prefill_select_kernel<kD, E>;
       const size_t smem = sizeof(uint32_t) * size_t(p.nbk);
@@ -659,6 +644,9 @@ void launch_prefill_select(const PrefillParams& p, cudaStream_t stream) {
 // Which attention kernel: two heads per CTA with two m-tiles per warp for even groups at
 // D <= 128; one head per CTA otherwise (odd groups, MHA, and D = 256, whose 32-row
 // accumulators would not fit). A template, so that D = 256 never instantiates the former.
+// At D = 256 the one-head kernel's Q fragments (64 registers) and accumulators (128) leave
+// the compiler short: it spills about 300 bytes per thread to local memory (L1-resident),
+// and runs where 2 x 2 x 33 KB tiles fit (A100, H100 and up).
 template <int D, typename E>
 void launch_prefill_attention_for(const PrefillParams& p, cudaStream_t stream) {
   if constexpr (D <= 128) {
@@ -677,7 +665,7 @@ void launch_prefill_attention_for(const PrefillParams& p, cudaStream_t stream) {
 }
 
 void launch_prefill_attention(const PrefillParams& p, cudaStream_t stream) {
-  HYDRA_DISPATCH_PREFILL_HEAD_DIM(p.D, kD, [&] {
+  HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
     HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
       launch_prefill_attention_for<kD, E>(p, stream);
       check_launch("prefill_attn_kernel");

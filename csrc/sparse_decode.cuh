@@ -49,21 +49,24 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
   pdl_wait();
-  const int L_end = seq_len(p.seqlens, b, p.Tkv);
-  const int start = seq_start(p.leftpad, b, L_end);
-  const int L = L_end - start;  // tokens counted from the first valid one
-  // Fused append: every kernel of the step has read the old lengths; advance them.
-  if (p.lengths_out != nullptr && split == 0 && h == 0 && tid == 0) p.lengths_out[b] = L_end;
   const bool explicit_pages = p.pages != nullptr;
   const int split_lo = split * p.entries_per_split;
   int split_hi = min(split_lo + p.entries_per_split, p.n_entries);
-  int lo_tok = 0, first_page = 0;
+  // The page list does not depend on the length: stage it first, so that its loads
+  // and the length's are in flight together.
   if (explicit_pages) {
     const int* pg = p.pages + b * p.p_batch_stride + h * p.p_head_stride;
     for (int i = tid; i <= split_hi - split_lo; i += S::kThreads) {
       spage[i] = i == 0 ? (split_lo > 0 ? pg[split_lo - 1] : -1) : pg[split_lo + i - 1];
     }
-  } else {
+  }
+  const int L_end = seq_len(p.seqlens, b, p.Tkv);
+  const int start = seq_start(p.leftpad, b, L_end);
+  const int L = L_end - start;  // tokens counted from the first valid one
+  // Fused append: every kernel of the step has read the old lengths; advance them.
+  if (p.lengths_out != nullptr && split == 0 && h == 0 && tid == 0) p.lengths_out[b] = L_end;
+  int lo_tok = 0, first_page = 0;
+  if (!explicit_pages) {
     if (p.window > 0) lo_tok = max(0, L - p.window);
     first_page = lo_tok >> p.log2_page;
     const int needed = ((L + p.page_size - 1) >> p.log2_page) - first_page;

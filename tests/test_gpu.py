@@ -393,6 +393,31 @@ def test_selection_score_distributions(dist):
         assert torch.equal(pages, ref.select_pages(q, k, policy=pol, page_summaries=summ))
 
 
+@pytest.mark.parametrize("B,Hq,Hkv,D,dtype", [(3, 8, 2, 128, BF16), (2, 9, 3, 64, BF16), (2, 16, 2, 256, BF16),
+                                              (2, 8, 2, 128, torch.float16)])
+def test_cluster_selection(B, Hq, Hkv, D, dtype):
+    """On sm_90+, flat selection from cached summaries over long rows (>= 16,384 pages) is
+    one cluster launch (score_select_cluster_kernel). Ragged lengths: a full row (several
+    radix passes), a shorter one, and one under the budget (every page attended). Its
+    pages follow the reference's rules, and the step's output matches the reference."""
+    _need_ops()
+    T = 300007
+    q, k, v = make_qkv(B, Hq, Hkv, T, D=D, seed=T + D + B, dtype=dtype)
+    lens = torch.tensor([T, 4000, T // 3 + 1][:B], dtype=torch.int32, device=DEV)
+    poison_past(k, v, lens)
+    summ = hydra.page_summaries(k, cache_seqlens=lens)
+    pol = hydra.HydraPolicy()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        pages = hydra.select_pages(q, k, page_summaries=summ, cache_seqlens=lens)
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events()}
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert any("score_select_cluster_kernel" in n for n in names), sorted(names)
+    check_selection(pages, q, k, pol, lens=lens, summaries=summ)
+    o = hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=lens, out=nan_like(q))
+    check_output(o, q, k, v, mask_from_pages(pages, T, pol.page_size, lens))
+
+
 _SMALL_SMEM_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])

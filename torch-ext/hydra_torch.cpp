@@ -179,6 +179,11 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
     se.lens_out = lens_out;
   }
   if (coarse.summaries == nullptr) {
+    const int keys = summaries.has_value() ? hydra::score_select_cluster_keys(n_pages, s.B * s.Hkv) : 0;
+    if (keys > 0) {  // sm_90+: scoring and selection in one cluster launch
+      hydra::launch_score_select_cluster(sp, se, keys, stream);
+      return;
+    }
     hydra::launch_score_pages(sp, stream);
     hydra::launch_select_pages(se, stream);
     return;

@@ -1,0 +1,495 @@
+// Scoring and top-k page selection in one launch, for flat selection from cached page
+// summaries on sm_90+ (H100, H200, RTX PRO 6000 Blackwell, ...). The separate kernels of
+// score_select.cu stay for every other case (older GPUs, the stateless path,
+// coarse-to-fine) and compute the same pages.
+//
+// Why: at B = 1 the two-kernel path spends most of its time outside the bytes. The
+// select kernel is one CTA per (sequence, KV head), so one SM ranks all of a row's
+// pages (8,192 keys at 131k tokens: ~10 us on an H200, 24 us at 524k), and scores go
+// through global memory between two launches.
+//
+// How: a thread-block cluster of kClusterCtas CTAs per (sequence, KV head). CTA r
+// scores the r-th contiguous slice of the candidate pages (summaries streamed through a
+// 4-stage pipeline of bulk copies) into order-preserving keys in its own shared memory. The
+// cluster then runs the radix select together over distributed shared memory: each
+// pass builds a histogram per CTA, CTA r sums bins [r * 2048 / C, (r + 1) * 2048 / C)
+// over the cluster, and every CTA reads the summed histogram back and finds the same
+// threshold bin. A threshold bin of at most 32 keys is gathered in CTA 0 and ranked
+// exactly. The ordered output (sinks, chosen candidates in page order, recent pages)
+// comes from each CTA's counts of keys above and equal to the threshold, exchanged once.
+// Selection rules, ties included, are those of select_pages_kernel.
+#include <cooperative_groups.h>
+
+#include "select_common.cuh"
+
+namespace hydra {
+
+inline constexpr int kClusterCtas = 8;      // CTAs per (sequence, KV head); portable cluster size
+inline constexpr int kClusterMinPages = 16384;  // shortest row (pages) that takes the fused kernel
+inline constexpr int kCsThreads = 256;
+inline constexpr int kCsWarps = kCsThreads / 32;
+inline constexpr int kCsStageBytes = 32768;  // summaries per pipeline stage
+inline constexpr int kCsStages = 4;
+inline constexpr size_t kCsPipeBytes = size_t(kCsStages) * kCsStageBytes;
+inline constexpr int kCsBins = 2048;         // radix bins a pass (11 bits)
+inline constexpr int kCsBinsPerCta = kCsBins / kClusterCtas;
+static_assert(3 * kCsBins * sizeof(int) <= kCsPipeBytes, "the select's histograms reuse the pipeline buffers");
+
+namespace {
+
+// Each thread scores 32 dimensions of one page (4 chunks of 8 min and 8 max values), so
+// a page takes D / 32 threads and a stage of kCsThreads * 32 / D pages is one pass (32 KB
+// of summaries for every D). Four independent partial sums per thread keep the FMA
+// chains short: the CTA has only 8 warps to hide latency with.
+template <int D>
+struct ClusterScoreShape {
+  static constexpr int kDimsPerThread = 32;
+  static constexpr int kChunks = kDimsPerThread / 8;
+  static constexpr int kThreadsPerPage = D / kDimsPerThread;
+  static constexpr int kPagesPerStage = kCsThreads / kThreadsPerPage;
+  static_assert(kPagesPerStage * 4 * D == kCsStageBytes, "a stage is one pass");
+  static_assert(kThreadsPerPage >= 1 && kThreadsPerPage <= 32, "a page's threads must sit inside one warp");
+};
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+// Hopper bulk copies (TMA, no tensor map): global -> shared, completion counted in bytes
+// on an mbarrier. One instruction moves a whole stage, so an SM keeps far more bytes in
+// flight than 16-byte cp.async requests allow (those measured ~26 GB/s per SM here).
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      " .reg .pred done;\n"
+      "WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      " @!done bra WAIT_%=;\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
+}
+#endif
+
+}  // namespace
+
+template <int D, typename E>
+__global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(ScoreParams sp, SelectParams se,
+                                                                              int keys_cap) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  using S = ClusterScoreShape<D>;
+  constexpr int C = kClusterCtas;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16_t* pipe = reinterpret_cast<bf16_t*>(smem_raw);                          // [stages][pages][2][D]
+  uint32_t* skeys = reinterpret_cast<uint32_t*>(smem_raw + kCsPipeBytes);      // [keys_cap] this slice's keys
+  int* hist = reinterpret_cast<int*>(smem_raw);                                // after scoring: [kCsBins] own counts
+  int* red = hist + kCsBins;                                                   // [kCsBins] cluster sums of owned bins
+  int* full = red + kCsBins;                                                   // [kCsBins] the cluster histogram
+  __shared__ uint32_t s_mm[2], s_wmin[kCsWarps], s_wmax[kCsWarps];
+  __shared__ uint64_t warp_tot[32];
+  __shared__ int s_list_n, s_bin, s_above, s_need, s_cnt[2], s_base[4];
+  __shared__ uint32_t s_list[32], s_thr;
+  __shared__ __align__(8) uint64_t s_bar[kCsStages];  // one per pipeline stage
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  pdl_wait();
+  pdl_launch_dependents();  // the attention's CTAs may be placed while the cluster selects
+  if (tid == 0) {
+    s_list_n = 0;
+    for (int i = 0; i < kCsStages; ++i) mbar_init(&s_bar[i], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  const int P = se.page_size;
+  const int L_raw = sp.seqlens != nullptr ? sp.seqlens[b] : sp.Tkv;  // read once: the old length
+  const int L_end = min(max(L_raw + sp.len_add, 0), sp.Tkv);
+  const int L = L_end - seq_start(sp.leftpad, b, L_end);
+  const int n_pages_b = (L + P - 1) / P;
+  int* out = se.pages + ((int64_t)b * se.Hkv + h) * se.n_out;
+  if (rank == 0 && tid == 0) {
+    if (se.counters != nullptr) se.counters[b * se.Hkv + h] = 0;
+    if (se.lens_out != nullptr && h == 0) se.lens_out[b] = L_end;
+  }
+  // Fused append (HydraKVCache.step): the last warp of CTA 0 writes the token while the
+  // others score; scoring folds the token into its page's bound (see append_one_token).
+  if (sp.append.k_src != nullptr && rank == 0 && warp == kCsWarps - 1) {
+    append_one_token<E>(sp.append, L_raw, b, h, lane);
+  }
+  if (n_pages_b <= se.n_sel) {  // every page is attended (the whole cluster takes this branch)
+    if (rank == 0) {
+      for (int i = tid; i < se.n_out; i += kCsThreads) out[i] = i < n_pages_b ? i : -1;
+    }
+    return;
+  }
+  const int cand_lo = min(se.sink_pages, n_pages_b);
+  const int cand_hi = max(first_recent_page(L, se.recent_tokens, P), cand_lo);
+  const int n_head = cand_lo, n_cand = cand_hi - cand_lo, n_tail = n_pages_b - cand_hi;
+  const int k = se.n_sel - n_head - n_tail;
+  const bool take_all = k >= n_cand;
+  const bool ranked = k > 0 && !take_all;  // otherwise no score is needed
+  const int per = (n_cand + C - 1) / C;
+  const int my_lo = cand_lo + min(rank * per, n_cand);
+  const int my_hi = cand_lo + min((rank + 1) * per, n_cand);
+  const int n_mine = my_hi - my_lo;
+
+  // ---- Scoring: this slice's pages -> keys in shared memory.
+  uint32_t kmin = 0xffffffffu, kmax = 0u;
+  if (ranked) {
+    const bf16_t* sbase = sp.summaries + b * sp.s_batch_stride + h * sp.s_head_stride;
+    const int n_st = (n_mine + S::kPagesPerStage - 1) / S::kPagesPerStage;
+    const bool dense = sp.s_page_stride == 2 * D;  // the slice is one contiguous run
+    // Warp 0 fills stage st (buffer st % kCsStages) with one bulk copy, or one per page.
+    auto load_stage = [&](int st) {
+      const int buf = st % kCsStages;
+      bf16_t* dst = pipe + buf * (S::kPagesPerStage * 2 * D);
+      const int p0 = my_lo + st * S::kPagesPerStage;
+      const int np = min(S::kPagesPerStage, my_hi - p0);
+      if (lane == 0) mbar_arrive_expect_tx(&s_bar[buf], uint32_t(np) * 4 * D);
+      __syncwarp();
+      if (dense) {
+        if (lane == 0) bulk_load(dst, sbase + (int64_t)p0 * 2 * D, uint32_t(np) * 4 * D, &s_bar[buf]);
+      } else {
+        for (int i = lane; i < np; i += 32) {
+          bulk_load(dst + i * 2 * D, sbase + (int64_t)(p0 + i) * sp.s_page_stride, 4 * D, &s_bar[buf]);
+        }
+      }
+    };
+    if (warp == 0) {
+      for (int st = 0; st < kCsStages - 1 && st < n_st; ++st) load_stage(st);
+    }
+    const int d0 = (tid % S::kThreadsPerPage) * S::kDimsPerThread;
+    float qpos[S::kChunks][8], qneg[S::kChunks][8];
+#pragma unroll
+    for (int c = 0; c < S::kChunks; ++c) group_query_bounds<E>(sp, b, h, d0 + 8 * c, qpos[c], qneg[c]);
+    const int append_page = sp.k_new != nullptr && L_raw >= 0 && L_raw < sp.Tkv ? L_raw / P : -1;
+    const int pg = tid / S::kThreadsPerPage;  // this thread's page in every stage
+    for (int st = 0; st < n_st; ++st) {
+      // The buffer refilled here held stage st - 1, which every thread finished reading
+      // before the barrier that ended the previous iteration.
+      if (warp == 0 && st + kCsStages - 1 < n_st) load_stage(st + kCsStages - 1);
+      mbar_wait(&s_bar[st % kCsStages], (st / kCsStages) & 1);
+      const bf16_t* src = pipe + (st % kCsStages) * (S::kPagesPerStage * 2 * D) + pg * 2 * D + d0;
+      const int page = my_lo + st * S::kPagesPerStage + pg;
+      uint4 umn[S::kChunks], umx[S::kChunks];
+#pragma unroll
+      for (int c = 0; c < S::kChunks; ++c) {
+        umn[c] = *reinterpret_cast<const uint4*>(src + 8 * c);
+        umx[c] = *reinterpret_cast<const uint4*>(src + D + 8 * c);
+      }
+      float part[S::kChunks];
+#pragma unroll
+      for (int c = 0; c < S::kChunks; ++c) {
+        float fmn[8], fmx[8];
+        unpack8<E>(umn[c], fmn);
+        unpack8<E>(umx[c], fmx);
+        if (page == append_page) {
+          float f[8];
+          unpack8<E>(ldg16(sp.k_new + b * sp.kn_batch_stride + h * sp.kn_head_stride + d0 + 8 * c), f);
+#pragma unroll
+          for (int d = 0; d < 8; ++d) { fmn[d] = fminf(fmn[d], f[d]); fmx[d] = fmaxf(fmx[d], f[d]); }
+        }
+        float a = 0.f;
+#pragma unroll
+        for (int d = 0; d < 8; ++d) a += qpos[c][d] * fmx[d] + qneg[c][d] * fmn[d];
+        part[c] = a;
+      }
+      float acc = 0.f;
+#pragma unroll
+      for (int c = 0; c < S::kChunks; ++c) acc += part[c];
+      acc = reduce_page<S::kThreadsPerPage>(acc);
+      if (tid % S::kThreadsPerPage == 0 && page < my_hi) {
+        const uint32_t key = order_key(acc);
+        skeys[page - my_lo] = key;
+        kmin = min(kmin, key);
+        kmax = max(kmax, key);
+      }
+      __syncthreads();  // the stage is refilled by a later iteration
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    kmin = min(kmin, __shfl_xor_sync(0xffffffffu, kmin, off));
+    kmax = max(kmax, __shfl_xor_sync(0xffffffffu, kmax, off));
+  }
+  if (lane == 0) { s_wmin[warp] = kmin; s_wmax[warp] = kmax; }
+  __syncthreads();
+  if (tid == 0) {
+    uint32_t mn = 0xffffffffu, mx = 0u;
+    for (int w = 0; w < kCsWarps; ++w) { mn = min(mn, s_wmin[w]); mx = max(mx, s_wmax[w]); }
+    s_mm[0] = mn;
+    s_mm[1] = mx;
+  }
+  for (int i = tid; i < kCsBins; i += kCsThreads) hist[i] = 0;  // the pipeline is drained
+  cluster.sync();  // every CTA's keys, min and max are ready; rank 0's list counter is zero
+  if (warp == 0) {
+    uint32_t mn = 0xffffffffu, mx = 0u;
+    if (lane < C) {
+      const uint32_t* r = cluster.map_shared_rank(s_mm, lane);
+      mn = r[0];
+      mx = r[1];
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      mn = min(mn, __shfl_xor_sync(0xffffffffu, mn, off));
+      mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    }
+    if (lane == 0) { s_wmin[0] = mn; s_wmax[0] = mx; }
+  }
+  __syncthreads();
+  kmin = s_wmin[0];
+  kmax = s_wmax[0];
+
+  // ---- Radix select of the k-th largest key over the cluster (as select_pages_kernel).
+  uint32_t prefix = kmin, mask = 0xffffffffu;
+  int remaining = k;
+  if (ranked && kmin != kmax) {
+    const int high_bit = 31 - __clz(kmin ^ kmax);
+    mask = high_bit == 31 ? 0u : ~((2u << high_bit) - 1u);
+    prefix = kmin & mask;
+    int top = high_bit;
+    for (;;) {
+      const int shift = max(top - 10, 0);
+      const uint32_t bmask = (2u << (top - shift)) - 1u;
+      for (int i = tid; i < n_mine; i += kCsThreads) {
+        const uint32_t u = skeys[i];
+        if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & bmask], 1);
+      }
+      cluster.sync();  // every CTA's histogram is complete
+      for (int j = tid; j < kCsBinsPerCta; j += kCsThreads) {
+        const int bin = rank * kCsBinsPerCta + j;
+        int sum = 0;
+#pragma unroll
+        for (int r = 0; r < C; ++r) sum += cluster.map_shared_rank(hist, r)[bin];
+        red[bin] = sum;
+      }
+      cluster.sync();  // the owned bins are summed; nobody reads `hist` any more this pass
+      for (int j = tid; j < kCsBins; j += kCsThreads) {
+        full[j] = cluster.map_shared_rank(red, j / kCsBinsPerCta)[j];
+        hist[j] = 0;
+      }
+      __syncthreads();
+      constexpr int kPer = kCsBins / kCsThreads;  // bins per thread, from the top
+      int c[kPer], sum = 0;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        c[j] = full[kCsBins - 1 - (tid * kPer + j)];
+        sum += c[j];
+      }
+      uint64_t total;
+      int acc = (int)block_exclusive_scan<kCsWarps>((uint64_t)sum, warp_tot, total);  // keys in higher bins
+      if (acc < remaining && remaining <= acc + sum) {
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          if (acc + c[j] >= remaining) { s_bin = kCsBins - 1 - (tid * kPer + j); s_above = acc; break; }
+          acc += c[j];
+        }
+      }
+      __syncthreads();
+      remaining -= s_above;
+      prefix |= (uint32_t)s_bin << shift;
+      mask |= bmask << shift;
+      const int bin_count = full[s_bin];
+      __syncthreads();  // s_bin and `full` are rewritten by the next pass
+      if (shift == 0) break;  // every bit is fixed: the threshold is the prefix itself
+      if (bin_count <= 32) {
+        // Gather the threshold bin's keys (at most 32 in the cluster) in CTA 0; rank them.
+        int* n0 = cluster.map_shared_rank(&s_list_n, 0);
+        uint32_t* list0 = cluster.map_shared_rank(s_list, 0);
+        for (int i = tid; i < n_mine; i += kCsThreads) {
+          const uint32_t u = skeys[i];
+          if ((u & mask) == prefix) {
+            const int slot = atomicAdd(n0, 1);
+            if (slot < 32) list0[slot] = u;
+          }
+        }
+        cluster.sync();  // the list is complete
+        if (warp == 0) {
+          const int n = min(*n0, 32);
+          const uint32_t x = lane < n ? list0[lane] : 0u;
+          int gt = 0, ge = 0;
+          for (int j = 0; j < n; ++j) {
+            const uint32_t y = __shfl_sync(0xffffffffu, x, j);
+            gt += y > x;
+            ge += y >= x;
+          }
+          if (lane < n && gt < remaining && remaining <= ge) { s_thr = x; s_need = remaining - gt; }
+        }
+        __syncthreads();
+        prefix = s_thr;
+        mask = 0xffffffffu;
+        remaining = s_need;
+        break;
+      }
+      top = shift - 1;
+    }
+  }
+  const int need_eq = ranked ? remaining : 0;
+
+  // ---- Ordered output. A candidate is definite (chosen) above the threshold, or
+  // equal to it and among the need_eq lowest-indexed such candidates of the row.
+  auto classify = [&](int i, bool& def, bool& eq) {
+    if (take_all) { def = true; eq = false; return; }
+    if (!ranked) { def = false; eq = false; return; }
+    const uint32_t u = skeys[i];
+    def = u > prefix;
+    eq = u == prefix;
+  };
+  {
+    int nd = 0, ne = 0;
+    for (int i = tid; i < n_mine; i += kCsThreads) {
+      bool def, eq;
+      classify(i, def, eq);
+      nd += def;
+      ne += eq;
+    }
+    uint64_t total;
+    block_exclusive_scan<kCsWarps>(((uint64_t)ne << 32) | (uint32_t)nd, warp_tot, total);
+    if (tid == 0) { s_cnt[0] = (int)(total & 0xffffffffu); s_cnt[1] = (int)(total >> 32); }
+  }
+  cluster.sync();  // every CTA's counts are ready (and CTA 0's list has been read)
+  if (warp == 0) {
+    int d = 0, e = 0, db = 0, eb = 0;
+    if (lane < C) {
+      const int* r = cluster.map_shared_rank(s_cnt, lane);
+      d = r[0];
+      e = r[1];
+    }
+    db = lane < rank ? d : 0;
+    eb = lane < rank ? e : 0;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      d += __shfl_xor_sync(0xffffffffu, d, off);
+      e += __shfl_xor_sync(0xffffffffu, e, off);
+      db += __shfl_xor_sync(0xffffffffu, db, off);
+      eb += __shfl_xor_sync(0xffffffffu, eb, off);
+    }
+    if (lane == 0) { s_base[0] = db; s_base[1] = eb; s_base[2] = d; s_base[3] = e; }
+  }
+  cluster.sync();  // no CTA reads another's shared memory after this point
+  const int chosen = s_base[2] + min(s_base[3], need_eq);
+  if (rank == 0) {
+    for (int i = tid; i < n_head; i += kCsThreads) out[i] = i;
+  }
+  if (rank == C - 1) {
+    for (int i = n_head + chosen + tid; i < se.n_out; i += kCsThreads) {
+      const int t = i - n_head - chosen;
+      out[i] = t < n_tail ? cand_hi + t : -1;
+    }
+  }
+  int base_def = s_base[0], base_eq = s_base[1];
+  for (int chunk = 0; chunk < n_mine; chunk += kCsThreads * kSelectItems) {
+    const int i0 = chunk + tid * kSelectItems;
+    uint32_t def_bits = 0, eq_bits = 0;
+#pragma unroll
+    for (int it = 0; it < kSelectItems; ++it) {
+      if (i0 + it < n_mine) {
+        bool def, eq;
+        classify(i0 + it, def, eq);
+        def_bits |= uint32_t(def) << it;
+        eq_bits |= uint32_t(eq) << it;
+      }
+    }
+    uint64_t total;
+    const uint64_t excl =
+        block_exclusive_scan<kCsWarps>(((uint64_t)__popc(eq_bits) << 32) | __popc(def_bits), warp_tot, total);
+    int def_before = base_def + (int)(excl & 0xffffffffu);
+    int eq_before = base_eq + (int)(excl >> 32);
+#pragma unroll
+    for (int it = 0; it < kSelectItems; ++it) {
+      int pos = -1;
+      if (def_bits >> it & 1u) {
+        pos = def_before + min(eq_before, need_eq);
+        ++def_before;
+      } else if (eq_bits >> it & 1u) {
+        if (eq_before < need_eq) pos = def_before + eq_before;
+        ++eq_before;
+      }
+      if (pos >= 0 && n_head + pos < se.n_out) out[n_head + pos] = my_lo + i0 + it;
+    }
+    base_def += (int)(total & 0xffffffffu);
+    base_eq += (int)(total >> 32);
+  }
+#endif
+}
+
+namespace {
+
+template <int D, typename E>
+void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream) {
+  auto kernel = score_select_cluster_kernel<D, E>;
+  const size_t smem = kCsPipeBytes + size_t(keys_cap) * sizeof(uint32_t);
+  static bool configured[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64 || !configured[dev]) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         max_smem_per_block() - 1024);  // the static part stays under 1 KB
+    prefer_max_shared(kernel);
+    if (dev >= 0 && dev < 64) configured[dev] = true;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(kClusterCtas, se.Hkv, se.B);
+  cfg.blockDim = dim3(kCsThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kClusterCtas;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = use_pdl() ? 2 : 1;
+  cudaLaunchKernelEx(&cfg, kernel, sp, se, keys_cap);
+  check_launch("score_select_cluster_kernel");
+}
+
+}  // namespace
+
+int score_select_cluster_keys(int n_pages, int rows) {
+  static const bool allowed = [] {
+    const char* env = std::getenv("HYDRA_CLUSTER_SELECT");
+    return !(env != nullptr && env[0] == '0');
+  }();
+  if (!allowed) return 0;
+  int dev = 0, major = 0, sms = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  // One wave of clusters (one CTA per SM), and long rows only: measured on an H200 at
+  // B = 1, Hkv = 8 (graph-replayed step), the fused launch took 83.5 us against 88.3 at
+  // 524,288 tokens, but 44.2 against 43.4 at 131,072 and 29.3 against 26.1 at 8,192, and
+  // at B = 2, 131,072 (16 clusters) 73.6 against 58.9: its fixed cost (about 7 us of
+  // cluster barriers and exchanges) and its 8 SMs a row pay off only when the separate
+  // select kernel's single CTA per row has tens of thousands of keys to rank.
+  if (major < 9 || rows * kClusterCtas > sms || n_pages < kClusterMinPages) return 0;
+  const int keys = (n_pages + kClusterCtas - 1) / kClusterCtas;
+  const long long bytes = (long long)kCsPipeBytes + (long long)keys * 4 + 1024;
+  if (bytes > max_smem_per_block()) return 0;
+  return keys > 0 ? keys : 1;
+}
+
+void launch_score_select_cluster(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream) {
+  HYDRA_DISPATCH_HEAD_DIM(sp.D, kD, [&] {
+    HYDRA_DISPATCH_DTYPE(sp.dtype, E, [&] { launch_cluster_kernel<kD, E>(sp, se, keys_cap, stream); });
+  });
+}
+
+}  // namespace hydra

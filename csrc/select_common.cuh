@@ -1,0 +1,127 @@
+// Helpers shared by the scoring and selection kernels (score_select.cu) and the fused
+// cluster kernel (score_select_cluster.cu): the GQA-folded query bound, the fused
+// append, the order-preserving key map and a block-wide scan.
+#pragma once
+
+#include "common.cuh"
+
+namespace hydra {
+
+template <int TPP>
+__device__ __forceinline__ float reduce_page(float x) {
+#pragma unroll
+  for (int off = TPP / 2; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// The GQA group's query folded into two D-vectors (this thread's 8 dims):
+// qpos = sum_j max(q_j, 0), qneg = sum_j min(q_j, 0). The group's loads are
+// issued together (a serial loop would cost one memory latency per head).
+template <typename E>
+__device__ __forceinline__ void group_query_bounds(const ScoreParams& p, int b, int h, int d0, float (&qpos)[8],
+                                                   float (&qneg)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) { qpos[i] = 0.f; qneg[i] = 0.f; }
+  const bf16_t* q = p.q + b * p.q_batch_stride + (int64_t)(h * p.group) * p.q_head_stride + d0;
+  for (int j0 = 0; j0 < p.group; j0 += 4) {
+    uint4 u[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) u[j] = j0 + j < p.group ? ldg16(q + (j0 + j) * p.q_head_stride) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float f[8];
+      unpack8<E>(u[j], f);  // zero padding adds nothing to either sum
+#pragma unroll
+      for (int i = 0; i < 8; ++i) { qpos[i] += fmaxf(f[i], 0.f); qneg[i] += fminf(f[i], 0.f); }
+    }
+  }
+}
+
+// Fused append (HydraKVCache.step), one warp of the extra score CTA of (b, h): write
+// the new K/V row at the old length L_old and fold the key into its page's (and
+// superpage's) summary. The attention reads the row only after the selection. A
+// scoring CTA may read that summary while it is rewritten here, but only when the
+// page is a candidate, and then it folds the same key into what it read itself:
+// min/max folding is idempotent and each bf16 pair is read whole (32-bit accesses
+// are single-copy atomic), so the score is the same whether it saw the old or the
+// new summary.
+// Write a summary's 8 dims at d0 with key chunk kv folded in; `fresh`: the summary
+// starts at this key (its first token), whatever it held.
+template <typename E>
+__device__ __forceinline__ void fold_key(bf16_t* sm, int D, int d0, const uint4& kv, bool fresh) {
+  uint4 mn4 = kv, mx4 = kv;
+  if (!fresh) {
+    float f[8], mn[8], mx[8];
+    unpack8<E>(kv, f);
+    unpack8<E>(*reinterpret_cast<const uint4*>(sm + d0), mn);
+    unpack8<E>(*reinterpret_cast<const uint4*>(sm + D + d0), mx);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
+    mn4 = pack8<E>(mn);
+    mx4 = pack8<E>(mx);
+  }
+  *reinterpret_cast<uint4*>(sm + d0) = mn4;
+  *reinterpret_cast<uint4*>(sm + D + d0) = mx4;
+}
+
+template <typename E>
+__device__ __forceinline__ void append_one_token(const CacheWriteParams& p, int L_old, int b, int h, int lane) {
+  if (L_old >= 0 && L_old < p.max_seq_len) {
+    const int span = p.page_size * (p.super_summaries != nullptr ? p.superpage : 1);
+    const bf16_t* ks = p.k_src + b * p.ks_batch_stride + h * p.ks_head_stride;
+    const bf16_t* vs = p.v_src + b * p.vs_batch_stride + h * p.vs_head_stride;
+    bf16_t* kc = p.k_cache + b * p.kc_batch_stride + h * p.kc_head_stride + (int64_t)L_old * p.kc_row_stride;
+    bf16_t* vc = p.v_cache + b * p.vc_batch_stride + h * p.vc_head_stride + (int64_t)L_old * p.vc_row_stride;
+    bf16_t* sm = p.summaries + b * p.s_batch_stride + h * p.s_head_stride +
+                 (int64_t)(L_old / p.page_size) * p.s_page_stride;
+    bf16_t* ss = p.super_summaries == nullptr ? nullptr
+                 : p.super_summaries + b * p.ss_batch_stride + h * p.ss_head_stride + (int64_t)(L_old / span) * p.ss_page_stride;
+    for (int d0 = lane * 8; d0 < p.D; d0 += 32 * 8) {
+      const uint4 kv = ldg16(ks + d0);
+      *reinterpret_cast<uint4*>(kc + d0) = kv;
+      *reinterpret_cast<uint4*>(vc + d0) = ldg16(vs + d0);
+      fold_key<E>(sm, p.D, d0, kv, L_old % p.page_size == 0);    // a new page starts at this key
+      if (ss != nullptr) fold_key<E>(ss, p.D, d0, kv, L_old % span == 0);  // and its superpage
+    }
+  } else if (h == 0 && lane == 0 && L_old >= p.max_seq_len) {
+    atomicExch(p.overflow, 1);  // the token is dropped; check_overflow() reports it
+  }
+}
+
+constexpr int kSelectItems = 8;  // consecutive pages per thread in the compaction
+
+// Order-preserving map from fp32 to uint32: a > b  <=>  key(a) > key(b).
+__device__ __forceinline__ uint32_t order_key(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Exclusive block-wide scan of a 64-bit value over WARPS warps; also returns the block total.
+template <int WARPS>
+__device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* warp_tot, uint64_t& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint64_t x = v;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint64_t y = __shfl_up_sync(0xffffffffu, x, off);
+    if (lane >= off) x += y;
+  }
+  if (lane == 31) warp_tot[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    uint64_t t = lane < WARPS ? warp_tot[lane] : 0;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const uint64_t y = __shfl_up_sync(0xffffffffu, t, off);
+      if (lane >= off) t += y;
+    }
+    warp_tot[lane] = t;
+  }
+  __syncthreads();
+  const uint64_t before = warp > 0 ? warp_tot[warp - 1] : 0;
+  total = warp_tot[WARPS - 1];
+  __syncthreads();  // warp_tot is reused by the next call
+  return before + x - v;
+}
+
+}  // namespace hydra
