@@ -1,10 +1,16 @@
-"""Per-kernel breakdown of one hydra decode step (for benchmarks/NOTES.md).
+"""Where a hydra decode step's time goes (for benchmarks/NOTES.md).
 
     python3 benchmarks/profile_decode.py [B T ...]
 
-Times, with CUDA-graph replay and do_bench medians: scoring + selection
-(select_pages), attention over a given page list (sparse_attention), the whole
-step (hydra), and the stateless step; prints kernel times from torch.profiler.
+All times are CUDA-graph replay medians from ``triton.testing.do_bench``, in
+microseconds, Hq=32, Hkv=8, D=128, bf16, precision "high":
+- a graph of one trivial kernel: the replay cost every graph number carries;
+- scoring + selection (select_pages), attention over a fixed page list
+  (sparse_attention), the whole step (hydra), the stateless step, page_summaries;
+- the attention over the first 16, 32, ..., 256 pages of each head's list: the
+  slope is the cost of the bytes, the intercept the fixed cost (launch, page list,
+  pipeline fill, split merge);
+then kernel times of ten eager steps from torch.profiler.
 """
 import sys
 from pathlib import Path
@@ -20,6 +26,7 @@ def main():
     args = [int(a) for a in sys.argv[1:]] or [1, 131072]
     shapes = list(zip(args[::2], args[1::2]))
     Hq, Hkv, D = 32, 8, 128
+    print(torch.cuda.get_device_name())
     for B, T in shapes:
         g = torch.Generator(device="cuda").manual_seed(T)
         q = torch.randn(B, Hq, 1, D, device="cuda", generator=g).to(torch.bfloat16)
@@ -29,6 +36,7 @@ def main():
         pages = hydra.select_pages(q, k, page_summaries=summ)
         out = torch.empty_like(q)
         t = {
+            "one-kernel graph": graph_us(lambda: out.add_(0)),
             "select(score+topk)": graph_us(lambda: hydra.select_pages(q, k, page_summaries=summ)),
             "select stateless": graph_us(lambda: hydra.select_pages(q, k)),
             "attention(pages)": graph_us(lambda: hydra.sparse_attention(q, k, v, pages, out=out)),
@@ -37,6 +45,13 @@ def main():
             "page_summaries": graph_us(lambda: hydra.page_summaries(k)),
         }
         print(f"B={B} T={T}: " + ", ".join(f"{n} {u:.1f} us" for n, u in t.items()))
+        sweep = []
+        n = 16
+        while n <= pages.shape[-1]:
+            pg = pages[:, :, :n].contiguous()
+            sweep.append(f"{n} pages {graph_us(lambda: hydra.sparse_attention(q, k, v, pg, out=out)):.1f} us")
+            n *= 2
+        print(f"B={B} T={T}: attention over the first n pages of each head: " + ", ".join(sweep))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
                 hydra.hydra(q, k, v, page_summaries=summ, out=out)
