@@ -281,6 +281,48 @@ def test_step_equals_append_then_attend(case):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("recent", [32, 0])
+def test_step_through_the_cluster_selection(recent):
+    """Long rows (>= 16,384 pages) on sm_90+ select in one cluster launch, with the fused
+    append done by its first CTA. step() still equals append() + attend(), across a page
+    boundary (with recent_tokens=0 the page the new token completes is a scored
+    candidate), and matches the fp32 reference."""
+    pol = hydra.HydraPolicy(page_size=8, budget_tokens=1024, sink_tokens=8, recent_tokens=recent)
+    B, Hq, H, D, max_len, steps = 2, 8, 2, 128, 131080, 11
+    fused, plain = (hydra.HydraKVCache(B, H, D, max_len, device=DEV, policy=pol) for _ in range(2))
+    lens = torch.tensor([max_len - 40, 5003], dtype=torch.int32, device=DEV)
+    k, v = rand(B, H, max_len - 40, D, seed=700), rand(B, H, max_len - 40, D, seed=701)
+    fused.prefill(k, v, seqlens=lens)
+    plain.prefill(k, v, seqlens=lens)
+    names = set()
+    for i in range(steps):
+        q = rand(B, Hq, 1, D, seed=800 + i)
+        kn, vn = rand(B, H, 1, D, seed=900 + i), rand(B, H, 1, D, seed=1000 + i)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            got = fused.step(q, kn, vn, out=torch.full_like(q, float("nan")))
+            torch.cuda.synchronize()
+        names |= {e.name for e in prof.events()}
+        plain.append(kn, vn)
+        want = plain.attend(q)
+        assert not torch.isnan(got).any()
+        assert torch.equal(got, want), f"step {i}: fused output differs from append + attend"
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert any("score_select_cluster_kernel" in n for n in names), sorted(names)
+    assert torch.equal(fused.seqlens, lens + steps)
+    assert_same_contents(fused, plain)
+    assert_summaries_exact(fused)
+    from test_gpu import check_output, check_selection, mask_from_pages
+
+    pages = hydra.select_pages(q, fused.k, policy=pol, cache_seqlens=fused.seqlens, page_summaries=fused.summaries)
+    kk, vv = fused.k.clone(), fused.v.clone()
+    for b, L in enumerate(fused.seqlens.tolist()):
+        kk[b, :, L:] = 0
+        vv[b, :, L:] = 0
+    check_selection(pages, q, kk, pol, lens=fused.seqlens, summaries=fused.summaries)
+    check_output(got, q, kk, vv, mask_from_pages(pages, fused.max_seq_len, pol.page_size, fused.seqlens))
+
+
+@pytest.mark.gpu
 @pytest.mark.kernels_ci
 def test_graph_replay_of_fused_steps():
     """step() for every layer of a 2-layer stack, captured once and replayed while the
