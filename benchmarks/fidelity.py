@@ -22,6 +22,11 @@ Scorers (all select the same number of pages on top of the same sink and recent 
   standard deviation (the same metadata size as min/max);
 - ``streaming``: sink pages and the most recent pages up to the same budget
   (StreamingLLM), the floor.
+- ``quest_sum_fp8``: ``quest_sum`` over summaries stored in fp8 (e4m3), each min rounded
+  down and each max rounded up to an e4m3 value, so the bound still holds; half the
+  metadata bytes of bf16 summaries at the same page size;
+- ``quest_sum_int8``: the same with 8-bit integers on a per-page scale (the page's
+  largest |min| or |max| / 127, kept in fp16), min rounded down and max up;
 - ``quest_sum_c2f``: ``quest_sum`` with coarse-to-fine selection
   (``HydraPolicy(superpage=16, shortlist=4)``): superpages of 16 pages are scored, the
   best ``4 x budget`` tokens' worth are shortlisted, and only their pages are ranked;
@@ -52,7 +57,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "torch-ext"))
 from hydra import reference as ref  # noqa: E402
 from hydra.policy import HydraPolicy  # noqa: E402
 
-SCORERS = ("quest_sum", "group_max", "centre_radius", "mean_spread", "streaming", "quest_sum_c2f")
+SCORERS = ("quest_sum", "group_max", "centre_radius", "mean_spread", "streaming", "quest_sum_c2f",
+           "quest_sum_fp8", "quest_sum_int8")
+# Metadata bytes per page at head dim D, per scorer (the default: a bf16 min and max row).
+META_BYTES = {"quest_sum_fp8": lambda D: 2 * D, "quest_sum_int8": lambda D: 2 * D + 2}
 C2F_SUPERPAGE, C2F_SHORTLIST = 16, 4
 
 
@@ -69,6 +77,34 @@ def _pages(k, P):
     return kp, valid
 
 
+_E4M3_VALUES = None
+
+
+def fp8_outward(kmin, kmax):
+    """kmin rounded down and kmax rounded up to e4m3 values (fp32 out). e4m3 saturates at
+    +-448: a value beyond it becomes -inf / +inf, which keeps the bound but loses the page
+    (a kernel would store a per-page or per-head scale, as the int8 variant does)."""
+    global _E4M3_VALUES
+    if _E4M3_VALUES is None:  # the finite e4m3 values, sorted, with -inf / +inf beyond +-448
+        v = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        inf = torch.tensor([math.inf])
+        _E4M3_VALUES = torch.cat([-inf, torch.unique(v[torch.isfinite(v)]), inf])
+    t = _E4M3_VALUES.to(kmin.device)
+    lo = t[(torch.searchsorted(t, kmin.contiguous(), right=True) - 1).clamp(0, len(t) - 1)]
+    hi = t[torch.searchsorted(t, kmax.contiguous()).clamp(0, len(t) - 1)]
+    return lo, hi
+
+
+def int8_outward(kmin, kmax):
+    """kmin / kmax on a per-page scale (largest magnitude / 127, stored in fp16), rounded
+    outward to 8-bit integers (fp32 out)."""
+    big = torch.maximum(kmin.abs().amax(-1, keepdim=True), kmax.abs().amax(-1, keepdim=True))
+    scale = (big / 127).to(torch.float16).float()
+    scale = torch.where(scale * 127 < big, scale * (1 + 2 ** -10), scale).clamp_min(2 ** -24)  # cover big
+    return (torch.floor(kmin / scale).clamp(-127, 127) * scale,
+            torch.ceil(kmax / scale).clamp(-127, 127) * scale)
+
+
 def page_scores(scorer, q, k, P):
     """Scores of every page for each KV head's group; q (B, Hq, 1, D), k (B, Hkv, T, D)."""
     B, Hq, _, D = q.shape
@@ -77,6 +113,10 @@ def page_scores(scorer, q, k, P):
     qg = q.float().view(B, H, G, D)
     if scorer == "quest_sum":
         return ref.page_scores(q, ref.page_summaries(k, page_size=P), page_size=P)
+    if scorer in ("quest_sum_fp8", "quest_sum_int8"):
+        summ = ref.page_summaries(k, page_size=P).float()          # (B, H, n, 2, D), exact
+        kmin, kmax = (fp8_outward if scorer == "quest_sum_fp8" else int8_outward)(summ[..., 0, :], summ[..., 1, :])
+        return torch.maximum(qg[:, :, :, None] * kmin[:, :, None], qg[:, :, :, None] * kmax[:, :, None]).sum(-1).sum(2)
     kp, valid = _pages(k, P)
     big = torch.finfo(torch.float32).max
     vmask = valid.view(1, 1, *valid.shape, 1)
@@ -172,8 +212,9 @@ def fidelity_metrics(q, k, v, scorer, policy, scale=None):
             if sink <= bp < first_recent and scorer != "streaming":
                 cand = scores[b, h, sink:first_recent]
                 rank[b, h] = int((cand > cand[bp - sink]).sum())
+    page_bytes = META_BYTES.get(scorer, lambda d: 2 * d * 2)(D)
     return {"mass_recall": mass.mean(2), "top10_recall": top10_recall.mean(2), "rel_err": rel_err.mean(2),
-            "best_page_rank": rank, "metadata_bytes": B * H * meta_pages * 2 * D * 2}
+            "best_page_rank": rank, "metadata_bytes": B * H * meta_pages * page_bytes}
 
 
 # ----------------------------------------------------------------------------

@@ -19,7 +19,8 @@ def _inputs(T=640, seed=0):
     return fidelity.synthetic_layer(1, 8, 2, T, 128, seed=seed, device="cpu")
 
 
-@pytest.mark.parametrize("scorer", ["quest_sum", "centre_radius", "group_max", "mean_spread"])
+@pytest.mark.parametrize("scorer", ["quest_sum", "centre_radius", "group_max", "mean_spread", "quest_sum_fp8",
+                                    "quest_sum_int8"])
 def test_scores_are_finite_and_bounds_hold(scorer):
     q, k, _ = _inputs()
     P = 16
@@ -27,10 +28,25 @@ def test_scores_are_finite_and_bounds_hold(scorer):
     assert s.shape == (1, 2, 40) and torch.isfinite(s).all()
     qk = torch.einsum("bhgd,bhtd->bhgt", q.float().view(1, 2, 4, 128), k.float()).view(1, 2, 4, 40, P)
     per_head_max = qk.amax(-1)                                   # (1, 2, 4, n)
-    if scorer in ("quest_sum", "centre_radius"):                 # upper bounds on sum_j max_t q_j.k_t
+    if scorer in ("quest_sum", "centre_radius", "quest_sum_fp8", "quest_sum_int8"):  # bounds on sum_j max_t q_j.k_t
         assert (s + 1e-2 >= per_head_max.sum(2)).all()
     if scorer == "group_max":                                    # an upper bound on max_j max_t q_j.k_t
         assert (s + 1e-2 >= per_head_max.amax(2)).all()
+
+
+@pytest.mark.parametrize("scorer", ["quest_sum_fp8", "quest_sum_int8"])
+def test_quantized_summaries_round_outward(scorer):
+    """The quantized summaries contain the exact ones (min down, max up), so their bound is
+    never below the bf16 bound, and they stay close to it."""
+    q, k, _ = _inputs()
+    summ = fidelity.ref.page_summaries(k, page_size=8).float()
+    kmin, kmax = summ[..., 0, :], summ[..., 1, :]
+    lo, hi = (fidelity.fp8_outward if scorer == "quest_sum_fp8" else fidelity.int8_outward)(kmin, kmax)
+    assert (lo <= kmin).all() and (hi >= kmax).all()
+    exact = fidelity.page_scores("quest_sum", q, k, 8)
+    quant = fidelity.page_scores(scorer, q, k, 8)
+    assert (quant >= exact - 1e-3 * exact.abs()).all()
+    assert ((quant - exact) / exact.abs()).median() < 0.15
 
 
 def test_selection_keeps_the_budget_and_forced_pages():
