@@ -220,13 +220,21 @@ def fidelity_metrics(q, k, v, scorer, policy, scale=None):
 # ----------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------
-def synthetic_layer(B, Hq, H, T, D, seed, device, n_needles=4, strength=3.0):
+def synthetic_layer(B, Hq, H, T, D, seed, device, n_needles=4, strength=3.0, outlier_channels=0,
+                    outlier_scale=15.0):
     """Random q/k/v with n_needles keys per KV head aligned with the group's mean query,
-    at random depths outside the sink and recent windows."""
+    at random depths outside the sink and recent windows. With outlier_channels > 0, that
+    many key channels are scaled by outlier_scale and offset by it (the large, biased key
+    dimensions of real LLMs), and the queries use them 5x less; the needles are planted
+    after, along the group's mean query."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, 1, D, generator=g)
     k = torch.randn(B, H, T, D, generator=g)
     v = torch.randn(B, H, T, D, generator=g)
+    if outlier_channels > 0:
+        ch = torch.randperm(D, generator=g)[:outlier_channels]
+        k[..., ch] = k[..., ch] * outlier_scale + outlier_scale
+        q[..., ch] = q[..., ch] * 0.2
     qbar = q.view(B, H, Hq // H, D).mean(2)
     lo, hi = min(128, T // 4), max(T - 1024, T // 2)
     for b in range(B):
@@ -299,6 +307,9 @@ def main(argv=None):
     ap.add_argument("--strength", type=float, default=1.0,
                     help="synthetic: needle length in units of sqrt(D) (1.0: comparable to the largest "
                          "random coordinates, so page bounds must work to find them)")
+    ap.add_argument("--outlier-channels", type=int, default=0,
+                    help="synthetic: key channels made large and biased, as in real LLM keys")
+    ap.add_argument("--outlier-scale", type=float, default=15.0, help="synthetic: their scale and offset")
     ap.add_argument("--budgets", default="512,1024,2048,4096")
     ap.add_argument("--page-sizes", default="8,16,32")
     ap.add_argument("--scorers", default=",".join(SCORERS))
@@ -311,7 +322,8 @@ def main(argv=None):
     scorers = args.scorers.split(",")
     if args.synthetic:
         layers = [synthetic_layer(1, 32, 8, T, 128, seed=T, device=args.device, n_needles=args.needles,
-                                  strength=args.strength)
+                                  strength=args.strength, outlier_channels=args.outlier_channels,
+                                  outlier_scale=args.outlier_scale)
                   for T in (int(x) for x in args.T.split(","))]
         source = "synthetic"
     else:
@@ -330,6 +342,8 @@ def main(argv=None):
                  "inputs": (f"synthetic: torch.randn q/k/v (B=1, Hq=32, Hkv=8, D=128, bf16) with {args.needles} "
                             f"planted needle keys per KV head aligned with the group's mean query (length "
                             f"{args.strength} x sqrt(D)), at random depths"
+                            + (f"; {args.outlier_channels} key channels scaled and offset by {args.outlier_scale}"
+                               if args.outlier_channels else "")
                             if args.synthetic else f"captured: {args.captured}"),
                  "missing": "real-model capture and passkey retrieval (issue 4): no small causal LM with "
                             "weights in a registry package was found for this machine"}
