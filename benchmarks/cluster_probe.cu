@@ -49,6 +49,26 @@ __global__ void probe_kernel(long long* cycles, int n) {
   }
 }
 
+// A launch configuration with clusters of `cluster` CTAs along x; cfg points into attr,
+// so the object is not copied.
+struct ClusterLaunch {
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  ClusterLaunch(int cluster, int grid, int threads, size_t smem) {
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
 int main() {
   int dev = 0, sms = 0, clock_khz = 0;
   CHECK(cudaGetDevice(&dev));
@@ -65,19 +85,9 @@ int main() {
   for (int c = 2; c <= 16; c *= 2) {
     std::printf("  cluster %2d:", c);
     for (int kb : smem_kb) {
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(c * 64);
-      cfg.blockDim = dim3(256);
-      cfg.dynamicSmemBytes = size_t(kb) * 1024;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = c;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
+      ClusterLaunch launch(c, c * 64, 256, size_t(kb) * 1024);
       int n = -1;
-      cudaError_t e = cudaOccupancyMaxActiveClusters(&n, empty_kernel, &cfg);
+      cudaError_t e = cudaOccupancyMaxActiveClusters(&n, empty_kernel, &launch.cfg);
       if (e != cudaSuccess) {
         cudaGetLastError();
         std::printf("  %3d KB: -", kb);
@@ -92,19 +102,10 @@ int main() {
   CHECK(cudaFuncSetAttribute(probe_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   for (int c = 2; c <= 16; c *= 2) {
     for (int threads : {256, 1024}) {
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(c);
-      cfg.blockDim = dim3(threads);
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = c;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
+      ClusterLaunch launch(c, c, threads, 0);
       const int n = 2000;
-      CHECK(cudaLaunchKernelEx(&cfg, probe_kernel, d_cycles, n));  // warm-up
-      CHECK(cudaLaunchKernelEx(&cfg, probe_kernel, d_cycles, n));
+      CHECK(cudaLaunchKernelEx(&launch.cfg, probe_kernel, d_cycles, n));  // warm-up
+      CHECK(cudaLaunchKernelEx(&launch.cfg, probe_kernel, d_cycles, n));
       CHECK(cudaDeviceSynchronize());
       long long h[2 * 16];
       CHECK(cudaMemcpy(h, d_cycles, sizeof(long long) * 2 * c, cudaMemcpyDeviceToHost));

@@ -221,6 +221,19 @@ def assert_same_contents(a, b):
         assert torch.equal(a.superpage_summaries, b.superpage_summaries)
 
 
+def check_against_reference(cache, q, got, pages, pol):
+    """The cache's selected pages follow the reference's rules and `got` (a step's output)
+    matches the fp32 reference over them; positions past each length are zeroed first."""
+    from test_gpu import check_output, check_selection, mask_from_pages
+
+    kk, vv = cache.k.clone(), cache.v.clone()
+    for b, L in enumerate(cache.seqlens.tolist()):
+        kk[b, :, L:] = 0
+        vv[b, :, L:] = 0
+    check_selection(pages, q, kk, pol, lens=cache.seqlens, summaries=cache.summaries)
+    check_output(got, q, kk, vv, mask_from_pages(pages, cache.max_seq_len, pol.page_size, cache.seqlens))
+
+
 STEP_CASES = {
     # selecting, the usual case: the new token's page is always in the recent window
     "select": dict(policy=hydra.HydraPolicy(page_size=16, budget_tokens=128, sink_tokens=16, recent_tokens=32)),
@@ -265,19 +278,12 @@ def test_step_equals_append_then_attend(case):
     assert_same_contents(fused, plain)
     assert_summaries_exact(fused)
     if pol is not None:  # and against the fp32 reference, on the last step
-        from test_gpu import check_output, check_selection, mask_from_pages
-
         pages = hydra.select_pages(q, fused.k, policy=pol, cache_seqlens=fused.seqlens,
                                    page_summaries=fused.summaries, superpage_summaries=fused.superpage_summaries)
         assert torch.equal(pages, ref.select_pages(q, fused.k, policy=pol, cache_seqlens=fused.seqlens,
                                                    page_summaries=fused.summaries,
                                                    superpage_summaries=fused.superpage_summaries))
-        kk, vv = fused.k.clone(), fused.v.clone()
-        for b, L in enumerate(fused.seqlens.tolist()):
-            kk[b, :, L:] = 0
-            vv[b, :, L:] = 0
-        check_selection(pages, q, kk, pol, lens=fused.seqlens, summaries=fused.summaries)
-        check_output(got, q, kk, vv, mask_from_pages(pages, fused.max_seq_len, pol.page_size, fused.seqlens))
+        check_against_reference(fused, q, got, pages, pol)
 
 
 @pytest.mark.gpu
@@ -311,15 +317,8 @@ def test_step_through_the_cluster_selection(recent):
     assert torch.equal(fused.seqlens, lens + steps)
     assert_same_contents(fused, plain)
     assert_summaries_exact(fused)
-    from test_gpu import check_output, check_selection, mask_from_pages
-
     pages = hydra.select_pages(q, fused.k, policy=pol, cache_seqlens=fused.seqlens, page_summaries=fused.summaries)
-    kk, vv = fused.k.clone(), fused.v.clone()
-    for b, L in enumerate(fused.seqlens.tolist()):
-        kk[b, :, L:] = 0
-        vv[b, :, L:] = 0
-    check_selection(pages, q, kk, pol, lens=fused.seqlens, summaries=fused.summaries)
-    check_output(got, q, kk, vv, mask_from_pages(pages, fused.max_seq_len, pol.page_size, fused.seqlens))
+    check_against_reference(fused, q, got, pages, pol)
 
 
 @pytest.mark.gpu
