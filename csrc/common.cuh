@@ -59,6 +59,117 @@ __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
 
 __device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
+// 8-bit page summaries (fp8 e4m3, OCP "fn" variant: no infinities, largest finite 448),
+// rounded outward so the Quest bound still holds: a page minimum is stored as the largest
+// e4m3 value <= it, a maximum as the smallest e4m3 value >= it. Codes are sign-magnitude
+// bytes; magnitudes 0..126 are finite (127 is NaN and never written).
+// Saturation: a minimum below -448 is stored as -448 and a maximum above 448 as 448, and
+// the scorer reads those two codes (-448 as a minimum, 448 as a maximum) as -/+2^64, so a
+// key outside the range still gets a valid bound (its page just scores high).
+constexpr float kE4m3Saturated = 18446744073709551616.0f;  // 2^64
+
+// Largest magnitude code whose value is <= a (a >= 0), at most 126.
+__device__ __forceinline__ uint32_t e4m3_mag_floor(float a) {
+  if (!(a > 0.f)) return 0u;
+  if (a < 0.015625f) return static_cast<uint32_t>(floorf(a * 512.f));  // subnormals: m * 2^-9
+  const uint32_t u = __float_as_uint(a);
+  const int e = int((u >> 23) & 0xffu) - 127 + 7;  // e4m3 biased exponent, >= 1 here
+  if (e > 15) return 126u;
+  const uint32_t m = (uint32_t(e) << 3) | ((u >> 20) & 7u);
+  return m > 126u ? 126u : m;
+}
+// Smallest magnitude code whose value is >= a (a >= 0); 127 when a > 448.
+__device__ __forceinline__ uint32_t e4m3_mag_ceil(float a) {
+  if (!(a > 0.f)) return 0u;
+  if (a < 0.015625f) return static_cast<uint32_t>(ceilf(a * 512.f));  // 8 is 2^-6, the first normal
+  const uint32_t u = __float_as_uint(a);
+  const int e = int((u >> 23) & 0xffu) - 127 + 7;
+  if (e > 15) return 127u;
+  uint32_t m = (uint32_t(e) << 3) | ((u >> 20) & 7u);
+  if (u & 0xfffffu) ++m;  // bits below e4m3's 3 mantissa bits: round up (carries into the exponent)
+  return m > 127u ? 127u : m;
+}
+// x rounded down (a page minimum) / up (a page maximum) to an e4m3 code.
+__device__ __forceinline__ uint32_t e4m3_down(float x) {
+  if (x >= 0.f) return e4m3_mag_floor(x);
+  const uint32_t m = e4m3_mag_ceil(-x);
+  return 0x80u | (m > 126u ? 126u : m);
+}
+__device__ __forceinline__ uint32_t e4m3_up(float x) {
+  if (x >= 0.f) { const uint32_t m = e4m3_mag_ceil(x); return m > 126u ? 126u : m; }
+  const uint32_t m = e4m3_mag_floor(-x);
+  return m == 0u ? 0u : (0x80u | m);
+}
+// Four e4m3 codes (bytes of w, lowest first) -> fp32 values, exactly.
+__device__ __forceinline__ void e4m3x4_to_float(uint32_t w, float* f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint32_t h01, h23;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h01) : "h"(static_cast<unsigned short>(w & 0xffffu)));
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h23) : "h"(static_cast<unsigned short>(w >> 16)));
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&h01));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&h23));
+  f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y;
+#else
+  // Byte b -> fp16 bits (sign, then the 7 magnitude bits one place below fp16's exponent
+  // field): the fp16 value is the e4m3 value / 256 (biases 15 and 7), normals and
+  // subnormals alike.
+  const uint32_t lo = __byte_perm(w, 0u, 0x1404), hi = __byte_perm(w, 0u, 0x3424);
+  const uint32_t h01 = (lo & 0x80008000u) | ((lo & 0x7f007f00u) >> 1);
+  const uint32_t h23 = (hi & 0x80008000u) | ((hi & 0x7f007f00u) >> 1);
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&h01));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&h23));
+  f[0] = a.x * 256.f; f[1] = a.y * 256.f; f[2] = b.x * 256.f; f[3] = b.y * 256.f;
+#endif
+}
+// Eight codes of a page minimum (IS_MAX false) or maximum, as the scorer reads them.
+template <bool IS_MAX>
+__device__ __forceinline__ void unpack8_e4m3(const uint2& u, float (&f)[8]) {
+  e4m3x4_to_float(u.x, f);
+  e4m3x4_to_float(u.y, f + 4);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    if (IS_MAX) f[i] = f[i] == 448.f ? kE4m3Saturated : f[i];
+    else f[i] = f[i] == -448.f ? -kE4m3Saturated : f[i];
+  }
+}
+// Eight floats -> eight codes rounded down (minima) or up (maxima).
+template <bool UP>
+__device__ __forceinline__ uint2 pack8_e4m3(const float (&f)[8]) {
+  uint32_t c[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) c[i] = UP ? e4m3_up(f[i]) : e4m3_down(f[i]);
+  return make_uint2(c[0] | (c[1] << 8) | (c[2] << 16) | (c[3] << 24), c[4] | (c[5] << 8) | (c[6] << 16) | (c[7] << 24));
+}
+// A summary row of 8 dims (min and max) as fp32, from 16-bit values (E) or e4m3 codes.
+// `smem` rows are D elements apart (min row, then max row).
+template <typename E, bool FP8>
+__device__ __forceinline__ void load_summary8(const void* row, int D, float (&mn)[8], float (&mx)[8]) {
+  if constexpr (FP8) {
+    const uint8_t* r = reinterpret_cast<const uint8_t*>(row);
+    unpack8_e4m3<false>(*reinterpret_cast<const uint2*>(r), mn);
+    unpack8_e4m3<true>(*reinterpret_cast<const uint2*>(r + D), mx);
+  } else {
+    const bf16_t* r = reinterpret_cast<const bf16_t*>(row);
+    unpack8<E>(*reinterpret_cast<const uint4*>(r), mn);
+    unpack8<E>(*reinterpret_cast<const uint4*>(r + D), mx);
+  }
+}
+// Store 8 dims of a summary (min row, then max row D elements later): 16-bit values
+// (exact: min/max of bf16 values are bf16 values) or e4m3 codes rounded outward.
+template <typename E, bool FP8>
+__device__ __forceinline__ void store_summary8(void* row, int D, const float (&mn)[8], const float (&mx)[8]) {
+  if constexpr (FP8) {
+    uint8_t* r = reinterpret_cast<uint8_t*>(row);
+    *reinterpret_cast<uint2*>(r) = pack8_e4m3<false>(mn);
+    *reinterpret_cast<uint2*>(r + D) = pack8_e4m3<true>(mx);
+  } else {
+    bf16_t* r = reinterpret_cast<bf16_t*>(row);
+    *reinterpret_cast<uint4*>(r) = pack8<E>(mn);
+    *reinterpret_cast<uint4*>(r + D) = pack8<E>(mx);
+  }
+}
+
+
 // 16-byte asynchronous copy global -> shared; src_bytes == 0 zero-fills and reads nothing.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
   uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));

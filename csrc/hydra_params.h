@@ -12,6 +12,15 @@ using bf16_t = uint16_t;  // 16-bit element bits (bf16 or fp16, per the params' 
 constexpr int kDtypeBf16 = 0;
 constexpr int kDtypeF16 = 1;
 
+// How page summaries are stored. fp8 == 0: in the keys' 16-bit type, exact. fp8 == 1:
+// e4m3 codes of (key * scale), rounded outward (common.cuh); the summary tensor is then
+// bytes, and its strides count bytes. scale is a power of two: the same for every page of
+// a row, it changes no ranking, and it keeps large keys inside e4m3's +-448.
+struct SummaryFormat {
+  int fp8 = 0;
+  float scale = 1.f;
+};
+
 // page_summaries: min/max of the keys over each page's valid tokens.
 struct SummaryParams {
   int dtype;             // kDtypeBf16 or kDtypeF16 (every 16-bit tensor of the call)
@@ -22,6 +31,7 @@ struct SummaryParams {
   bf16_t* out;           // [B, Hkv, n_pages, 2, D]: min row then max row; pages past L: +inf / -inf
   int64_t o_batch_stride, o_head_stride, o_page_stride;  // the (2, D) block is contiguous
   int B, Hkv, Tkv, D, n_pages, page_size;
+  SummaryFormat fmt;     // 16-bit (k's type) or e4m3 codes of k * scale (out is then bytes)
 };
 
 // HydraKVCache writes (prefill and append).
@@ -35,8 +45,9 @@ struct CacheWriteParams {
   bf16_t* v_cache;       // [B, Hkv, max_seq_len, D]
   int64_t kc_batch_stride, kc_head_stride, kc_row_stride;
   int64_t vc_batch_stride, vc_head_stride, vc_row_stride;
-  bf16_t* summaries;     // [B, Hkv, max_pages, 2, D]: min row then max row
+  bf16_t* summaries;     // [B, Hkv, max_pages, 2, D]: min row then max row (bytes when fmt.fp8)
   int64_t s_batch_stride, s_head_stride, s_page_stride;
+  SummaryFormat fmt;     // of summaries and super_summaries
   bf16_t* super_summaries;  // [B, Hkv, max_super, 2, D] superpage min/max, or nullptr
   int64_t ss_batch_stride, ss_head_stride, ss_page_stride;
   int superpage;         // fine pages per superpage (when super_summaries is set)
@@ -60,6 +71,7 @@ struct ScoreParams {
   int64_t q_batch_stride, q_head_stride;
   const bf16_t* summaries;  // [B, Hkv, >= n_pages, 2, D], or nullptr: score straight from k
   int64_t s_batch_stride, s_head_stride, s_page_stride;
+  SummaryFormat fmt;     // of summaries (and of the fused append's writes)
   const bf16_t* k;       // [B, Hkv, Tkv, D] (read only when summaries == nullptr)
   int64_t k_batch_stride, k_head_stride, k_row_stride;
   const int* seqlens;    // [B] or nullptr

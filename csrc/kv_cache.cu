@@ -11,7 +11,7 @@ constexpr int kCacheThreads = 128;
 // Grid (ceil(max_pages / pages_per_cta), Hkv, B): D/8 threads per page, one
 // 16-byte vector per token each. Covers every page of the cache, so pages past
 // the new length are reset to the empty summary (+inf / -inf).
-template <int D, typename E>
+template <int D, typename E, bool FP8>
 __global__ void __launch_bounds__(kCacheThreads) cache_prefill_kernel(CacheWriteParams p) {
   constexpr int kThreadsPerPage = D / 8;
   constexpr int kPagesPerCta = kCacheThreads / kThreadsPerPage;
@@ -41,14 +41,19 @@ __global__ void __launch_bounds__(kCacheThreads) cache_prefill_kernel(CacheWrite
 #pragma unroll
     for (int i = 0; i < 8; ++i) { mn[i] = fminf(mn[i], f[i]); mx[i] = fmaxf(mx[i], f[i]); }
   }
-  bf16_t* s = p.summaries + b * p.s_batch_stride + h * p.s_head_stride + page * p.s_page_stride + d0;
-  *reinterpret_cast<uint4*>(s) = pack8<E>(mn);
-  *reinterpret_cast<uint4*>(s + D) = pack8<E>(mx);
+  const int64_t at = b * p.s_batch_stride + h * p.s_head_stride + page * p.s_page_stride + d0;
+  if constexpr (FP8) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) { mn[i] *= p.fmt.scale; mx[i] *= p.fmt.scale; }
+    store_summary8<E, true>(reinterpret_cast<uint8_t*>(p.summaries) + at, D, mn, mx);
+  } else {
+    store_summary8<E, false>(p.summaries + at, D, mn, mx);
+  }
 }
 
 // Grid (B): one CTA per sequence handles every KV head, so the length it reads at
 // the start and advances at the end is not raced by another CTA.
-template <int D, typename E>
+template <int D, typename E, bool FP8>
 __global__ void __launch_bounds__(kCacheThreads) cache_append_kernel(CacheWriteParams p) {
   constexpr int kChunks = D / 8;  // 16-byte vectors per row
   const int b = blockIdx.x, tid = threadIdx.x;
@@ -84,20 +89,23 @@ __global__ void __launch_bounds__(kCacheThreads) cache_append_kernel(CacheWriteP
       const int c = idx % kChunks, pair = idx / kChunks;
       const int h = pair / n_pg, page = p0 + pair % n_pg;
       const int d0 = c * 8;
-      bf16_t* s = base + b * sb + h * sh + page * sp + d0;
+      // Element offset; e4m3 summaries are bytes, so the same offset addresses them.
+      const int64_t at = b * sb + h * sh + page * sp + d0;
+      void* s = FP8 ? static_cast<void*>(reinterpret_cast<uint8_t*>(base) + at) : static_cast<void*>(base + at);
       float mn[8], mx[8];
-      unpack8<E>(*reinterpret_cast<const uint4*>(s), mn);
-      unpack8<E>(*reinterpret_cast<const uint4*>(s + D), mx);
+      load_summary8<E, FP8>(s, D, mn, mx);
       const int t0 = max(page * span, L), t1 = min(page * span + span, L + cnt);
       const bf16_t* ks = p.k_src + b * p.ks_batch_stride + h * p.ks_head_stride + d0;
+      const float scale = FP8 ? p.fmt.scale : 1.f;
       for (int t = t0; t < t1; ++t) {
         float f[8];
         unpack8<E>(ldg16(ks + (int64_t)(t - L) * p.ks_row_stride), f);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
+        for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e] * scale); mx[e] = fmaxf(mx[e], f[e] * scale); }
       }
-      *reinterpret_cast<uint4*>(s) = pack8<E>(mn);
-      *reinterpret_cast<uint4*>(s + D) = pack8<E>(mx);
+      // e4m3: rounding outward after the fold equals folding the rounded key into the
+      // stored (already rounded) bound, so appends in any grouping give the same codes.
+      store_summary8<E, FP8>(s, D, mn, mx);
     }
   }
   __syncthreads();  // every thread has read L
@@ -108,14 +116,20 @@ void launch_cache_prefill(const CacheWriteParams& p, cudaStream_t stream) {
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
     constexpr int kPagesPerCta = kCacheThreads / (kD / 8);
     dim3 grid((p.max_pages + kPagesPerCta - 1) / kPagesPerCta, p.Hkv, p.B);
-    HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] { cache_prefill_kernel<kD, E><<<grid, kCacheThreads, 0, stream>>>(p); });
+    HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
+      if (p.fmt.fp8) cache_prefill_kernel<kD, E, true><<<grid, kCacheThreads, 0, stream>>>(p);
+      else cache_prefill_kernel<kD, E, false><<<grid, kCacheThreads, 0, stream>>>(p);
+    });
     check_launch("cache_prefill_kernel");
   });
 }
 
 void launch_cache_append(const CacheWriteParams& p, cudaStream_t stream) {
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
-    HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] { cache_append_kernel<kD, E><<<p.B, kCacheThreads, 0, stream>>>(p); });
+    HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
+      if (p.fmt.fp8) cache_append_kernel<kD, E, true><<<p.B, kCacheThreads, 0, stream>>>(p);
+      else cache_append_kernel<kD, E, false><<<p.B, kCacheThreads, 0, stream>>>(p);
+    });
     check_launch("cache_append_kernel");
   });
 }

@@ -7,7 +7,7 @@ constexpr int kSummaryThreads = 128;
 
 // Grid (ceil(n_pages / pages_per_cta), Hkv, B). D/8 threads cover one page's
 // D dims with one 16-byte load per token each; a CTA works on 128/(D/8) pages.
-template <int D, typename E>
+template <int D, typename E, bool FP8>
 __global__ void __launch_bounds__(kSummaryThreads) page_summaries_kernel(SummaryParams p) {
   constexpr int kThreadsPerPage = D / 8;
   constexpr int kPagesPerCta = kSummaryThreads / kThreadsPerPage;
@@ -33,17 +33,24 @@ __global__ void __launch_bounds__(kSummaryThreads) page_summaries_kernel(Summary
 #pragma unroll
     for (int i = 0; i < 8; ++i) { mn[i] = fminf(mn[i], f[i]); mx[i] = fmaxf(mx[i], f[i]); }
   }
-  bf16_t* out = p.out + b * p.o_batch_stride + h * p.o_head_stride + page * p.o_page_stride + d0;
-  // min and max of bf16 (fp16) values are bf16 (fp16) values, so this packing is exact.
-  *reinterpret_cast<uint4*>(out) = pack8<E>(mn);
-  *reinterpret_cast<uint4*>(out + D) = pack8<E>(mx);
+  const int64_t at = b * p.o_batch_stride + h * p.o_head_stride + page * p.o_page_stride + d0;
+  if constexpr (FP8) {  // codes of k * scale (a power of two: exact), rounded outward
+#pragma unroll
+    for (int i = 0; i < 8; ++i) { mn[i] *= p.fmt.scale; mx[i] *= p.fmt.scale; }
+    store_summary8<E, true>(reinterpret_cast<uint8_t*>(p.out) + at, D, mn, mx);
+  } else {  // min and max of bf16 (fp16) values are bf16 (fp16) values: exact
+    store_summary8<E, false>(p.out + at, D, mn, mx);
+  }
 }
 
 void launch_page_summaries(const SummaryParams& p, cudaStream_t stream) {
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
     constexpr int kPagesPerCta = kSummaryThreads / (kD / 8);
     dim3 grid((p.n_pages + kPagesPerCta - 1) / kPagesPerCta, p.Hkv, p.B);
-    HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] { page_summaries_kernel<kD, E><<<grid, kSummaryThreads, 0, stream>>>(p); });
+    HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
+      if (p.fmt.fp8) page_summaries_kernel<kD, E, true><<<grid, kSummaryThreads, 0, stream>>>(p);
+      else page_summaries_kernel<kD, E, false><<<grid, kSummaryThreads, 0, stream>>>(p);
+    });
     check_launch("page_summaries_kernel");
   });
 }

@@ -25,7 +25,8 @@ struct ScoreShape {
 
 // Grid (ceil(n_pages / kPagesPerCta), Hkv, B). FROM_K: summaries are built on the
 // fly from the keys (the stateless path), in registers, never written out.
-template <int D, bool FROM_K, typename E>
+// FP8: the summaries are e4m3 codes (SummaryFormat), read 8 bytes a thread.
+template <int D, bool FROM_K, typename E, bool FP8 = false>
 __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams p) {
   using S = ScoreShape<D>;
   const int b = blockIdx.z, h = blockIdx.y;
@@ -36,7 +37,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
   // memory round trips overlaps the scoring instead of trailing it.
   const bool with_append = p.append.k_src != nullptr;
   if (with_append && blockIdx.x == 0) {
-    if (threadIdx.x < 32) append_one_token<E>(p.append, L_raw, b, h, threadIdx.x);
+    if (threadIdx.x < 32) append_one_token<E, FP8>(p.append, L_raw, b, h, threadIdx.x);
     return;
   }
   const int cta = blockIdx.x - (with_append ? 1 : 0);  // this CTA's share of the scoring
@@ -62,7 +63,13 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
   const int d0 = lane * 8;
   float* scores = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
   if constexpr (!FROM_K) {
-    const bf16_t* s = p.summaries + b * p.s_batch_stride + h * p.s_head_stride + d0;
+    // Element offsets; e4m3 summaries are bytes, so the same offsets address them.
+    const int64_t s_row = b * p.s_batch_stride + h * p.s_head_stride + d0;
+    auto summary_at = [&](int page) -> const void* {
+      const int64_t at = s_row + (int64_t)page * p.s_page_stride;
+      return FP8 ? static_cast<const void*>(reinterpret_cast<const uint8_t*>(p.summaries) + at)
+                 : static_cast<const void*>(p.summaries + at);
+    };
     const int* sl = stage2 ? p.shortlist + ((int64_t)b * p.Hkv + h) * p.n_short : nullptr;
     // Slot x of this CTA's index space -> the page (or superpage) it scores, -1 if none.
     auto page_of = [&](int x) -> int {
@@ -81,8 +88,16 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
       const int page = page_of(page0 + i * S::kPagesPerPass + grp);
       pages[i] = page;
       if (page >= 0) {
-        mn[i] = ldg16(s + page * p.s_page_stride);
-        mx[i] = ldg16(s + page * p.s_page_stride + D);
+        const void* row = summary_at(page);
+        if constexpr (FP8) {
+          const uint2 a = __ldg(reinterpret_cast<const uint2*>(row));
+          const uint2 c = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(row) + D));
+          mn[i] = make_uint4(a.x, a.y, 0, 0);
+          mx[i] = make_uint4(c.x, c.y, 0, 0);
+        } else {
+          mn[i] = ldg16(row);
+          mx[i] = ldg16(static_cast<const bf16_t*>(row) + D);
+        }
       } else {
         mn[i] = make_uint4(0, 0, 0, 0);
         mx[i] = mn[i];
@@ -100,13 +115,27 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
 #pragma unroll
     for (int i = 0; i < kScorePasses; ++i) {
       float fmn[8], fmx[8];
-      unpack8<E>(mn[i], fmn);
-      unpack8<E>(mx[i], fmx);
+      if constexpr (FP8) {
+        unpack8_e4m3<false>(make_uint2(mn[i].x, mn[i].y), fmn);
+        unpack8_e4m3<true>(make_uint2(mx[i].x, mx[i].y), fmx);
+      } else {
+        unpack8<E>(mn[i], fmn);
+        unpack8<E>(mx[i], fmx);
+      }
       if (pages[i] >= 0 && pages[i] == append_page) {
-        float f[8];
+        float f[8], lo[8], hi[8];
         unpack8<E>(ldg16(p.k_new + b * p.kn_batch_stride + h * p.kn_head_stride + d0), f);
+        if constexpr (FP8) {  // the key as the append stores it: scaled, rounded outward
 #pragma unroll
-        for (int d = 0; d < 8; ++d) { fmn[d] = fminf(fmn[d], f[d]); fmx[d] = fmaxf(fmx[d], f[d]); }
+          for (int d = 0; d < 8; ++d) f[d] *= p.fmt.scale;
+          unpack8_e4m3<false>(pack8_e4m3<false>(f), lo);
+          unpack8_e4m3<true>(pack8_e4m3<true>(f), hi);
+        } else {
+#pragma unroll
+          for (int d = 0; d < 8; ++d) { lo[d] = f[d]; hi[d] = f[d]; }
+        }
+#pragma unroll
+        for (int d = 0; d < 8; ++d) { fmn[d] = fminf(fmn[d], lo[d]); fmx[d] = fmaxf(fmx[d], hi[d]); }
       }
       float acc = 0.f;
 #pragma unroll
@@ -156,13 +185,16 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
     HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
       constexpr int kPagesPerCta = ScoreShape<kD>::kPagesPerCta;
       dim3 grid((p.n_pages + kPagesPerCta - 1) / kPagesPerCta + (p.append.k_src != nullptr ? 1 : 0), p.Hkv, p.B);
-      auto kernel = p.summaries != nullptr ? score_pages_kernel<kD, false, E> : score_pages_kernel<kD, true, E>;
+      auto kernel = p.summaries == nullptr ? score_pages_kernel<kD, true, E>
+                    : p.fmt.fp8            ? score_pages_kernel<kD, false, E, true>
+                                           : score_pages_kernel<kD, false, E>;
       static bool configured[64] = {};
       int dev = 0;
       cudaGetDevice(&dev);
       if (dev < 0 || dev >= 64 || !configured[dev]) {
         prefer_max_shared(score_pages_kernel<kD, false, E>);
         prefer_max_shared(score_pages_kernel<kD, true, E>);
+        prefer_max_shared(score_pages_kernel<kD, false, E, true>);
         if (dev >= 0 && dev < 64) configured[dev] = true;
       }
       launch_maybe_pdl(kernel, grid, dim3(kScoreThreads), 0, stream, p);

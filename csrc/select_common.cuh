@@ -45,26 +45,32 @@ __device__ __forceinline__ void group_query_bounds(const ScoreParams& p, int b, 
 // min/max folding is idempotent and each bf16 pair is read whole (32-bit accesses
 // are single-copy atomic), so the score is the same whether it saw the old or the
 // new summary.
+// e4m3 summaries fold per byte, and each dim's result is the same whether the old or
+// the new code was read (see kv_cache.cu), so byte-wise atomicity is enough there.
 // Write a summary's 8 dims at d0 with key chunk kv folded in; `fresh`: the summary
-// starts at this key (its first token), whatever it held.
-template <typename E>
-__device__ __forceinline__ void fold_key(bf16_t* sm, int D, int d0, const uint4& kv, bool fresh) {
-  uint4 mn4 = kv, mx4 = kv;
-  if (!fresh) {
-    float f[8], mn[8], mx[8];
-    unpack8<E>(kv, f);
-    unpack8<E>(*reinterpret_cast<const uint4*>(sm + d0), mn);
-    unpack8<E>(*reinterpret_cast<const uint4*>(sm + D + d0), mx);
+// starts at this key (its first token), whatever it held. `sm` points at the page's
+// (2, D) block; e4m3 summaries hold codes of key * fmt.scale.
+template <typename E, bool FP8>
+__device__ __forceinline__ void fold_key(void* sm, int D, int d0, const uint4& kv, bool fresh, float scale) {
+  float f[8], mn[8], mx[8];
+  unpack8<E>(kv, f);
+  void* row = FP8 ? static_cast<void*>(static_cast<uint8_t*>(sm) + d0) : static_cast<void*>(static_cast<bf16_t*>(sm) + d0);
+  if (fresh) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) { mn[e] = fminf(mn[e], f[e]); mx[e] = fmaxf(mx[e], f[e]); }
-    mn4 = pack8<E>(mn);
-    mx4 = pack8<E>(mx);
+    for (int e = 0; e < 8; ++e) { mn[e] = f[e] * (FP8 ? scale : 1.f); mx[e] = mn[e]; }
+  } else {
+    load_summary8<E, FP8>(row, D, mn, mx);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const float x = f[e] * (FP8 ? scale : 1.f);
+      mn[e] = fminf(mn[e], x);
+      mx[e] = fmaxf(mx[e], x);
+    }
   }
-  *reinterpret_cast<uint4*>(sm + d0) = mn4;
-  *reinterpret_cast<uint4*>(sm + D + d0) = mx4;
+  store_summary8<E, FP8>(row, D, mn, mx);
 }
 
-template <typename E>
+template <typename E, bool FP8>
 __device__ __forceinline__ void append_one_token(const CacheWriteParams& p, int L_old, int b, int h, int lane) {
   if (L_old >= 0 && L_old < p.max_seq_len) {
     const int span = p.page_size * (p.super_summaries != nullptr ? p.superpage : 1);
@@ -72,16 +78,21 @@ __device__ __forceinline__ void append_one_token(const CacheWriteParams& p, int 
     const bf16_t* vs = p.v_src + b * p.vs_batch_stride + h * p.vs_head_stride;
     bf16_t* kc = p.k_cache + b * p.kc_batch_stride + h * p.kc_head_stride + (int64_t)L_old * p.kc_row_stride;
     bf16_t* vc = p.v_cache + b * p.vc_batch_stride + h * p.vc_head_stride + (int64_t)L_old * p.vc_row_stride;
-    bf16_t* sm = p.summaries + b * p.s_batch_stride + h * p.s_head_stride +
-                 (int64_t)(L_old / p.page_size) * p.s_page_stride;
-    bf16_t* ss = p.super_summaries == nullptr ? nullptr
-                 : p.super_summaries + b * p.ss_batch_stride + h * p.ss_head_stride + (int64_t)(L_old / span) * p.ss_page_stride;
+    // Element offsets (bytes for e4m3 summaries).
+    const int64_t at_sm = b * p.s_batch_stride + h * p.s_head_stride + (int64_t)(L_old / p.page_size) * p.s_page_stride;
+    const int64_t at_ss = b * p.ss_batch_stride + h * p.ss_head_stride + (int64_t)(L_old / span) * p.ss_page_stride;
+    auto addr = [](bf16_t* base, int64_t at) -> void* {
+      if (base == nullptr) return nullptr;
+      return FP8 ? static_cast<void*>(reinterpret_cast<uint8_t*>(base) + at) : static_cast<void*>(base + at);
+    };
+    void* sm = addr(p.summaries, at_sm);
+    void* ss = addr(p.super_summaries, at_ss);
     for (int d0 = lane * 8; d0 < p.D; d0 += 32 * 8) {
       const uint4 kv = ldg16(ks + d0);
       *reinterpret_cast<uint4*>(kc + d0) = kv;
       *reinterpret_cast<uint4*>(vc + d0) = ldg16(vs + d0);
-      fold_key<E>(sm, p.D, d0, kv, L_old % p.page_size == 0);    // a new page starts at this key
-      if (ss != nullptr) fold_key<E>(ss, p.D, d0, kv, L_old % span == 0);  // and its superpage
+      fold_key<E, FP8>(sm, p.D, d0, kv, L_old % p.page_size == 0, p.fmt.scale);  // a new page starts at this key
+      if (ss != nullptr) fold_key<E, FP8>(ss, p.D, d0, kv, L_old % span == 0, p.fmt.scale);  // and its superpage
     }
   } else if (h == 0 && lane == 0 && L_old >= p.max_seq_len) {
     atomicExch(p.overflow, 1);  // the token is dropped; check_overflow() reports it

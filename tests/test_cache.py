@@ -24,16 +24,21 @@ def assert_summaries_exact(cache):
     """The cache's summaries equal page_summaries recomputed from its K and lengths
     (an empty sequence: every page +inf / -inf)."""
     P = cache.policy.page_size
+    fp8 = cache.summaries.dtype == torch.float8_e4m3fn
+    bits = (lambda t: t.view(torch.uint8)) if fp8 else (lambda t: t)  # e4m3: compare the codes
+    empty = 448.0 if fp8 else float("inf")
     for b, L in enumerate(cache.seqlens.tolist()):
         got = cache.summaries[b:b + 1]
         if L == 0:
-            assert torch.all(got[..., 0, :] == float("inf")) and torch.all(got[..., 1, :] == float("-inf"))
+            assert torch.all(got[..., 0, :].float() == empty) and torch.all(got[..., 1, :].float() == -empty)
             continue
-        want = ref.page_summaries(cache.k[b:b + 1], page_size=P, cache_seqlens=cache.seqlens[b:b + 1])
-        assert torch.equal(got, want), f"sequence {b}: incremental summaries differ from a recomputation"
+        want = ref.page_summaries(cache.k[b:b + 1], page_size=P, cache_seqlens=cache.seqlens[b:b + 1],
+                                  dtype=cache.summaries.dtype, scale=cache.summary_scale)
+        assert torch.equal(bits(got), bits(want)), f"sequence {b}: incremental summaries differ from a recomputation"
     if cache.superpage_summaries is not None:
         want = ref.superpage_summaries(cache.summaries, cache.policy.superpage)
-        assert torch.equal(cache.superpage_summaries, want), "superpage summaries differ from a recomputation"
+        assert torch.equal(bits(cache.superpage_summaries), bits(want)), \
+            "superpage summaries differ from a recomputation"
 
 
 def test_constructor_errors():
@@ -77,10 +82,14 @@ def test_prefill_then_appends_match_recomputation(P):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("summary_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("superpage", [0, 4])
-def test_ragged_multi_token_appends(superpage):
+def test_ragged_multi_token_appends(superpage, summary_dtype):
     B, H, D = 3, 2, 128
-    cache = hydra.HydraKVCache(B, H, D, 200, device=DEV, policy=hydra.HydraPolicy(superpage=superpage))
+    pol = hydra.HydraPolicy(superpage=superpage, summary_dtype=summary_dtype, summary_scale=0.25)
+    cache = hydra.HydraKVCache(B, H, D, 200, device=DEV, policy=pol)
+    if summary_dtype == "fp8_e4m3":
+        assert cache.summaries.dtype == torch.float8_e4m3fn
     assert (cache.superpage_summaries is not None) == (superpage > 0)
     cache.prefill(rand(B, H, 30, D, seed=3), rand(B, H, 30, D, seed=4))
     expect = torch.full((B,), 30, dtype=torch.int32, device=DEV)
@@ -117,9 +126,10 @@ def test_overflow_is_refused_or_flagged():
 
 
 @pytest.mark.gpu
-def test_reset_and_memory_bytes():
+@pytest.mark.parametrize("summary_dtype", ["auto", "fp8_e4m3"])
+def test_reset_and_memory_bytes(summary_dtype):
     B, H, D = 3, 2, 128
-    cache = hydra.HydraKVCache(B, H, D, 100, device=DEV)
+    cache = hydra.HydraKVCache(B, H, D, 100, device=DEV, policy=hydra.HydraPolicy(summary_dtype=summary_dtype))
     cache.prefill(rand(B, H, 50, D, seed=11), rand(B, H, 50, D, seed=12))
     cache.reset([1])
     assert cache.seqlens.tolist() == [50, 0, 50]
@@ -128,7 +138,8 @@ def test_reset_and_memory_bytes():
     assert cache.seqlens.tolist() == [52, 2, 52]
     assert_summaries_exact(cache)
     n_pages = -(-100 // 16)
-    expected = 2 * B * H * 100 * D * 2 + B * H * n_pages * 2 * D * 2 + B * 4 + 4
+    summary_bytes = 1 if summary_dtype == "fp8_e4m3" else 2  # e4m3 summaries: half the memory
+    expected = 2 * B * H * 100 * D * 2 + B * H * n_pages * 2 * D * summary_bytes + B * 4 + 4
     assert cache.memory_bytes() == expected
 
 
@@ -200,12 +211,12 @@ def test_opcheck_cache_ops():
     cache = hydra.HydraKVCache(B, H, D, 64, device=DEV)
     k, v = rand(B, H, 20, D, seed=70), rand(B, H, 20, D, seed=71)
     torch.library.opcheck(ops.cache_prefill.default,
-                          (k, v, None, 16, cache.k, cache.v, cache.summaries, cache._lengths, cache._overflow))
+                          (k, v, None, 16, cache.k, cache.v, cache.summaries, cache._lengths, cache._overflow, 1.0))
     kn, vn = rand(B, H, 2, D, seed=72), rand(B, H, 2, D, seed=73)
     counts = torch.tensor([1, 2], dtype=torch.int32, device=DEV)
     torch.library.opcheck(ops.cache_append.default,
                           (kn, vn, counts, 16, cache.k, cache.v, cache.summaries, None, 0, cache._lengths,
-                           cache._overflow))
+                           cache._overflow, 1.0))
 
 
 
@@ -216,9 +227,10 @@ def assert_same_contents(a, b):
     assert torch.equal(a.seqlens, b.seqlens)
     for i, L in enumerate(a.seqlens.tolist()):
         assert torch.equal(a.k[i, :, :L], b.k[i, :, :L]) and torch.equal(a.v[i, :, :L], b.v[i, :, :L])
-    assert torch.equal(a.summaries, b.summaries)
+    bits = (lambda t: t.view(torch.uint8)) if a.summaries.dtype == torch.float8_e4m3fn else (lambda t: t)
+    assert torch.equal(bits(a.summaries), bits(b.summaries))
     if a.superpage_summaries is not None:
-        assert torch.equal(a.superpage_summaries, b.superpage_summaries)
+        assert torch.equal(bits(a.superpage_summaries), bits(b.superpage_summaries))
 
 
 def check_against_reference(cache, q, got, pages, pol):
@@ -245,6 +257,15 @@ STEP_CASES = {
     # coarse-to-fine with no recent window: the new token's superpage can be a candidate
     "coarse_no_recent": dict(policy=hydra.HydraPolicy(page_size=8, budget_tokens=64, sink_tokens=8,
                                                       recent_tokens=0, superpage=2, shortlist=2)),
+    # e4m3 summaries (HydraPolicy.summary_dtype): the fused append writes codes rounded
+    # outward, and the scorer folds the new key the same way
+    "select_fp8": dict(policy=hydra.HydraPolicy(page_size=16, budget_tokens=128, sink_tokens=16, recent_tokens=32,
+                                                summary_dtype="fp8_e4m3", summary_scale=0.5)),
+    "no_recent_fp8": dict(policy=hydra.HydraPolicy(page_size=8, budget_tokens=64, sink_tokens=8, recent_tokens=0,
+                                                   summary_dtype="fp8_e4m3")),
+    "coarse_no_recent_fp8": dict(policy=hydra.HydraPolicy(page_size=8, budget_tokens=64, sink_tokens=8,
+                                                          recent_tokens=0, superpage=2, shortlist=2,
+                                                          summary_dtype="fp8_e4m3", summary_scale=4.0)),
     # paths without selection: one append launch, then the attention
     "exact": dict(precision="exact"),
     "window": dict(sliding_window=40),
@@ -401,4 +422,4 @@ def test_opcheck_decode_append():
     lse = torch.empty(B, Hq, 1, dtype=torch.float32, device=DEV)
     torch.library.opcheck(ops.decode_append.default,
                           (q, kn, vn, cache.k, cache.v, cache.summaries, None, cache._lengths, cache._overflow, 16,
-                           0, 0, 16, 16, 64, 0, D ** -0.5, out, lse))
+                           0, 0, 16, 16, 64, 0, D ** -0.5, 1.0, out, lse))

@@ -343,7 +343,7 @@ def test_opcheck_every_op():
     q, k, v = make_qkv(1, 8, 2, 700, seed=13)
     lens = torch.tensor([650], dtype=torch.int32, device=DEV)
     summ = hydra.page_summaries(k, cache_seqlens=lens)
-    torch.library.opcheck(ops.page_summaries.default, (k, lens, None, 16, summ))
+    torch.library.opcheck(ops.page_summaries.default, (k, lens, None, 16, 1.0, summ))
     pages = torch.empty(1, 2, 16, dtype=torch.int32, device=DEV)
     torch.library.opcheck(ops.select_pages.default, (q, k, summ, None, lens, None, 16, 0, 0, 64, 64, 256, pages))
     out = torch.empty_like(q)
@@ -360,7 +360,7 @@ def test_opcheck_every_op():
     torch.library.opcheck(ops.decode.default, (q, k, v, None, summ, sup, lens, None, 16, 4, 3, 64, 64, 256, 0, 0.088, out, lse))
     pad = torch.tensor([37], dtype=torch.int32, device=DEV)  # left padding
     summ_p = hydra.page_summaries(k, cache_seqlens=lens, cache_leftpad=pad)
-    torch.library.opcheck(ops.page_summaries.default, (k, lens, pad, 16, summ_p))
+    torch.library.opcheck(ops.page_summaries.default, (k, lens, pad, 16, 1.0, summ_p))
     torch.library.opcheck(ops.decode.default, (q, k, v, None, summ_p, None, lens, pad, 16, 0, 0, 64, 64, 256, 0, 0.088, out, lse))
     assert add_op_namespace_prefix("decode").endswith("::decode")
 
@@ -644,3 +644,94 @@ def test_fp16_cache(superpage):
         assert torch.equal(out, plain.attend(q)), f"replay {i}"
     assert_same_contents(fused, plain)
     assert_summaries_exact(fused)
+
+
+# -- 8-bit (e4m3) page summaries --------------------------------------------------------
+def codes(t):
+    """e4m3 tensors compared by their bytes (torch.equal does not take float8)."""
+    return t.view(torch.uint8)
+
+
+@pytest.mark.parametrize("D,dtype", [(64, BF16), (128, BF16), (256, BF16), (128, torch.float16)])
+@pytest.mark.parametrize("scale", [1.0, 2.0 ** -3])
+def test_page_summaries_e4m3(D, dtype, scale):
+    """hydra.page_summaries(dtype=float8_e4m3fn) writes the reference's codes exactly:
+    min rounded down and max rounded up, saturated values at +-448, empty pages 448 /
+    -448, ragged lengths and left padding with NaN outside them."""
+    _need_ops()
+    B, H, T, P = 3, 2, 3001, 16
+    g = torch.Generator(device=DEV).manual_seed(D + int(1 / scale))
+    # keys over 11 octaves (e4m3 subnormals, normals and saturation at scale 1), both signs
+    k = (torch.randn(B, H, T, D, device=DEV, generator=g)
+         * torch.exp2(torch.randint(-9, 11, (B, H, T, D), device=DEV, generator=g).float())).to(dtype)
+    lens = torch.tensor([T, 1000, 17], dtype=torch.int32, device=DEV)
+    pad = torch.tensor([0, 3, 9], dtype=torch.int32, device=DEV)
+    k[1, :, :3] = float("nan")
+    k[2, :, :9] = float("nan")
+    poison_past(k, k.clone(), lens)
+    for lp in (None, pad):
+        got = hydra.page_summaries(k, page_size=P, cache_seqlens=lens, cache_leftpad=lp, dtype=torch.float8_e4m3fn,
+                                   scale=scale)
+        assert got.dtype == torch.float8_e4m3fn
+        want = ref.page_summaries(k, page_size=P, cache_seqlens=lens, cache_leftpad=lp, dtype=torch.float8_e4m3fn,
+                                  scale=scale)
+        assert torch.equal(codes(got), codes(want)), "e4m3 summaries differ from the reference's codes"
+        exact = ref.page_summaries(k, page_size=P, cache_seqlens=lens, cache_leftpad=lp).float() * scale
+        dec = ref.decode_summaries(got)
+        filled = exact[..., 0, :] <= exact[..., 1, :]
+        assert torch.all((dec[..., 0, :] <= exact[..., 0, :]) | ~filled), "a stored min is above the true min"
+        assert torch.all((dec[..., 1, :] >= exact[..., 1, :]) | ~filled), "a stored max is below the true max"
+    if scale == 1.0:  # keys up to ~2^12 here: some pages saturate
+        assert bool((codes(got) & 0x7F == 0x7E).any())
+
+
+@pytest.mark.parametrize("D,Hq,Hkv,dtype", [(128, 32, 8, BF16), (64, 9, 3, BF16), (256, 16, 2, BF16),
+                                            (128, 12, 3, torch.float16)])
+def test_e4m3_summaries_select_and_attend(D, Hq, Hkv, dtype):
+    """Flat and coarse-to-fine selection from e4m3 summaries: the kernel's pages follow the
+    reference's scores of the same codes (near-ties aside), and the output matches the
+    fp32 reference over them. A coarse-to-fine call without summaries builds e4m3 ones
+    when the policy says so."""
+    _need_ops()
+    B, T = 2, 40011
+    q, k, v = make_qkv(B, Hq, Hkv, T, D=D, seed=T + D + Hq, slack=8, dtype=dtype)
+    lens = torch.tensor([T, 20000], dtype=torch.int32, device=DEV)
+    poison_past(k, v, lens)
+    pol = hydra.HydraPolicy(budget_tokens=2048, summary_dtype="fp8_e4m3")
+    summ = hydra.page_summaries(k, cache_seqlens=lens, dtype=torch.float8_e4m3fn)
+    kz = k.nan_to_num(0.0)
+    out = nan_like(q)
+    o = hydra.hydra(q, k, v, policy=pol, cache_seqlens=lens, page_summaries=summ, out=out)
+    pages = hydra.select_pages(q, k, policy=pol, cache_seqlens=lens, page_summaries=summ)
+    check_selection(pages, q, kz, pol, lens=lens, summaries=summ)
+    check_output(o, q, k, v, mask_from_pages(pages, T, 16, lens))
+    # coarse-to-fine over e4m3 page and superpage summaries
+    cpol = hydra.HydraPolicy(page_size=8, budget_tokens=1024, superpage=16, shortlist=2, summary_dtype="fp8_e4m3")
+    s8 = hydra.page_summaries(k, page_size=8, cache_seqlens=lens, dtype=torch.float8_e4m3fn)
+    sup = hydra.superpage_summaries(s8, 16)
+    assert sup.dtype == torch.float8_e4m3fn
+    # rounding commutes with min/max: superpages of codes are the codes of 128-token pages
+    assert torch.equal(codes(sup), codes(ref.page_summaries(k, page_size=128, cache_seqlens=lens,
+                                                            dtype=torch.float8_e4m3fn)))
+    pages_c = hydra.select_pages(q, k, policy=cpol, cache_seqlens=lens, page_summaries=s8, superpage_summaries=sup)
+    want = ref.select_pages(q, kz, policy=cpol, cache_seqlens=lens, page_summaries=s8, superpage_summaries=sup)
+    assert torch.equal(pages_c, want), "coarse-to-fine selection over e4m3 summaries differs from the reference"
+    assert torch.equal(hydra.select_pages(q, k, policy=cpol, cache_seqlens=lens), pages_c)  # builds e4m3 itself
+    o_c = hydra.hydra(q, k, v, policy=cpol, cache_seqlens=lens, page_summaries=s8, superpage_summaries=sup,
+                      out=nan_like(q))
+    check_output(o_c, q, k, v, mask_from_pages(pages_c, T, 8, lens))
+
+
+def test_e4m3_summaries_find_a_planted_key():
+    """A key aligned with the group's queries, planted in an old page of every KV head, is
+    selected from e4m3 summaries as from exact ones (at 131,072 tokens, "high")."""
+    _need_ops()
+    T, H, G = 131072, 8, 4
+    q, k, v = make_qkv(1, H * G, H, T, seed=98)
+    page = 3001
+    qg = q[0, :, 0].float().view(H, G, -1).mean(1)  # (H, D)
+    k[0, :, page * 16 + 5] = (4 * qg / qg.norm(dim=-1, keepdim=True) * qg.shape[-1] ** 0.5).to(k.dtype)
+    for dtype in (None, torch.float8_e4m3fn):
+        pages = hydra.select_pages(q, k, page_summaries=hydra.page_summaries(k, dtype=dtype))
+        for h in range(H):
+            assert page in pages[0, h].tolist(), f"summaries {dtype}: head {h} missed the planted page"

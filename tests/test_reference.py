@@ -697,3 +697,59 @@ def test_coarse_policy_fields():
         HydraPolicy(superpage=3)
     with pytest.raises(ValueError, match="hydra: HydraPolicy.shortlist must be >= 1, got 0"):
         HydraPolicy(superpage=4, shortlist=0)
+
+
+# -- 8-bit (e4m3) page summaries ---------------------------------------------------------
+def _e4m3_values():
+    v = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
+    return torch.unique(v[torch.isfinite(v)])
+
+
+def test_e4m3_outward_rounding_is_the_nearest_bound():
+    """The stored min is the largest e4m3 value <= the true min, the max the smallest >= the
+    true max (checked against the full e4m3 value list in float64), over subnormals,
+    normals and saturation; -448 / 448 beyond the range."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(20000, generator=g) * torch.exp2(torch.randint(-12, 11, (20000,), generator=g).float())
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 448.0, -448.0, 449.0, -449.0, 1e6, -1e6, 2.0 ** -9, -(2.0 ** -10)])])
+    lo, hi = ref.e4m3_round_outward(x, x)
+    vals = _e4m3_values()
+    xd = x.double()
+    below = torch.where(vals.view(1, -1) <= xd.view(-1, 1), vals.view(1, -1), torch.tensor(-448.0, dtype=torch.float64))
+    above = torch.where(vals.view(1, -1) >= xd.view(-1, 1), vals.view(1, -1), torch.tensor(448.0, dtype=torch.float64))
+    assert torch.equal(lo.double(), below.amax(1))
+    assert torch.equal(hi.double(), above.amin(1))
+    assert not bool((lo.view(torch.uint8) == 0x80).any()), "zero is stored as +0"
+
+
+def test_e4m3_summaries_bound_the_keys_and_read_saturation_as_huge():
+    """Decoded e4m3 summaries bracket the exact ones (scaled); a key beyond +-448 reads
+    as -/+2^64 on its side, so the Quest bound still holds for any key."""
+    k = randn(1, 2, 100, 16, seed=3) * 5
+    k[0, 0, 20, 3] = 1000.0
+    k[0, 1, 40, 7] = -2000.0
+    for scale in (1.0, 0.125):
+        s8 = ref.page_summaries(k, page_size=16, dtype=torch.float8_e4m3fn, scale=scale)
+        exact = ref.page_summaries(k, page_size=16).double() * scale
+        dec = ref.decode_summaries(s8).double()
+        assert torch.all(dec[..., 0, :] <= exact[..., 0, :]) and torch.all(dec[..., 1, :] >= exact[..., 1, :])
+        if scale == 1.0:
+            assert dec[0, 0, 1, 1, 3] == 2.0 ** 64 and dec[0, 1, 2, 0, 7] == -(2.0 ** 64)
+        q = randn(1, 4, 1, 16, seed=4)
+        qd = q.double().view(1, 2, 2, 16)
+        for p in range(7):  # the bound: score >= q . k for every key of the page, every head
+            keys = k[0, :, p * 16:(p + 1) * 16].double() * scale  # (2, n, 16)
+            s = ref.page_scores(q, s8, page_size=16)[0, :, p].double()
+            true = torch.einsum("hgd,hnd->hgn", qd[0], keys).amax(-1).sum(-1)
+            assert torch.all(s >= true - 1e-3 * true.abs().clamp_min(1)), (p, s, true)
+
+
+def test_e4m3_superpages_commute_with_rounding():
+    """Outward rounding is monotone, so superpages of e4m3 page summaries are the e4m3
+    summaries of the superpages' tokens: a coarse level costs no extra rounding."""
+    k = randn(2, 2, 1000, 32, seed=6) * 30
+    lens = torch.tensor([1000, 333])
+    s8 = ref.page_summaries(k, page_size=8, cache_seqlens=lens, dtype=torch.float8_e4m3fn, scale=0.5)
+    sup = ref.superpage_summaries(s8, 8)
+    want = ref.page_summaries(k, page_size=64, cache_seqlens=lens, dtype=torch.float8_e4m3fn, scale=0.5)
+    assert torch.equal(sup.view(torch.uint8), want.view(torch.uint8))

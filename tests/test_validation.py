@@ -148,7 +148,8 @@ def test_page_summaries_shape_must_fit_k_and_policy():
     eight = torch.zeros(2, 2, 7, 2, 128, dtype=BF16)
     with raises(ValueError, "page_size=8, got (2, 2, 7, 2, 128)"):
         hydra.hydra(q, k, v, page_summaries=eight, policy=hydra.HydraPolicy(page_size=8))
-    with raises(TypeError, "hydra: page_summaries must be torch.bfloat16 like k, got torch.float32"):
+    with raises(TypeError, "hydra: page_summaries must be torch.bfloat16 like k, or torch.float8_e4m3fn, got "
+                           "torch.float32"):
         hydra.hydra(q, k, v, page_summaries=eight.float())
 
 
@@ -185,6 +186,25 @@ def test_policy_fields():
         hydra.HydraPolicy(scorer="max")
     with raises(ValueError, "leaves no room for scored pages"):
         hydra.HydraPolicy(budget_tokens=512, recent_tokens=512)
+    with raises(ValueError, "hydra: HydraPolicy.summary_dtype must be one of ('auto', 'fp8_e4m3'), got 'int8'"):
+        hydra.HydraPolicy(summary_dtype="int8")
+    with raises(ValueError, "hydra: HydraPolicy.summary_scale must be a power of two in [2^-16, 2^16], got 0.3"):
+        hydra.HydraPolicy(summary_scale=0.3)
+
+
+def test_e4m3_summary_arguments():
+    q, k, v = qkv()
+    with raises(TypeError, "hydra: page_summaries dtype must be None, k's dtype (torch.bfloat16) or "
+                           "torch.float8_e4m3fn, got torch.float16"):
+        hydra.page_summaries(k, dtype=torch.float16)
+    with raises(ValueError, "hydra: page_summaries scale must be a power of two in [2^-16, 2^16], got 3.0"):
+        hydra.page_summaries(k, dtype=torch.float8_e4m3fn, scale=3.0)
+    pol = hydra.HydraPolicy(superpage=4)
+    summ = torch.zeros(2, 2, 7, 2, 128, dtype=torch.float8_e4m3fn)
+    with raises(TypeError, "hydra: superpage_summaries must be torch.float8_e4m3fn like page_summaries, got "
+                           "torch.bfloat16"):
+        hydra.hydra(q, k, v, policy=pol, page_summaries=summ,
+                    superpage_summaries=torch.zeros(2, 2, 2, 2, 128, dtype=BF16))
 
 
 def test_select_pages_and_summaries_and_sparse_attention_validate():

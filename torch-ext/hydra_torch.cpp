@@ -3,6 +3,7 @@
 // TORCH_CHECKs here guard direct op callers (opcheck, custom pipelines) and
 // cost no device sync.
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -33,6 +34,26 @@ void check_elem_cuda(const at::Tensor& t, const char* name, at::ScalarType want)
               t.strides());
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "hydra: ", name,
               " must be 16-byte aligned");
+}
+
+// Page summaries are stored in the keys' 16-bit type or as e4m3 codes (bytes); anything
+// else is refused. Returns the format (the scale is the caller's to set).
+hydra::SummaryFormat summary_format(const at::Tensor& t, const char* name, at::ScalarType key_type) {
+  TORCH_CHECK(t.is_cuda(), "hydra: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == key_type || t.scalar_type() == at::kFloat8_e4m3fn, "hydra: ", name, " must be ",
+              key_type, " like the keys, or float8_e4m3fn, got ", t.scalar_type());
+  TORCH_CHECK(t.stride(-1) == 1, "hydra: ", name, " must have a contiguous last dimension, got strides ", t.strides());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "hydra: ", name, " must be 16-byte aligned");
+  hydra::SummaryFormat f;
+  f.fp8 = t.scalar_type() == at::kFloat8_e4m3fn ? 1 : 0;
+  return f;
+}
+
+void check_summary_scale(double scale) {
+  int e = 0;
+  const double m = std::frexp(scale, &e);
+  TORCH_CHECK(scale > 0 && m == 0.5 && e >= -15 && e <= 17, "hydra: summary_scale must be a power of two in "
+              "[2^-16, 2^16], got ", scale);
 }
 
 const int* seqlens_ptr(const std::optional<at::Tensor>& s, int64_t B, const char* name = "cache_seqlens") {
@@ -101,7 +122,9 @@ Coarse coarse_args(const std::optional<at::Tensor>& super_summaries, int64_t sup
   Coarse c;
   if (!super_summaries.has_value() || superpage <= 1 || !summaries.has_value()) return c;
   const at::Tensor& ss = *super_summaries;
-  check_elem_cuda(ss, "superpage_summaries", summaries->scalar_type());
+  summary_format(ss, "superpage_summaries", summaries->scalar_type());
+  TORCH_CHECK(ss.scalar_type() == summaries->scalar_type(), "hydra: superpage_summaries must be ",
+              summaries->scalar_type(), " like page_summaries, got ", ss.scalar_type());
   TORCH_CHECK(superpage <= 1024 && (superpage & (superpage - 1)) == 0,
               "hydra: superpage must be a power of two in [2, 1024], got ", superpage);
   const int n_super = ceil_div(n_pages, (int)superpage);
@@ -133,7 +156,7 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
   sp.q_head_stride = q.stride(1);
   if (summaries.has_value()) {
     const at::Tensor& sm = *summaries;
-    check_elem_cuda(sm, "page_summaries", q.scalar_type());
+    sp.fmt = summary_format(sm, "page_summaries", q.scalar_type());
     TORCH_CHECK(sm.dim() == 5 && sm.size(0) == s.B && sm.size(1) == s.Hkv && sm.size(2) >= n_pages &&
                     sm.size(3) == 2 && sm.size(4) == s.D && sm.stride(3) == s.D,
                 "hydra: page_summaries must be (", s.B, ", ", s.Hkv, ", >=", n_pages, ", 2, ", s.D,
@@ -161,6 +184,7 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
     sp.kn_batch_stride = append->ks_batch_stride;
     sp.kn_head_stride = append->ks_head_stride;
     sp.append = *append;  // the first score kernel's extra CTAs write the token
+    sp.fmt.scale = append->fmt.scale;  // how the append stores the key (the scorer folds it the same way)
   }
 
   hydra::SelectParams se{};
@@ -179,7 +203,8 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
     se.lens_out = lens_out;
   }
   if (coarse.summaries == nullptr) {
-    const int keys = summaries.has_value() ? hydra::score_select_cluster_keys(n_pages, s.B * s.Hkv) : 0;
+    // The fused cluster kernel reads 16-bit summaries only.
+    const int keys = summaries.has_value() && !sp.fmt.fp8 ? hydra::score_select_cluster_keys(n_pages, s.B * s.Hkv) : 0;
     if (keys > 0) {  // sm_90+: scoring and selection in one cluster launch
       hydra::launch_score_select_cluster(sp, se, keys, stream);
       return;
@@ -252,9 +277,12 @@ struct Workspace {
 }  // namespace
 
 void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_seqlens,
-                    const std::optional<at::Tensor>& cache_leftpad, int64_t page_size, at::Tensor& out) {
+                    const std::optional<at::Tensor>& cache_leftpad, int64_t page_size, double summary_scale,
+                    at::Tensor& out) {
   check_elem_cuda(k, "k", k.scalar_type());
-  check_elem_cuda(out, "out", k.scalar_type());
+  hydra::SummaryFormat fmt = summary_format(out, "out", k.scalar_type());
+  check_summary_scale(summary_scale);
+  fmt.scale = (float)summary_scale;
   check_page_size(page_size);
   TORCH_CHECK(k.dim() == 4, "hydra: k must be (B, Hkv, Tkv, D), got ", k.sizes());
   const int n_pages = (int)((k.size(2) + page_size - 1) / page_size);
@@ -278,6 +306,7 @@ void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_
   p.B = (int)k.size(0); p.Hkv = (int)k.size(1); p.Tkv = (int)k.size(2); p.D = (int)k.size(3);
   p.n_pages = n_pages;
   p.page_size = (int)page_size;
+  p.fmt = fmt;
   if (p.B == 0 || p.Hkv == 0 || n_pages == 0) return;
   hydra::launch_page_summaries(p, c10::cuda::getCurrentCUDAStream());
 }
@@ -479,13 +508,16 @@ namespace {
 hydra::CacheWriteParams cache_params(const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& counts,
                                      int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache,
                                      at::Tensor& summaries, at::Tensor& lengths, at::Tensor& overflow,
+                                     double summary_scale,
                                      const std::optional<at::Tensor>& super_summaries = std::nullopt,
                                      int64_t superpage = 0) {
   const at::ScalarType et = k_cache.scalar_type();
   for (auto* t : {&k, &v}) check_elem_cuda(*t, "new k/v", et);
   check_elem_cuda(k_cache, "k_cache", et);
   check_elem_cuda(v_cache, "v_cache", et);
-  check_elem_cuda(summaries, "summaries", et);
+  hydra::SummaryFormat fmt = summary_format(summaries, "summaries", et);
+  check_summary_scale(summary_scale);
+  fmt.scale = (float)summary_scale;
   check_page_size(page_size);
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
                   k.size(0) == k_cache.size(0) && k.size(1) == k_cache.size(1) && k.size(3) == k_cache.size(3),
@@ -519,9 +551,12 @@ hydra::CacheWriteParams cache_params(const at::Tensor& k, const at::Tensor& v, c
   p.max_seq_len = (int)k_cache.size(2);
   p.max_pages = (int)max_pages;
   p.page_size = (int)page_size;
+  p.fmt = fmt;
   if (super_summaries.has_value() && superpage > 1) {
     const at::Tensor& ss = *super_summaries;
-    check_elem_cuda(ss, "superpage_summaries", et);
+    summary_format(ss, "superpage_summaries", et);
+    TORCH_CHECK(ss.scalar_type() == summaries.scalar_type(), "hydra: cache superpage summaries must be ",
+                summaries.scalar_type(), " like its page summaries, got ", ss.scalar_type());
     const int64_t max_super = (max_pages + superpage - 1) / superpage;
     TORCH_CHECK(ss.dim() == 5 && ss.size(0) == k.size(0) && ss.size(1) == k.size(1) && ss.size(2) == max_super &&
                     ss.size(3) == 2 && ss.size(4) == k.size(3) && ss.stride(3) == k.size(3),
@@ -537,12 +572,12 @@ hydra::CacheWriteParams cache_params(const at::Tensor& k, const at::Tensor& v, c
 
 void cache_prefill(const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& seqlens,
                    int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& summaries,
-                   at::Tensor& lengths, at::Tensor& overflow) {
+                   at::Tensor& lengths, at::Tensor& overflow, double summary_scale) {
   TORCH_CHECK(k.dim() == 4 && k.size(2) <= k_cache.size(2), "hydra: prefill of ", k.size(2),
               " tokens does not fit max_seq_len=", k_cache.size(2));
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const hydra::CacheWriteParams p =
-      cache_params(k, v, seqlens, page_size, k_cache, v_cache, summaries, lengths, overflow);
+      cache_params(k, v, seqlens, page_size, k_cache, v_cache, summaries, lengths, overflow, summary_scale);
   if (p.B == 0 || p.Hkv == 0) return;
   hydra::launch_cache_prefill(p, c10::cuda::getCurrentCUDAStream());
 }
@@ -550,10 +585,10 @@ void cache_prefill(const at::Tensor& k, const at::Tensor& v, const std::optional
 void cache_append(const at::Tensor& k_new, const at::Tensor& v_new, const std::optional<at::Tensor>& counts,
                   int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& summaries,
                   const std::optional<at::Tensor>& super_summaries, int64_t superpage, at::Tensor& lengths,
-                  at::Tensor& overflow) {
+                  at::Tensor& overflow, double summary_scale) {
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const hydra::CacheWriteParams p = cache_params(k_new, v_new, counts, page_size, k_cache, v_cache, summaries,
-                                                 lengths, overflow, super_summaries, superpage);
+                                                 lengths, overflow, summary_scale, super_summaries, superpage);
   if (p.B == 0 || p.Hkv == 0) return;
   hydra::launch_cache_append(p, c10::cuda::getCurrentCUDAStream());
 }
@@ -562,12 +597,12 @@ void decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tenso
                    at::Tensor& v_cache, at::Tensor& summaries, const std::optional<at::Tensor>& super_summaries,
                    at::Tensor& lengths, at::Tensor& overflow, int64_t page_size, int64_t superpage,
                    int64_t shortlist_pages, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
-                   int64_t window, double scale, at::Tensor& out, at::Tensor& lse) {
+                   int64_t window, double scale, double summary_scale, at::Tensor& out, at::Tensor& lse) {
   TORCH_CHECK(k_new.dim() == 4 && k_new.size(2) == 1, "hydra: a fused step appends one token per sequence: k_new "
               "must be (B, Hkv, 1, D), got ", k_new.sizes());
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const hydra::CacheWriteParams cw = cache_params(k_new, v_new, std::nullopt, page_size, k_cache, v_cache, summaries,
-                                                  lengths, overflow, super_summaries, superpage);
+                                                  lengths, overflow, summary_scale, super_summaries, superpage);
   decode_impl(q, k_cache, v_cache, std::nullopt, summaries, super_summaries, superpage, shortlist_pages,
               lengths.data_ptr<int>(), nullptr, page_size, sink_tokens, recent_tokens, budget_tokens, window, scale,
               out, lse, &cw);

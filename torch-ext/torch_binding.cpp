@@ -5,8 +5,11 @@
 #include "torch_binding.h"
 
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
-  // k [B, Hkv, Tkv, D] -> out [B, Hkv, n_pages, 2, D] (min, max per page).
-  ops.def("page_summaries(Tensor k, Tensor? cache_seqlens, Tensor? cache_leftpad, int page_size, Tensor! out) -> ()");
+  // k [B, Hkv, Tkv, D] -> out [B, Hkv, n_pages, 2, D] (min, max per page): k's dtype (exact),
+  // or float8_e4m3fn codes of k * summary_scale rounded outward (a power of two; see common.cuh).
+  ops.def(
+      "page_summaries(Tensor k, Tensor? cache_seqlens, Tensor? cache_leftpad, int page_size, float summary_scale, "
+      "Tensor! out) -> ()");
   ops.impl("page_summaries", c10::kCUDA, &page_summaries);
 
   // cache_leftpad (int32 [B], optional): each sequence's valid tokens are [leftpad, seqlen);
@@ -38,14 +41,16 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.impl("decode_alloc", c10::kCUDA, &decode_alloc);
 
   // HydraKVCache writes. k/v [B, Hkv, n, D] into caches [B, Hkv, max_seq_len, D],
-  // summaries [B, Hkv, max_pages, 2, D], lengths [B] int32, overflow [1] int32.
+  // summaries [B, Hkv, max_pages, 2, D] (k's dtype, or float8_e4m3fn codes of k * summary_scale),
+  // lengths [B] int32, overflow [1] int32.
   ops.def(
       "cache_prefill(Tensor k, Tensor v, Tensor? seqlens, int page_size, Tensor! k_cache, Tensor! v_cache, "
-      "Tensor! summaries, Tensor! lengths, Tensor! overflow) -> ()");
+      "Tensor! summaries, Tensor! lengths, Tensor! overflow, float summary_scale) -> ()");
   ops.impl("cache_prefill", c10::kCUDA, &cache_prefill);
   ops.def(
       "cache_append(Tensor k_new, Tensor v_new, Tensor? counts, int page_size, Tensor! k_cache, Tensor! v_cache, "
-      "Tensor! summaries, Tensor!? super_summaries, int superpage, Tensor! lengths, Tensor! overflow) -> ()");
+      "Tensor! summaries, Tensor!? super_summaries, int superpage, Tensor! lengths, Tensor! overflow, "
+      "float summary_scale) -> ()");
   ops.impl("cache_append", c10::kCUDA, &cache_append);
 
   // HydraKVCache.step: append one token per sequence (k_new/v_new [B, Hkv, 1, D]), then
@@ -54,7 +59,7 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "decode_append(Tensor q, Tensor k_new, Tensor v_new, Tensor! k_cache, Tensor! v_cache, Tensor! summaries, "
       "Tensor!? super_summaries, Tensor! lengths, Tensor! overflow, int page_size, int superpage, "
       "int shortlist_pages, int sink_tokens, int recent_tokens, int budget_tokens, int window, float scale, "
-      "Tensor! out, Tensor! lse) -> ()");
+      "float summary_scale, Tensor! out, Tensor! lse) -> ()");
   ops.impl("decode_append", c10::kCUDA, &decode_append);
 
   // Causal prefill (Tq <= Tkv, queries bottom-right aligned) over 64-token key blocks:

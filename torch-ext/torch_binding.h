@@ -6,7 +6,7 @@
 #include <ATen/ATen.h>
 
 void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_seqlens,
-                    const std::optional<at::Tensor>& cache_leftpad, int64_t page_size,
+                    const std::optional<at::Tensor>& cache_leftpad, int64_t page_size, double summary_scale,
                     at::Tensor& out);
 
 void select_pages(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
@@ -36,11 +36,11 @@ std::tuple<at::Tensor, at::Tensor> decode_alloc(const at::Tensor& q, const at::T
 // write new tokens and fold them into the affected summaries (append).
 void cache_prefill(const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& seqlens,
                    int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& summaries,
-                   at::Tensor& lengths, at::Tensor& overflow);
+                   at::Tensor& lengths, at::Tensor& overflow, double summary_scale);
 void cache_append(const at::Tensor& k_new, const at::Tensor& v_new, const std::optional<at::Tensor>& counts,
                   int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& summaries,
                   const std::optional<at::Tensor>& super_summaries, int64_t superpage, at::Tensor& lengths,
-                  at::Tensor& overflow);
+                  at::Tensor& overflow, double summary_scale);
 
 // HydraKVCache.step: append one token per sequence (k_new/v_new [B, Hkv, 1, D]) and run
 // the decode step over the grown cache. When the step selects pages, the append is
@@ -49,7 +49,7 @@ void decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tenso
                    at::Tensor& v_cache, at::Tensor& summaries, const std::optional<at::Tensor>& super_summaries,
                    at::Tensor& lengths, at::Tensor& overflow, int64_t page_size, int64_t superpage,
                    int64_t shortlist_pages, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
-                   int64_t window, double scale, at::Tensor& out, at::Tensor& lse);
+                   int64_t window, double scale, double summary_scale, at::Tensor& out, at::Tensor& lse);
 
 void prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t sink_tokens,
              int64_t recent_tokens, int64_t budget_tokens, int64_t window, double scale, at::Tensor& out,

@@ -26,7 +26,7 @@ from ._validate import (
     validate_page_summaries_call,
     validate_sparse_attention_call,
 )
-from .policy import PRESETS, SCORERS, HydraPolicy, resolve_policy
+from .policy import PRESETS, SCORERS, SUMMARY_DTYPES, HydraPolicy, resolve_policy
 from .reference import superpage_summaries
 from .cache import HydraKVCache  # noqa: E402  (after the ops it uses)
 from .integrations.attention import hydra_attention  # noqa: E402  (transformers' attention signature)
@@ -47,6 +47,7 @@ __all__ = [
     "hydra_attention",
     "PRESETS",
     "SCORERS",
+    "SUMMARY_DTYPES",
     "reference",
     "set_debug",
     "source_digest",
@@ -116,8 +117,8 @@ def _coarse_args(pol, q, k, cache_seqlens, summaries, super_summaries, cache_lef
         return summaries, None, 0, 0
     if summaries is None:
         summaries = torch.empty((k.shape[0], k.shape[1], -(-k.shape[2] // pol.page_size), 2, k.shape[3]),
-                                dtype=k.dtype, device=k.device)
-        ops.page_summaries(k, cache_seqlens, cache_leftpad, pol.page_size, summaries)
+                                dtype=pol.summary_torch_dtype or k.dtype, device=k.device)
+        ops.page_summaries(k, cache_seqlens, cache_leftpad, pol.page_size, pol.summary_scale, summaries)
     if super_summaries is None:
         super_summaries = superpage_summaries(summaries, pol.superpage)
     return summaries, super_summaries, pol.superpage, pol.n_short
@@ -219,7 +220,7 @@ def _cache_step(cache, q, k_new, v_new, *, sliding_window=None, policy_layer_idx
     S, n_short = (pol.superpage, pol.n_short) if pol.coarse else (0, 0)
     ops.decode_append(q, k_new, v_new, cache.k, cache.v, cache.summaries, cache.superpage_summaries, cache.seqlens,
                       cache._overflow, pol.page_size, S, n_short, pol.sink_tokens, pol.recent_tokens, budget, window,
-                      info["scale"], out, lse)
+                      info["scale"], cache.summary_scale, out, lse)
     return (out, lse) if return_lse else out
 
 
@@ -299,21 +300,31 @@ def sparse_attention(q, k, v, pages, *, page_size=16, cache_seqlens=None, scale=
     return (out, lse) if return_lse else out
 
 
-def page_summaries(k, *, page_size=16, cache_seqlens=None, cache_leftpad=None):
+def page_summaries(k, *, page_size=16, cache_seqlens=None, cache_leftpad=None, dtype=None, scale=1.0):
     """Elementwise min and max of the keys over each page.
+
+    Parameters
+    ----------
+    dtype : None (k's dtype: the exact min/max) or ``torch.float8_e4m3fn``: the min and
+        max of ``k * scale`` rounded outward to e4m3 (min down, max up), so the bound
+        still holds; a decode step then reads half the summary bytes. Values beyond
+        e4m3's +-448 saturate and are read as +-2^64 (see ``hydra.reference``).
+    scale : a power of two in [2^-16, 2^16] (e4m3 only). One scale for every page, so
+        it changes no ranking; pick it so that ``|k| * scale`` stays under 448.
 
     Returns
     -------
-    Tensor (B, Hkv, ceil(Tkv / page_size), 2, D) in k's dtype: ``[..., 0, :]`` is the
+    Tensor (B, Hkv, ceil(Tkv / page_size), 2, D) in ``dtype``: ``[..., 0, :]`` is the
     min and ``[..., 1, :]`` the max over the page's valid tokens (``< L``). Pages with
-    no valid token hold +inf / -inf. With ``cache_leftpad`` pages count from each
+    no valid token hold +inf / -inf (e4m3: 448 / -448). With ``cache_leftpad`` pages count from each
     sequence's first valid token (the layout ``hydra(..., cache_leftpad=...)`` expects).
 
     Examples
     --------
     >>> summ = hydra.page_summaries(k, cache_seqlens=lens)  # reuse across decode steps
     """
-    validate_page_summaries_call(k, page_size=page_size, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad)
+    validate_page_summaries_call(k, page_size=page_size, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
+                                 dtype=dtype, scale=scale)
     if _debug:
         if cache_seqlens is not None:
             check_cache_seqlens_values(cache_seqlens, k.shape[2])
@@ -321,15 +332,15 @@ def page_summaries(k, *, page_size=16, cache_seqlens=None, cache_leftpad=None):
             check_cache_leftpad_values(cache_leftpad, cache_seqlens, k.shape[2])
     _require_ops()
     B, Hkv, Tkv, D = k.shape
-    out = torch.empty((B, Hkv, -(-Tkv // page_size), 2, D), dtype=k.dtype, device=k.device)
-    ops.page_summaries(k, cache_seqlens, cache_leftpad, page_size, out)
+    out = torch.empty((B, Hkv, -(-Tkv // page_size), 2, D), dtype=dtype or k.dtype, device=k.device)
+    ops.page_summaries(k, cache_seqlens, cache_leftpad, page_size, float(scale), out)
     return out
 
 
 if ops is not None:
 
     @torch.library.register_fake(add_op_namespace_prefix("page_summaries"))
-    def _page_summaries_fake(k, cache_seqlens, cache_leftpad, page_size, out):
+    def _page_summaries_fake(k, cache_seqlens, cache_leftpad, page_size, summary_scale, out):
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("select_pages"))
@@ -344,18 +355,18 @@ if ops is not None:
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("cache_prefill"))
-    def _cache_prefill_fake(k, v, seqlens, page_size, k_cache, v_cache, summaries, lengths, overflow):
+    def _cache_prefill_fake(k, v, seqlens, page_size, k_cache, v_cache, summaries, lengths, overflow, summary_scale):
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("cache_append"))
     def _cache_append_fake(k_new, v_new, counts, page_size, k_cache, v_cache, summaries, super_summaries,
-                           superpage, lengths, overflow):
+                           superpage, lengths, overflow, summary_scale):
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("decode_append"))
     def _decode_append_fake(q, k_new, v_new, k_cache, v_cache, summaries, super_summaries, lengths, overflow,
                             page_size, superpage, shortlist_pages, sink_tokens, recent_tokens, budget_tokens,
-                            window, scale, out, lse):
+                            window, scale, summary_scale, out, lse):
         return None
 
     @torch.library.register_fake(add_op_namespace_prefix("prefill"))

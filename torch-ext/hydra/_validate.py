@@ -142,7 +142,7 @@ def _fast_decode_ok(q, k, v, policy, cache_seqlens, page_summaries):
         return False
     if page_summaries is not None:
         ps = page_summaries
-        if not (type(ps) is T and ps.dtype is q.dtype and ps.device == q.device
+        if not (type(ps) is T and (ps.dtype is q.dtype or ps.dtype is torch.float8_e4m3fn) and ps.device == q.device
                 and ps.shape == (qs[0], ks[1], -(-ks[2] // policy.page_size), 2, qs[3])):
             return False
         st = ps.stride()
@@ -177,8 +177,9 @@ def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx
         if tuple(page_summaries.shape) != want:
             raise ValueError(f"hydra: page_summaries must have shape {want} for k {tuple(k.shape)} and "
                              f"page_size={policy.page_size}, got {tuple(page_summaries.shape)}")
-        if page_summaries.dtype != k.dtype:
-            raise TypeError(f"hydra: page_summaries must be {k.dtype} like k, got {page_summaries.dtype}")
+        if page_summaries.dtype not in (k.dtype, torch.float8_e4m3fn):
+            raise TypeError(f"hydra: page_summaries must be {k.dtype} like k, or torch.float8_e4m3fn, got "
+                            f"{page_summaries.dtype}")
         if page_summaries.stride(-1) != 1 or page_summaries.stride(-2) != D or \
                 any(s % _ALIGN for s in page_summaries.stride()[:-1]):
             raise ValueError(f"hydra: page_summaries needs a contiguous (2, D) block per page and 16-byte "
@@ -196,8 +197,9 @@ def validate_decode_call(q, k, v, *, is_causal, sliding_window, policy_layer_idx
             raise ValueError(f"hydra: superpage_summaries must have shape {want} for k {tuple(k.shape)}, "
                              f"page_size={policy.page_size} and superpage={policy.superpage}, got "
                              f"{tuple(superpage_summaries.shape)}")
-        if superpage_summaries.dtype != k.dtype:
-            raise TypeError(f"hydra: superpage_summaries must be {k.dtype} like k, got {superpage_summaries.dtype}")
+        if superpage_summaries.dtype != page_summaries.dtype:
+            raise TypeError(f"hydra: superpage_summaries must be {page_summaries.dtype} like page_summaries, got "
+                            f"{superpage_summaries.dtype}")
         if superpage_summaries.stride(-1) != 1 or superpage_summaries.stride(-2) != D or \
                 any(s % _ALIGN for s in superpage_summaries.stride()[:-1]):
             raise ValueError(f"hydra: superpage_summaries needs a contiguous (2, D) block per superpage and "
@@ -248,7 +250,7 @@ def validate_sparse_attention_call(q, k, v, pages, *, page_size, cache_seqlens, 
     return {"scale": scale}
 
 
-def validate_page_summaries_call(k, *, page_size, cache_seqlens, cache_leftpad=None):
+def validate_page_summaries_call(k, *, page_size, cache_seqlens, cache_leftpad=None, dtype=None, scale=1.0):
     _tensor(k, "k")
     if k.dim() != 4:
         raise ValueError(f"hydra: k must be 4-D (B, Hkv, Tkv, D), got shape {tuple(k.shape)}")
@@ -266,6 +268,12 @@ def validate_page_summaries_call(k, *, page_size, cache_seqlens, cache_leftpad=N
                          f"got strides {k.stride()}")
     _cache_seqlens(cache_seqlens, k.shape[0])
     _cache_seqlens(cache_leftpad, k.shape[0], "cache_leftpad")
+    if dtype is not None and dtype not in (k.dtype, torch.float8_e4m3fn):
+        raise TypeError(f"hydra: page_summaries dtype must be None, k's dtype ({k.dtype}) or "
+                        f"torch.float8_e4m3fn, got {dtype}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 \
+            or math.frexp(scale)[0] != 0.5 or not (2.0 ** -16 <= scale <= 2.0 ** 16):
+        raise ValueError(f"hydra: page_summaries scale must be a power of two in [2^-16, 2^16], got {scale!r}")
     _devices([("k", k), ("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)])
 
 

@@ -38,7 +38,10 @@ class HydraKVCache:
     dtype : torch.dtype, bf16 or fp16.
     device : CUDA device.
     policy, precision : as in :func:`hydra.hydra`; fix the page size of the summaries
-        and are the defaults of :meth:`attend`.
+        and are the defaults of :meth:`attend`. ``HydraPolicy(summary_dtype="fp8_e4m3")``
+        stores the summaries as e4m3 codes of ``k * summary_scale`` rounded outward
+        (``torch.float8_e4m3fn``): half the bytes a decode step reads for scoring, and
+        half the summary memory.
 
     Examples
     --------
@@ -77,12 +80,14 @@ class HydraKVCache:
         self.max_pages = math.ceil(max_seq_len / P)
         self.k = torch.empty(B, H, max_seq_len, D, dtype=dtype, device=device)
         self.v = torch.empty(B, H, max_seq_len, D, dtype=dtype, device=device)
-        self.summaries = torch.empty(B, H, self.max_pages, 2, D, dtype=dtype, device=device)
+        sdtype = self.policy.summary_torch_dtype or dtype
+        self.summary_scale = float(self.policy.summary_scale)
+        self.summaries = torch.empty(B, H, self.max_pages, 2, D, dtype=sdtype, device=device)
         # Coarse-to-fine policies (superpage > 1) keep superpage summaries too.
         self.superpage_summaries = None
         if self.policy.coarse:
             n_super = math.ceil(self.max_pages / self.policy.superpage)
-            self.superpage_summaries = torch.empty(B, H, n_super, 2, D, dtype=dtype, device=device)
+            self.superpage_summaries = torch.empty(B, H, n_super, 2, D, dtype=sdtype, device=device)
         self._lengths = torch.zeros(B, dtype=torch.int32, device=device)
         self._overflow = torch.zeros(1, dtype=torch.int32, device=device)
         self._len_bound = 0        # host upper bound of every length
@@ -104,7 +109,8 @@ class HydraKVCache:
 
     def reset(self, indices=None) -> None:
         """Empty every sequence, or those in ``indices`` (ints or a tensor of indices)."""
-        inf = float("inf")
+        # Empty summaries: +inf / -inf (e4m3 has no infinities: 448 / -448, see hydra.reference).
+        inf = 448.0 if self.summaries.dtype == torch.float8_e4m3fn else float("inf")
         levels = [self.summaries] + ([self.superpage_summaries] if self.superpage_summaries is not None else [])
         if indices is None:
             self._lengths.zero_()
@@ -167,7 +173,7 @@ class HydraKVCache:
             raise ValueError(f"hydra: prefill of T={T} tokens does not fit max_seq_len={self.max_seq_len}")
         self._overflow.zero_()
         ops.cache_prefill(k, v, seqlens, self.policy.page_size, self.k, self.v, self.summaries, self._lengths,
-                          self._overflow)
+                          self._overflow, self.summary_scale)
         if self.superpage_summaries is not None:  # exact: min/max over the pages' min/max
             from .reference import superpage_summaries
 
@@ -188,7 +194,8 @@ class HydraKVCache:
             raise ValueError(f"hydra: appending {n} token(s) to sequences of {self._len_bound} would pass "
                              f"max_seq_len={self.max_seq_len}")
         ops.cache_append(k_new, v_new, counts, self.policy.page_size, self.k, self.v, self.summaries,
-                         self.superpage_summaries, self.policy.superpage, self._lengths, self._overflow)
+                         self.superpage_summaries, self.policy.superpage, self._lengths, self._overflow,
+                         self.summary_scale)
         self._len_bound += n
         self._len_exact = self._len_exact and counts is None
         from . import _debug_enabled

@@ -8,11 +8,16 @@ older pages that score highest for the current query.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
-__all__ = ["HydraPolicy", "PRESETS", "resolve_policy", "SCORERS"]
+__all__ = ["HydraPolicy", "PRESETS", "resolve_policy", "SCORERS", "SUMMARY_DTYPES"]
 
 SCORERS = ("quest_sum",)
+# How page summaries are stored where hydra builds them (HydraKVCache, and the
+# summaries a coarse-to-fine call builds when none are passed): "auto" in the keys'
+# dtype, exact; "fp8_e4m3" as e4m3 rounded outward (half the bytes; see README).
+SUMMARY_DTYPES = ("auto", "fp8_e4m3")
 
 # budget_tokens=None means "all tokens": exact attention through the same kernels.
 PRESETS = {
@@ -60,6 +65,16 @@ class HydraPolicy:
     shortlist : int
         Shortlist size as a multiple of the page budget: ``n_short =
         ceil(shortlist * n_sel / superpage)`` superpages, ``shortlist * n_sel`` pages.
+    summary_dtype : str
+        How summaries hydra builds are stored: ``"auto"`` (default) in the keys'
+        dtype, the exact min/max; ``"fp8_e4m3"``: the min and max of
+        ``k * summary_scale`` rounded outward to e4m3, so the bound still holds at
+        half the bytes a decode step reads for scoring. Summaries passed in are
+        read in whatever of these two forms they come.
+    summary_scale : float
+        A power of two in [2^-16, 2^16] that multiplies the keys before e4m3
+        rounding. It changes no ranking; it keeps keys inside e4m3's +-448 (a value
+        outside saturates, and its page's bound becomes very large, still valid).
 
     Examples
     --------
@@ -76,6 +91,8 @@ class HydraPolicy:
     scorer: str = "quest_sum"
     superpage: int = 0
     shortlist: int = 4
+    summary_dtype: str = "auto"
+    summary_scale: float = 1.0
 
     def __post_init__(self):
         for name in ("page_size", "sink_tokens", "recent_tokens", "dense_layers", "block_size", "superpage",
@@ -100,6 +117,14 @@ class HydraPolicy:
                 f"hydra: HydraPolicy.superpage must be 0 (flat) or a power of two in [2, 1024], got {self.superpage}")
         if self.shortlist < 1:
             raise ValueError(f"hydra: HydraPolicy.shortlist must be >= 1, got {self.shortlist}")
+        if self.summary_dtype not in SUMMARY_DTYPES:
+            raise ValueError(f"hydra: HydraPolicy.summary_dtype must be one of {SUMMARY_DTYPES}, "
+                             f"got {self.summary_dtype!r}")
+        sc = self.summary_scale
+        if isinstance(sc, bool) or not isinstance(sc, (int, float)) or not sc > 0 \
+                or math.frexp(sc)[0] != 0.5 or not (2.0 ** -16 <= sc <= 2.0 ** 16):
+            raise ValueError(f"hydra: HydraPolicy.summary_scale must be a power of two in [2^-16, 2^16], "
+                             f"got {sc!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"hydra: HydraPolicy.scorer must be one of {SCORERS}, got {self.scorer!r}")
         if self.budget_tokens is None:
@@ -142,6 +167,15 @@ class HydraPolicy:
         if not self.coarse:
             return 0
         return -(-self.shortlist * self.n_sel // self.superpage)
+
+    @property
+    def summary_torch_dtype(self):
+        """``torch.float8_e4m3fn`` for ``"fp8_e4m3"``, else None (the keys' dtype)."""
+        if self.summary_dtype == "fp8_e4m3":
+            import torch
+
+            return torch.float8_e4m3fn
+        return None
 
     @property
     def sink_pages(self) -> int:

@@ -36,6 +36,8 @@ from .policy import HydraPolicy, resolve_policy
 
 __all__ = [
     "page_summaries",
+    "decode_summaries",
+    "e4m3_round_outward",
     "superpage_summaries",
     "page_scores",
     "select_pages",
@@ -171,6 +173,59 @@ def _is_dense(pol: HydraPolicy, policy_layer_idx: Optional[int]) -> bool:
 
 
 # --------------------------------------------------------------------------- #
+# 8-bit (e4m3) page summaries                                                 #
+# --------------------------------------------------------------------------- #
+#
+# ``page_summaries(k, dtype=torch.float8_e4m3fn, scale=s)`` stores each page's
+# min and max of ``k * s`` as e4m3 values rounded outward: the min down to the
+# largest e4m3 value <= it, the max up to the smallest e4m3 value >= it, so the
+# Quest bound still holds. e4m3 ("fn": no infinities) ends at +-448: a min below
+# -448 is stored as -448 and a max above 448 as 448, and the scorer reads those
+# two codes (-448 as a min, 448 as a max) as -/+2^64 ("saturated"), which keeps
+# the bound valid for any key. ``s`` is a power of two shared by every page, so
+# it changes no ranking; it only keeps large keys inside the range.
+
+E4M3_SATURATED = 2.0 ** 64
+_E4M3_TABLE = {}
+
+
+def _e4m3_table(device) -> Tensor:
+    """The 253 distinct finite e4m3 values (one zero), ascending, fp32."""
+    key = str(device)
+    if key not in _E4M3_TABLE:
+        v = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        v = torch.unique(v[torch.isfinite(v)])
+        _E4M3_TABLE[key] = torch.where(v == 0, 0.0, v).to(device)  # +0, never -0 (code 0x80)
+    return _E4M3_TABLE[key]
+
+
+def e4m3_round_outward(kmin: Tensor, kmax: Tensor):
+    """(kmin rounded down, kmax rounded up) to e4m3 values, as float8_e4m3fn tensors.
+    NaN is not expected (keys past a sequence's end are never summarised)."""
+    t = _e4m3_table(kmin.device)
+    lo = t[(torch.searchsorted(t, kmin.float().contiguous(), right=True) - 1).clamp(0, len(t) - 1)]
+    hi = t[torch.searchsorted(t, kmax.float().contiguous()).clamp(0, len(t) - 1)]
+    return lo.to(torch.float8_e4m3fn), hi.to(torch.float8_e4m3fn)
+
+
+def decode_summaries(summaries: Tensor) -> Tensor:
+    """Summaries as the scorer reads them, fp32: 16-bit ones exactly; e4m3 ones with
+    the saturated codes (-448 as a min, 448 as a max) read as -/+2^64."""
+    if summaries.dtype != torch.float8_e4m3fn:
+        return summaries.float()
+    f = summaries.float()
+    mn = torch.where(f[..., 0, :] == -448.0, -E4M3_SATURATED, f[..., 0, :])
+    mx = torch.where(f[..., 1, :] == 448.0, E4M3_SATURATED, f[..., 1, :])
+    return torch.stack([mn, mx], dim=-2)
+
+
+def _check_summary_scale(scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 \
+            or math.frexp(scale)[0] != 0.5 or not (2.0 ** -16 <= scale <= 2.0 ** 16):
+        raise ValueError(f"hydra: summary scale must be a power of two in [2^-16, 2^16], got {scale!r}")
+
+
+# --------------------------------------------------------------------------- #
 # Scoring helpers                                                             #
 # --------------------------------------------------------------------------- #
 
@@ -182,8 +237,8 @@ def _quest_bound(q_group: Tensor, summaries: Tensor) -> Tensor:
     returns   : (B, Hkv, n) fp32,
                 sum_g sum_d max(q[g, d] * kmin[p, d], q[g, d] * kmax[p, d])
     """
-    kmin = summaries[..., 0, :].float()
-    kmax = summaries[..., 1, :].float()
+    dec = decode_summaries(summaries)
+    kmin, kmax = dec[..., 0, :], dec[..., 1, :]
     B, Hkv, G, _ = q_group.shape
     total = torch.zeros(kmin.shape[:-1], dtype=torch.float32, device=kmin.device)
     for g in range(G):  # one query head at a time keeps memory at (B, Hkv, n, D)
@@ -253,7 +308,8 @@ def _page_list_to_token_mask(pages: Tensor, n_pages: int, page_size: int, Tkv: i
 # --------------------------------------------------------------------------- #
 
 def page_summaries(k: Tensor, *, page_size: int = 16, cache_seqlens: Optional[Tensor] = None,
-                   cache_leftpad: Optional[Tensor] = None) -> Tensor:
+                   cache_leftpad: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None,
+                   scale: float = 1.0) -> Tensor:
     """Per-page elementwise min and max of the keys.
 
     Parameters
@@ -267,13 +323,18 @@ def page_summaries(k: Tensor, *, page_size: int = 16, cache_seqlens: Optional[Te
         Valid lengths ``L_b``; tokens ``>= L_b`` are ignored.
     cache_leftpad : Tensor, (B,), optional
         First valid positions; pages count from them (see the module notes).
+    dtype : torch.dtype, optional
+        k's dtype (default): exact. ``torch.float8_e4m3fn``: the min and max of
+        ``k * scale`` rounded outward to e4m3 (see "8-bit page summaries" above).
+    scale : float
+        A power of two; used only with ``torch.float8_e4m3fn``.
 
     Returns
     -------
-    Tensor, (B, Hkv, n_pages, 2, D), k's dtype
+    Tensor, (B, Hkv, n_pages, 2, D), ``dtype``
         ``n_pages = ceil(Tkv / P)``. ``[..., 0, :]`` is the min and ``[..., 1, :]``
         the max over the page's valid tokens. A page with no valid token has
-        min = +inf and max = -inf.
+        min = +inf and max = -inf (e4m3: 448 and -448).
 
     Examples
     --------
@@ -299,6 +360,13 @@ def page_summaries(k: Tensor, *, page_size: int = 16, cache_seqlens: Optional[Te
     # torch.where (not multiplication) so NaN past L cannot leak in.
     kmin = torch.where(valid, kf, inf).view(B, Hkv, n_pages, P, D).amin(dim=3)
     kmax = torch.where(valid, kf, -inf).view(B, Hkv, n_pages, P, D).amax(dim=3)
+    if dtype is not None and dtype == torch.float8_e4m3fn:
+        _check_summary_scale(scale)
+        lo, hi = e4m3_round_outward(kmin * scale, kmax * scale)
+        return torch.stack([lo, hi], dim=3)
+    if dtype is not None and dtype != k.dtype:
+        raise ValueError(f"hydra: page_summaries dtype must be k's dtype ({k.dtype}) or torch.float8_e4m3fn, "
+                         f"got {dtype}")
     return torch.stack([kmin, kmax], dim=3).to(k.dtype)
 
 
@@ -347,7 +415,8 @@ def page_scores(q: Tensor, summaries: Tensor, *, cache_seqlens: Optional[Tensor]
     q_group = q.float().view(B, Hkv, G, D)
     scores = _quest_bound(q_group, summaries)
 
-    empty = (summaries[..., 0, :] > summaries[..., 1, :]).any(dim=-1)
+    dec = decode_summaries(summaries)
+    empty = (dec[..., 0, :] > dec[..., 1, :]).any(dim=-1)
     if cache_seqlens is not None:
         # Any Tkv with these pages will do for the bounds check: L <= n_pages * P.
         L = _valid_lengths(cache_seqlens, B, n_pages * page_size, q.device)
@@ -386,6 +455,16 @@ def superpage_summaries(page_summaries: Tensor, superpage: int) -> Tensor:
     n_super = _ceil_div(n, superpage)
     pad = n_super * superpage - n
     mn, mx = page_summaries[:, :, :, 0], page_summaries[:, :, :, 1]
+    if page_summaries.dtype == torch.float8_e4m3fn:
+        # min/max over e4m3 codes (compared as their values) are e4m3 codes, saturated
+        # ones included; empty superpages hold 448 / -448 like empty pages.
+        mn, mx = mn.float(), mx.float()
+        if pad:
+            big = torch.full((B, H, pad, D), 448.0, dtype=mn.dtype, device=mn.device)
+            mn, mx = torch.cat([mn, big], dim=2), torch.cat([mx, -big], dim=2)
+        mn = mn.reshape(B, H, n_super, superpage, D).amin(dim=3)
+        mx = mx.reshape(B, H, n_super, superpage, D).amax(dim=3)
+        return torch.stack([mn, mx], dim=3).to(torch.float8_e4m3fn)
     if pad:
         inf = torch.full((B, H, pad, D), float("inf"), dtype=mn.dtype, device=mn.device)
         mn, mx = torch.cat([mn, inf], dim=2), torch.cat([mx, -inf], dim=2)
