@@ -123,7 +123,10 @@ MAX_REL_ERR = 2e-2
 
 DEVICE = torch.device("cuda")
 
-HYDRA_NAMES = ("hydra_cached", "hydra_stateless")
+HYDRA_NAMES = ("hydra_cached", "hydra_cached_e4m3", "hydra_stateless")
+# hydra_cached_e4m3: the same call with e4m3 page summaries (HydraPolicy.summary_dtype="fp8_e4m3",
+# hydra.page_summaries(k, dtype=torch.float8_e4m3fn)): half the summary bytes.
+E4M3 = torch.float8_e4m3fn
 PEER_NAMES = ("sdpa_flash", "sdpa_cudnn", "flashinfer")
 
 # HydraKVCache step rows (issue 5): shapes, cache headroom for the timed appends, targets
@@ -241,6 +244,8 @@ def step_bytes(name: str, B: int, T: int, summary_elem: int = 2) -> int:
     sel = min(T, BUDGET_TOKENS)
     if name == "hydra_cached":
         return summary_bytes(B, T, summary_elem) + 2 * kv_bytes(B, sel) + qo_bytes(B)
+    if name == "hydra_cached_e4m3":
+        return summary_bytes(B, T, 1) + 2 * kv_bytes(B, sel) + qo_bytes(B)
     if name == "hydra_stateless":
         return kv_bytes(B, T) + kv_bytes(B, sel) + qo_bytes(B)
     return 2 * kv_bytes(B, T) + qo_bytes(B)
@@ -256,11 +261,12 @@ def hier_policies(hydra):
 
 def hier_step_bytes(name: str, B: int, T: int) -> int:
     """Bytes a step must read: flat = all 8-token page summaries + the selected K/V;
-    coarse-to-fine = superpage summaries + the shortlisted pages' summaries + the selected K/V."""
+    coarse-to-fine = superpage summaries + the shortlisted pages' summaries + the selected K/V
+    (e4m3 rows: one byte a summary value)."""
     sel = min(T, BUDGET_TOKENS)
     n_pages = ceil_div(T, HIER_PAGE)
-    per_summary = 2 * HEAD_DIM * 2
-    if name == "hydra_flat8":
+    per_summary = 2 * HEAD_DIM * (1 if name.endswith("_e4m3") else 2)
+    if name.startswith("hydra_flat8"):
         meta = n_pages
     else:
         n_sel = BUDGET_TOKENS // HIER_PAGE
@@ -653,7 +659,7 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
     dev = DEVICE
     modes = ["eager"] if args.no_graph else ["eager", "graph"]
     n_sets = choose_n_sets(B, T, ctx["l2_bytes"], args.sets)
-    need = n_sets * (2 * kv_bytes(B, T) + summary_bytes(B, T)) * 1.1 + 4 * kv_bytes(1, T) * 2 * 2
+    need = n_sets * (2 * kv_bytes(B, T) + summary_bytes(B, T) * 1.5) * 1.1 + 4 * kv_bytes(1, T) * 2 * 2
     free, _ = torch.cuda.mem_get_info()
     log(f"\n== B={B} T={T}: {n_sets} input set(s) of {2 * kv_bytes(B, T) / 1e9:.2f} GB K+V; "
         f"hydra_cached reads {step_bytes('hydra_cached', B, T) / 1e6:.1f} MB a step")
@@ -677,6 +683,7 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
     try:
         for s in sets:
             s["S"] = hydra.page_summaries(s["k"], page_size=PAGE_SIZE)
+            s["S_e4m3"] = hydra.page_summaries(s["k"], page_size=PAGE_SIZE, dtype=E4M3)
         torch.cuda.synchronize()
     except Exception as e:
         summaries_error = short_reason(e)
@@ -700,13 +707,14 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
     # -- hydra ---------------------------------------------------------------
     summary_elem = s0["S"].element_size() if "S" in s0 else 2
     for name in HYDRA_NAMES:
-        cached = name == "hydra_cached"
+        cached = name != "hydra_stateless"
+        skey = "S_e4m3" if name == "hydra_cached_e4m3" else "S"
         if cached and summaries_error:
             for mode in modes:
                 shape_rows.append({"name": name, "B": B, "T": T, "D": HEAD_DIM, "mode": mode, "us": None,
                                    "skipped": f"hydra.page_summaries failed: {summaries_error}"})
             continue
-        S0 = sub(s0["S"]) if cached else None
+        S0 = sub(s0[skey]) if cached else None
         hydra_ref = sparse_ref = ref_error = None
         try:  # the end-to-end reference: same arguments, computed in fp32
             hydra_ref = ref.hydra(q0, k0, v0, precision=PRECISION, page_summaries=S0).float()
@@ -715,7 +723,7 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
             log(f"  {name}: {ref_error}")
         try:  # the kernel's selection, and its attention over exactly those pages
             pages_k = sub(hydra.select_pages(s0["q"], s0["k"], precision=PRECISION,
-                                             page_summaries=s0["S"] if cached else None))
+                                             page_summaries=s0[skey] if cached else None))
             pages_r = ref.select_pages(q0, k0, precision=PRECISION, page_summaries=S0)
             S_for_scores = S0 if cached else ref.page_summaries(k0, page_size=PAGE_SIZE)
             scores = ref.page_scores(q0, S_for_scores, page_size=PAGE_SIZE)
@@ -739,8 +747,8 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
             res["correct"] = err is not None and err < MAX_REL_ERR and sel.get("selection_ok") is not False
             return res
 
-        def make(s, cached=cached):
-            S = s["S"] if cached else None
+        def make(s, cached=cached, skey=skey):
+            S = s[skey] if cached else None
             return lambda: hydra.hydra(s["q"], s["k"], s["v"], precision=PRECISION, page_summaries=S)
 
         case = Case(name, None, [make(s) for s in sets], check_out, step_bytes(name, B, T, summary_elem))
@@ -757,11 +765,16 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
             for st in sets:
                 st["S8"] = hydra.page_summaries(st["k"], page_size=HIER_PAGE)
                 st["SS"] = hydra.superpage_summaries(st["S8"], HIER_SUPERPAGE)
-            for name, pol in (("hydra_flat8", flat_pol), ("hydra_hier", hier_pol)):
-                S8, SS = sub(s0["S8"]), sub(s0["SS"]) if name == "hydra_hier" else None
+                st["S8_e4m3"] = hydra.page_summaries(st["k"], page_size=HIER_PAGE, dtype=E4M3)
+                st["SS_e4m3"] = hydra.superpage_summaries(st["S8_e4m3"], HIER_SUPERPAGE)
+            for name, pol in (("hydra_flat8", flat_pol), ("hydra_hier", hier_pol),
+                              ("hydra_flat8_e4m3", flat_pol), ("hydra_hier_e4m3", hier_pol)):
+                sfx = "_e4m3" if name.endswith("_e4m3") else ""
+                coarse = name.startswith("hydra_hier")
+                S8, SS = sub(s0["S8" + sfx]), sub(s0["SS" + sfx]) if coarse else None
                 want = ref.hydra(q0, k0, v0, policy=pol, page_summaries=S8, superpage_summaries=SS).float()
-                pages_k = sub(hydra.select_pages(s0["q"], s0["k"], policy=pol, page_summaries=s0["S8"],
-                                                 superpage_summaries=s0["SS"] if SS is not None else None))
+                pages_k = sub(hydra.select_pages(s0["q"], s0["k"], policy=pol, page_summaries=s0["S8" + sfx],
+                                                 superpage_summaries=s0["SS" + sfx] if SS is not None else None))
                 pages_r = ref.select_pages(q0, k0, policy=pol, page_summaries=S8, superpage_summaries=SS)
                 same_pages = bool(torch.equal(pages_k.cpu(), pages_r.cpu()))
 
@@ -770,16 +783,18 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
                     return {"max_rel_err": err, "checked_batch_indices": check_idx, "selection_ok": same_pages,
                             "correct": err is not None and err < MAX_REL_ERR and same_pages}
 
-                def make(st, pol=pol, coarse=name == "hydra_hier"):
-                    SSs = st["SS"] if coarse else None
-                    return lambda: hydra.hydra(st["q"], st["k"], st["v"], policy=pol, page_summaries=st["S8"],
+                def make(st, pol=pol, coarse=coarse, sfx=sfx):
+                    SSs = st["SS" + sfx] if coarse else None
+                    return lambda: hydra.hydra(st["q"], st["k"], st["v"], policy=pol, page_summaries=st["S8" + sfx],
                                                superpage_summaries=SSs)
 
                 case = Case(name, None, [make(st) for st in sets], check_out, hier_step_bytes(name, B, T))
                 for row in run_case(case, B, T, args, copy_gbps).values():
                     row.update({"n_sets": n_sets, "page_size": HIER_PAGE})
-                    if name == "hydra_hier":
+                    if coarse:
                         row.update({"superpage": HIER_SUPERPAGE, "shortlist": HIER_SHORTLIST})
+                    if sfx:
+                        row["summary_dtype"] = "fp8_e4m3"
                     shape_rows.append(row)
                 del case, want, pages_k, pages_r
             torch.cuda.empty_cache()
@@ -787,13 +802,13 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
             log(f"  coarse-to-fine rows failed: {short_reason(e)}")
             if args.verbose:
                 traceback.print_exc()
-            for name in ("hydra_flat8", "hydra_hier"):
+            for name in ("hydra_flat8", "hydra_hier", "hydra_flat8_e4m3", "hydra_hier_e4m3"):
                 for mode in modes:
                     shape_rows.append({"name": name, "B": B, "T": T, "D": HEAD_DIM, "mode": mode, "us": None,
                                        "skipped": f"failed: {short_reason(e)}"})
         for st in sets:
-            st.pop("S8", None)
-            st.pop("SS", None)
+            for key in ("S8", "SS", "S8_e4m3", "SS_e4m3"):
+                st.pop(key, None)
         torch.cuda.empty_cache()
 
     # -- HydraKVCache: append + attend, the whole cached decode step -------------
@@ -909,19 +924,22 @@ def bench_shape(B, T, ctx, args, rows, copy_gbps):
                  and r.get("us") is not None and r.get("correct")]
         best = min(peers, key=lambda r: r["us"]) if peers else None
         for r in shape_rows:
-            if r["name"] not in HYDRA_NAMES + ("hydra_cache_step", "hydra_flat8", "hydra_hier") \
+            if r["name"] not in HYDRA_NAMES + ("hydra_cache_step", "hydra_flat8", "hydra_hier", "hydra_flat8_e4m3",
+                                               "hydra_hier_e4m3") \
                     or r["mode"] != mode or r.get("us") is None:
                 continue
             r["best_dense_us"] = best["us"] if best else None
             r["best_dense_name"] = best["name"] if best else None
             r["speedup_vs_best_dense"] = best["us"] / r["us"] if best else None
             r["floor_ratio"] = r["us"] / r["floor_us"]
-        flat = next((r for r in shape_rows if r["name"] == "hydra_flat8" and r["mode"] == mode
-                     and r.get("us") is not None), None)
-        for r in shape_rows:
-            if r["name"] == "hydra_hier" and r["mode"] == mode and r.get("us") is not None and flat is not None:
-                r["flat_us"] = flat["us"]
-                r["speedup_vs_flat"] = flat["us"] / r["us"]
+        for sfx in ("", "_e4m3"):  # coarse-to-fine against flat selection with the same summaries
+            flat = next((r for r in shape_rows if r["name"] == "hydra_flat8" + sfx and r["mode"] == mode
+                         and r.get("us") is not None), None)
+            for r in shape_rows:
+                if r["name"] == "hydra_hier" + sfx and r["mode"] == mode and r.get("us") is not None \
+                        and flat is not None:
+                    r["flat_us"] = flat["us"]
+                    r["speedup_vs_flat"] = flat["us"] / r["us"]
     target_mode = "eager" if args.no_graph else "graph"
     for r in shape_rows:
         if r["mode"] != target_mode or r.get("us") is None:
@@ -970,9 +988,11 @@ def bench_head_dims(ctx, args, rows, copy_gbps):
                  "v": torch.randn(1, Hkv, T, D, device=DEVICE, dtype=DTYPE)} for _ in range(2)]
         for st in sets:
             st["S"] = hydra.page_summaries(st["k"], page_size=PAGE_SIZE)
+            st["S_e4m3"] = hydra.page_summaries(st["k"], page_size=PAGE_SIZE, dtype=E4M3)
         s0 = sets[0]
         q0, k0, v0 = s0["q"].float(), s0["k"].float(), s0["v"].float()
         want_sparse = ref.hydra(q0, k0, v0, precision=PRECISION, page_summaries=s0["S"]).float()
+        want_e4m3 = ref.hydra(q0, k0, v0, precision=PRECISION, page_summaries=s0["S_e4m3"]).float()
         want_dense = dense_reference(q0, k0, v0)
         shape_rows = []
         kv = Hkv * T * D * 2
@@ -986,7 +1006,12 @@ def bench_head_dims(ctx, args, rows, copy_gbps):
                       [lambda st=st: hydra.hydra(st["q"], st["k"], st["v"], precision=PRECISION,
                                                  page_summaries=st["S"]) for st in sets],
                       lambda o: check(o, want_sparse),
-                      Hkv * ceil_div(T, PAGE_SIZE) * 2 * D * 2 + 2 * sel)]
+                      Hkv * ceil_div(T, PAGE_SIZE) * 2 * D * 2 + 2 * sel),
+                 Case("hydra_cached_e4m3", None,
+                      [lambda st=st: hydra.hydra(st["q"], st["k"], st["v"], precision=PRECISION,
+                                                 page_summaries=st["S_e4m3"]) for st in sets],
+                      lambda o: check(o, want_e4m3),
+                      Hkv * ceil_div(T, PAGE_SIZE) * 2 * D + 2 * sel)]
         from torch.nn.attention import SDPBackend
 
         for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -997,17 +1022,17 @@ def bench_head_dims(ctx, args, rows, copy_gbps):
                 row.update({"D": D, "Hq": Hq, "Hkv": Hkv, "head_dim_case": True})
                 shape_rows.append(row)
         for mode in modes:
-            peers = [r for r in shape_rows if r["name"] != "hydra_cached" and r["mode"] == mode
+            peers = [r for r in shape_rows if not r["name"].startswith("hydra") and r["mode"] == mode
                      and r.get("us") is not None and r.get("correct")]
             best = min(peers, key=lambda r: r["us"]) if peers else None
             for r in shape_rows:
-                if r["name"] == "hydra_cached" and r["mode"] == mode and r.get("us") is not None and best:
+                if r["name"].startswith("hydra_cached") and r["mode"] == mode and r.get("us") is not None and best:
                     r.update({"best_dense_us": best["us"], "best_dense_name": best["name"],
                               "speedup_vs_best_dense": best["us"] / r["us"], "floor_ratio": r["us"] / r["floor_us"],
                               "target_speedup": TARGET_HEAD_DIM_SPEEDUP,
                               "meets_target": best["us"] / r["us"] >= TARGET_HEAD_DIM_SPEEDUP and r.get("correct")})
         rows.extend(shape_rows)
-        del sets, cases, want_sparse, want_dense, q0, k0, v0
+        del sets, cases, want_sparse, want_e4m3, want_dense, q0, k0, v0
         gc.collect()
         torch.cuda.empty_cache()
 

@@ -6,7 +6,9 @@
 // The second form folds the GQA group into two D-vectors once per CTA, so the
 // per-page cost does not grow with the group size.
 #include <algorithm>
+#include <type_traits>
 
+#include "mma.cuh"
 #include "select_common.cuh"
 
 namespace hydra {
@@ -14,9 +16,12 @@ namespace hydra {
 constexpr int kScoreThreads = 128;
 constexpr int kScorePasses = 8;  // pages each thread group scores per CTA
 
-template <int D>
+// DIMS: dims per thread, one 16-byte vector each for the min and max rows (8 of 16-bit
+// summaries, 16 of e4m3 ones: the same loads and instructions cover twice the dims).
+template <int D, int DIMS = 8>
 struct ScoreShape {
-  static constexpr int kThreadsPerPage = D / 8;  // one 16-byte vector each
+  static constexpr int kDims = DIMS;
+  static constexpr int kThreadsPerPage = D / DIMS;
   static constexpr int kPagesPerPass = kScoreThreads / kThreadsPerPage;
   static constexpr int kPagesPerCta = kPagesPerPass * kScorePasses;
   static_assert(kThreadsPerPage <= 32 && (kThreadsPerPage & (kThreadsPerPage - 1)) == 0,
@@ -25,10 +30,11 @@ struct ScoreShape {
 
 // Grid (ceil(n_pages / kPagesPerCta), Hkv, B). FROM_K: summaries are built on the
 // fly from the keys (the stateless path), in registers, never written out.
-// FP8: the summaries are e4m3 codes (SummaryFormat), read 8 bytes a thread.
+// FP8: the summaries are e4m3 codes (SummaryFormat), 16 dims a thread.
 template <int D, bool FROM_K, typename E, bool FP8 = false>
 __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams p) {
-  using S = ScoreShape<D>;
+  using S = ScoreShape<D, FP8 ? 16 : 8>;
+  constexpr int kChunks = S::kDims / 8;  // 8-dim chunks per thread
   const int b = blockIdx.z, h = blockIdx.y;
   pdl_wait();
   pdl_launch_dependents();  // the select kernel may be placed as the last CTAs run
@@ -60,7 +66,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
 
   const int lane = threadIdx.x % S::kThreadsPerPage;
   const int grp = threadIdx.x / S::kThreadsPerPage;
-  const int d0 = lane * 8;
+  const int d0 = lane * S::kDims;
   float* scores = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
   if constexpr (!FROM_K) {
     // Element offsets; e4m3 summaries are bytes, so the same offsets address them.
@@ -89,11 +95,9 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
       pages[i] = page;
       if (page >= 0) {
         const void* row = summary_at(page);
-        if constexpr (FP8) {
-          const uint2 a = __ldg(reinterpret_cast<const uint2*>(row));
-          const uint2 c = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(row) + D));
-          mn[i] = make_uint4(a.x, a.y, 0, 0);
-          mx[i] = make_uint4(c.x, c.y, 0, 0);
+        if constexpr (FP8) {  // 16 codes of the min row, 16 of the max row
+          mn[i] = ldg16(row);
+          mx[i] = ldg16(static_cast<const uint8_t*>(row) + D);
         } else {
           mn[i] = ldg16(row);
           mx[i] = ldg16(static_cast<const bf16_t*>(row) + D);
@@ -103,8 +107,9 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
         mx[i] = mn[i];
       }
     }
-    float qpos[8], qneg[8];
-    group_query_bounds<E>(p, b, h, d0, qpos, qneg);
+    float qpos[kChunks][8], qneg[kChunks][8];
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) group_query_bounds<E>(p, b, h, d0 + 8 * c, qpos[c], qneg[c]);
     // Fused append: the new token's page (or superpage) is scored with the token folded
     // in, since this launch's append CTA may update that summary before or after the
     // load above (either way the fold gives the same bound; see append_one_token). A
@@ -114,32 +119,40 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
                                 ? L_raw / (p.page_size * (stage1 ? p.superpage : 1)) : -1;
 #pragma unroll
     for (int i = 0; i < kScorePasses; ++i) {
-      float fmn[8], fmx[8];
+      float fmn[kChunks][8], fmx[kChunks][8];
       if constexpr (FP8) {
-        unpack8_e4m3<false>(make_uint2(mn[i].x, mn[i].y), fmn);
-        unpack8_e4m3<true>(make_uint2(mx[i].x, mx[i].y), fmx);
+        unpack8_e4m3<false>(make_uint2(mn[i].x, mn[i].y), fmn[0]);
+        unpack8_e4m3<false>(make_uint2(mn[i].z, mn[i].w), fmn[kChunks - 1]);
+        unpack8_e4m3<true>(make_uint2(mx[i].x, mx[i].y), fmx[0]);
+        unpack8_e4m3<true>(make_uint2(mx[i].z, mx[i].w), fmx[kChunks - 1]);
       } else {
-        unpack8<E>(mn[i], fmn);
-        unpack8<E>(mx[i], fmx);
+        unpack8<E>(mn[i], fmn[0]);
+        unpack8<E>(mx[i], fmx[0]);
       }
       if (pages[i] >= 0 && pages[i] == append_page) {
-        float f[8], lo[8], hi[8];
-        unpack8<E>(ldg16(p.k_new + b * p.kn_batch_stride + h * p.kn_head_stride + d0), f);
-        if constexpr (FP8) {  // the key as the append stores it: scaled, rounded outward
 #pragma unroll
-          for (int d = 0; d < 8; ++d) f[d] *= p.fmt.scale;
-          unpack8_e4m3<false>(pack8_e4m3<false>(f), lo);
-          unpack8_e4m3<true>(pack8_e4m3<true>(f), hi);
-        } else {
+        for (int c = 0; c < kChunks; ++c) {
+          float f[8], lo[8], hi[8];
+          unpack8<E>(ldg16(p.k_new + b * p.kn_batch_stride + h * p.kn_head_stride + d0 + 8 * c), f);
+          if constexpr (FP8) {  // the key as the append stores it: scaled, rounded outward
 #pragma unroll
-          for (int d = 0; d < 8; ++d) { lo[d] = f[d]; hi[d] = f[d]; }
+            for (int d = 0; d < 8; ++d) f[d] *= p.fmt.scale;
+            unpack8_e4m3<false>(pack8_e4m3<false>(f), lo);
+            unpack8_e4m3<true>(pack8_e4m3<true>(f), hi);
+          } else {
+#pragma unroll
+            for (int d = 0; d < 8; ++d) { lo[d] = f[d]; hi[d] = f[d]; }
+          }
+#pragma unroll
+          for (int d = 0; d < 8; ++d) { fmn[c][d] = fminf(fmn[c][d], lo[d]); fmx[c][d] = fmaxf(fmx[c][d], hi[d]); }
         }
-#pragma unroll
-        for (int d = 0; d < 8; ++d) { fmn[d] = fminf(fmn[d], lo[d]); fmx[d] = fmaxf(fmx[d], hi[d]); }
       }
       float acc = 0.f;
 #pragma unroll
-      for (int d = 0; d < 8; ++d) acc += qpos[d] * fmx[d] + qneg[d] * fmn[d];
+      for (int c = 0; c < kChunks; ++c) {
+#pragma unroll
+        for (int d = 0; d < 8; ++d) acc += qpos[c][d] * fmx[c][d] + qneg[c][d] * fmn[c][d];
+      }
       acc = reduce_page<S::kThreadsPerPage>(acc);
       const int x = page0 + i * S::kPagesPerPass + grp;
       if (lane == 0) {
@@ -180,10 +193,280 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
   }
 }
 
+// ---------------------------------------------------------------------------
+// Scoring from cached summaries on the tensor cores.
+//
+// A page's score is a dot product of its summary row [min (D) | max (D)] with the
+// group's folded query w = [qneg (D) | qpos (D)], so 16 pages are one m16n8k16 GEMV tile
+// per 16 dims: A = 16 summary rows (as stored: bf16 / fp16, or e4m3 converted to fp16
+// exactly), B = w split into three 16-bit parts (columns 0-2: w rounded, then the
+// rounding rests), fp32 accumulate; score = C[:, 0] + C[:, 1] + C[:, 2]. Three parts carry
+// fp32's 24 significant bits for bf16 (fp16: 33), so scores match the fp32 rule to
+// fp32 rounding.
+// A thread's A elements are loaded straight from global memory: lane (g, c) of a warp
+// holds dims 8c..8c+7 of every 32-dim segment of rows g and g+8 (one 16-byte load per row
+// and segment for 16-bit summaries, 8 bytes for e4m3). The dot product does not care
+// which fragment slot holds which dim, as long as B's slots hold w's same dims, so the
+// fragments are built from these loads with no shuffles and no shared memory.
+// Rare rows are rescored exactly in fp32 by their four lanes: the fused append's page
+// (its new key folded in) and e4m3 rows holding a saturated code (read as +-2^64, which
+// fp16 cannot hold). This replaces ~70 instructions a page a thread of the CUDA-core
+// version by ~3 a page a warp, so the kernel streams at the copy rate.
+constexpr int kMmaScoreWarps = 4;
+constexpr int kMmaTilesPerWarp = 2;
+constexpr int kMmaPagesPerCta = kMmaScoreWarps * kMmaTilesPerWarp * 16;
+
+// Four e4m3 codes -> two exact fp16x2 words (dims 0,1 and 2,3).
+__device__ __forceinline__ void e4m3x4_to_half2x2(uint32_t w, uint32_t& h01, uint32_t& h23) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h01) : "h"(static_cast<unsigned short>(w & 0xffffu)));
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h23) : "h"(static_cast<unsigned short>(w >> 16)));
+#else
+  // Byte -> fp16 bits as in e4m3x4_to_float: the fp16 value is the e4m3 value / 256.
+  const uint32_t lo = __byte_perm(w, 0u, 0x1404), hi = __byte_perm(w, 0u, 0x3424);
+  uint32_t ba = (lo & 0x80008000u) | ((lo & 0x7f007f00u) >> 1);
+  uint32_t bb = (hi & 0x80008000u) | ((hi & 0x7f007f00u) >> 1);
+  const __half2 k256 = __float2half2_rn(256.f);
+  __half2 a = __hmul2(*reinterpret_cast<const __half2*>(&ba), k256);
+  __half2 b = __hmul2(*reinterpret_cast<const __half2*>(&bb), k256);
+  h01 = *reinterpret_cast<const uint32_t*>(&a);
+  h23 = *reinterpret_cast<const uint32_t*>(&b);
+#endif
+}
+
+template <int D, typename E, bool FP8>
+__global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(ScoreParams p) {
+  using MT = std::conditional_t<FP8, F16, E>;  // the MMA's input type
+  constexpr int kSegs = 2 * D / 32;           // 32-dim segments of a summary row
+  constexpr int kGroup = (FP8 ? 8 : 4) < kSegs ? (FP8 ? 8 : 4) : kSegs;  // segments loaded at once
+  static_assert(kSegs % kGroup == 0, "segment groups");
+  __shared__ float sw[2 * D];                 // w = [qneg | qpos], fp32
+  __shared__ float s_scale;
+  const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  pdl_wait();
+  pdl_launch_dependents();
+  const int L_raw = p.seqlens != nullptr ? p.seqlens[b] : p.Tkv;
+  const bool with_append = p.append.k_src != nullptr;
+  if (with_append && blockIdx.x == 0) {
+    if (tid < 32) append_one_token<E, FP8>(p.append, L_raw, b, h, tid);
+    return;
+  }
+  const int cta = blockIdx.x - (with_append ? 1 : 0);
+  const int L_end = min(max(L_raw + p.len_add, 0), p.Tkv);
+  const int L = L_end - seq_start(p.leftpad, b, L_end);
+  const int n_pages_b = (L + p.page_size - 1) / p.page_size;
+  if (n_pages_b <= p.n_sel) return;
+  int cand_lo = min(p.sink_pages, n_pages_b);
+  int cand_hi = max(first_recent_page(L, p.recent_tokens, p.page_size), cand_lo);
+  const bool stage1 = p.superpage > 1 && p.shortlist == nullptr;
+  const bool stage2 = p.shortlist != nullptr;
+  if (stage1) {
+    const int sp_lo = cand_lo / p.superpage;
+    cand_hi = cand_hi > cand_lo ? (cand_hi + p.superpage - 1) / p.superpage : sp_lo;
+    cand_lo = sp_lo;
+  }
+  const int page0 = cta * kMmaPagesPerCta;
+  if (stage2 ? page0 >= p.n_short * p.superpage : (page0 >= cand_hi || page0 + kMmaPagesPerCta <= cand_lo)) return;
+
+  // The group's folded query, fp32, in shared memory (read again only by rare rows).
+  if (tid < D / 8) {
+    float qpos[8], qneg[8];
+    group_query_bounds<E>(p, b, h, tid * 8, qpos, qneg);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) { sw[tid * 8 + i] = qneg[i]; sw[D + tid * 8 + i] = qpos[i]; }
+  }
+  __syncthreads();
+  if (warp == 0) {  // fp16 B: scale w by a power of two so its high part stays finite
+    float m = 0.f;
+    for (int i = lane; i < 2 * D; i += 32) m = fmaxf(m, fabsf(sw[i]));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    float sc = 1.f;
+    if (MT::kHalf) {
+      while (m * sc > 16384.f) sc *= 0.0625f;
+    }
+    if (lane == 0) s_scale = sc;
+  }
+  __syncthreads();
+  const float scale = s_scale;
+  const int g = lane >> 2, c = lane & 3;
+  // B fragments: chunk 2s + j of segment s covers dims 32s + 8c + 4j .. +3.
+  uint32_t bfrag[kSegs][2][2];
+#pragma unroll
+  for (int sg = 0; sg < kSegs; ++sg) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int d = 32 * sg + 8 * c + 4 * j;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float w0 = sw[d + 2 * r] * scale, w1 = sw[d + 2 * r + 1] * scale;
+        // Columns 0, 1, 2: w rounded to 16 bits, then what that rounding left, then
+        // what is left after that (3 x 8 significant bits for bf16: fp32's 24).
+        const uint32_t p0 = pack2<MT>(w0, w1);
+        const float r0 = w0 - MT::lo(p0), r1 = w1 - MT::hi(p0);
+        const uint32_t p1 = pack2<MT>(r0, r1);
+        const uint32_t p2 = pack2<MT>(r0 - MT::lo(p1), r1 - MT::hi(p1));
+        bfrag[sg][j][r] = g == 0 ? p0 : g == 1 ? p1 : g == 2 ? p2 : 0u;
+      }
+    }
+  }
+
+  const int64_t s_row = b * p.s_batch_stride + h * p.s_head_stride;
+  const int* sl = stage2 ? p.shortlist + ((int64_t)b * p.Hkv + h) * p.n_short : nullptr;
+  auto page_of = [&](int x) -> int {
+    if (!stage2) return (x >= cand_lo && x < cand_hi) ? x : -1;
+    const int slot = x / p.superpage;
+    const int sp = slot < p.n_short ? sl[slot] : -1;
+    const int pg = sp >= 0 ? sp * p.superpage + x % p.superpage : -1;
+    return (pg >= cand_lo && pg < cand_hi) ? pg : -1;
+  };
+  auto row_ptr = [&](int page) -> const uint8_t* {
+    return reinterpret_cast<const uint8_t*>(p.summaries) + (s_row + (int64_t)page * p.s_page_stride) * (FP8 ? 1 : 2);
+  };
+  const int append_page = p.k_new != nullptr && L_raw >= 0 && L_raw < p.Tkv
+                              ? L_raw / (p.page_size * (stage1 ? p.superpage : 1)) : -1;
+  float* scores = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
+
+#pragma unroll 1
+  for (int t = 0; t < kMmaTilesPerWarp; ++t) {
+    const int x0 = page0 + (warp * kMmaTilesPerWarp + t) * 16;
+    const int pa = page_of(x0 + g), pb = page_of(x0 + g + 8);
+    const uint8_t* ra = pa >= 0 ? row_ptr(pa) : nullptr;
+    const uint8_t* rb = pb >= 0 ? row_ptr(pb) : nullptr;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    uint32_t sat = 0u;  // e4m3: a saturated code in row g (bit 0) or g + 8 (bit 1)
+#pragma unroll
+    for (int s0 = 0; s0 < kSegs; s0 += kGroup) {
+      if constexpr (FP8) {
+        uint2 ua[kGroup], ub[kGroup];
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i) {
+          const int off = 32 * (s0 + i) + 8 * c;  // bytes
+          ua[i] = ra ? __ldg(reinterpret_cast<const uint2*>(ra + off)) : make_uint2(0u, 0u);
+          ub[i] = rb ? __ldg(reinterpret_cast<const uint2*>(rb + off)) : make_uint2(0u, 0u);
+        }
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i) {
+          const uint32_t pat = 32 * (s0 + i) < D ? 0xfefefefeu : 0x7e7e7e7eu;  // min rows: -448; max rows: 448
+          sat |= (__vcmpeq4(ua[i].x, pat) | __vcmpeq4(ua[i].y, pat)) ? 1u : 0u;
+          sat |= (__vcmpeq4(ub[i].x, pat) | __vcmpeq4(ub[i].y, pat)) ? 2u : 0u;
+          uint32_t a[4], a2[4];
+          e4m3x4_to_half2x2(ua[i].x, a[0], a[2]);
+          e4m3x4_to_half2x2(ub[i].x, a[1], a[3]);
+          e4m3x4_to_half2x2(ua[i].y, a2[0], a2[2]);
+          e4m3x4_to_half2x2(ub[i].y, a2[1], a2[3]);
+          mma_16816<MT>(acc, a, bfrag[s0 + i][0][0], bfrag[s0 + i][0][1]);
+          mma_16816<MT>(acc, a2, bfrag[s0 + i][1][0], bfrag[s0 + i][1][1]);
+        }
+      } else {
+        uint4 ua[kGroup], ub[kGroup];
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i) {
+          const int off = (32 * (s0 + i) + 8 * c) * 2;  // bytes
+          ua[i] = ra ? ldg16(ra + off) : make_uint4(0u, 0u, 0u, 0u);
+          ub[i] = rb ? ldg16(rb + off) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i) {
+          const uint32_t a[4] = {ua[i].x, ub[i].x, ua[i].y, ub[i].y};
+          const uint32_t a2[4] = {ua[i].z, ub[i].z, ua[i].w, ub[i].w};
+          mma_16816<MT>(acc, a, bfrag[s0 + i][0][0], bfrag[s0 + i][0][1]);
+          mma_16816<MT>(acc, a2, bfrag[s0 + i][1][0], bfrag[s0 + i][1][1]);
+        }
+      }
+    }
+    // Lane (g, c) holds columns 2c, 2c + 1 of rows g (acc[0..1]) and g + 8 (acc[2..3]):
+    // columns 0-2 sit in lanes c = 0 and 1.
+    float score[2] = {acc[0] + acc[1], acc[2] + acc[3]};
+    score[0] += __shfl_xor_sync(0xffffffffu, score[0], 1);
+    score[1] += __shfl_xor_sync(0xffffffffu, score[1], 1);
+    score[0] /= scale;
+    score[1] /= scale;
+    // Rare rows: rescored exactly in fp32 by the row's four lanes (uniform control flow).
+    sat |= __shfl_xor_sync(0xffffffffu, sat, 1);
+    sat |= __shfl_xor_sync(0xffffffffu, sat, 2);
+    const bool rare_a = (sat & 1u) || (pa >= 0 && pa == append_page);
+    const bool rare_b = (sat & 2u) || (pb >= 0 && pb == append_page);
+    if (__any_sync(0xffffffffu, rare_a || rare_b)) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int pg = r == 0 ? pa : pb;
+        const bool rare = r == 0 ? rare_a : rare_b;
+        float part = 0.f;
+        if (rare && pg >= 0) {
+          const uint8_t* row = r == 0 ? ra : rb;
+          for (int ch = c; ch < D / 8; ch += 4) {  // 8-dim chunk of the min row and of the max row
+            float mn[8], mx[8];
+            load_summary8<E, FP8>(row + ch * 8 * (FP8 ? 1 : 2), D, mn, mx);
+            if (pg == append_page) {
+              float f[8], lo[8], hi[8];
+              unpack8<E>(ldg16(p.k_new + b * p.kn_batch_stride + h * p.kn_head_stride + ch * 8), f);
+              if constexpr (FP8) {
+#pragma unroll
+                for (int d = 0; d < 8; ++d) f[d] *= p.fmt.scale;
+                unpack8_e4m3<false>(pack8_e4m3<false>(f), lo);
+                unpack8_e4m3<true>(pack8_e4m3<true>(f), hi);
+              } else {
+#pragma unroll
+                for (int d = 0; d < 8; ++d) { lo[d] = f[d]; hi[d] = f[d]; }
+              }
+#pragma unroll
+              for (int d = 0; d < 8; ++d) { mn[d] = fminf(mn[d], lo[d]); mx[d] = fmaxf(mx[d], hi[d]); }
+            }
+#pragma unroll
+            for (int d = 0; d < 8; ++d) part += sw[ch * 8 + d] * mn[d] + sw[D + ch * 8 + d] * mx[d];
+          }
+        }
+        part += __shfl_xor_sync(0xffffffffu, part, 1);
+        part += __shfl_xor_sync(0xffffffffu, part, 2);
+        if (rare) score[r] = part;
+      }
+    }
+    if (c == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int x = x0 + g + 8 * r;
+        const int pg = r == 0 ? pa : pb;
+        if (stage2) {
+          if (x < p.n_short * p.superpage) scores[x] = pg >= 0 ? score[r] : -INFINITY;
+        } else if (pg >= 0) {
+          scores[x] = score[r];
+        }
+      }
+    }
+  }
+}
+
+// The tensor-core scorer for cached summaries; HYDRA_MMA_SCORE=0 selects the CUDA-core one.
+inline bool use_mma_score() {
+  static const bool on = [] {
+    const char* env = std::getenv("HYDRA_MMA_SCORE");
+    return !(env != nullptr && env[0] == '0');
+  }();
+  return on;
+}
+
 void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
     HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
-      constexpr int kPagesPerCta = ScoreShape<kD>::kPagesPerCta;
+      const bool fp8 = p.summaries != nullptr && p.fmt.fp8;
+      if (p.summaries != nullptr && use_mma_score()) {
+        static bool mma_configured[64] = {};
+        int dev = 0;
+        cudaGetDevice(&dev);
+        if (dev < 0 || dev >= 64 || !mma_configured[dev]) {
+          prefer_max_shared(score_pages_mma_kernel<kD, E, false>);
+          prefer_max_shared(score_pages_mma_kernel<kD, E, true>);
+          if (dev >= 0 && dev < 64) mma_configured[dev] = true;
+        }
+        dim3 grid((p.n_pages + kMmaPagesPerCta - 1) / kMmaPagesPerCta + (p.append.k_src != nullptr ? 1 : 0), p.Hkv,
+                  p.B);
+        auto kernel = fp8 ? score_pages_mma_kernel<kD, E, true> : score_pages_mma_kernel<kD, E, false>;
+        launch_maybe_pdl(kernel, grid, dim3(kMmaScoreWarps * 32), 0, stream, p);
+        check_launch("score_pages_mma_kernel");
+        return;
+      }
+      const int kPagesPerCta = fp8 ? ScoreShape<kD, 16>::kPagesPerCta : ScoreShape<kD>::kPagesPerCta;
       dim3 grid((p.n_pages + kPagesPerCta - 1) / kPagesPerCta + (p.append.k_src != nullptr ? 1 : 0), p.Hkv, p.B);
       auto kernel = p.summaries == nullptr ? score_pages_kernel<kD, true, E>
                     : p.fmt.fp8            ? score_pages_kernel<kD, false, E, true>
