@@ -16,12 +16,9 @@ namespace hydra {
 constexpr int kScoreThreads = 128;
 constexpr int kScorePasses = 8;  // pages each thread group scores per CTA
 
-// DIMS: dims per thread, one 16-byte vector each for the min and max rows (8 of 16-bit
-// summaries, 16 of e4m3 ones: the same loads and instructions cover twice the dims).
-template <int D, int DIMS = 8>
+template <int D>
 struct ScoreShape {
-  static constexpr int kDims = DIMS;
-  static constexpr int kThreadsPerPage = D / DIMS;
+  static constexpr int kThreadsPerPage = D / 8;  // one 16-byte vector each
   static constexpr int kPagesPerPass = kScoreThreads / kThreadsPerPage;
   static constexpr int kPagesPerCta = kPagesPerPass * kScorePasses;
   static_assert(kThreadsPerPage <= 32 && (kThreadsPerPage & (kThreadsPerPage - 1)) == 0,
@@ -30,11 +27,10 @@ struct ScoreShape {
 
 // Grid (ceil(n_pages / kPagesPerCta), Hkv, B). FROM_K: summaries are built on the
 // fly from the keys (the stateless path), in registers, never written out.
-// FP8: the summaries are e4m3 codes (SummaryFormat), 16 dims a thread.
-template <int D, bool FROM_K, typename E, bool FP8 = false>
+// 16-bit summaries only (e4m3 ones are scored by score_pages_mma_kernel).
+template <int D, bool FROM_K, typename E>
 __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams p) {
-  using S = ScoreShape<D, FP8 ? 16 : 8>;
-  constexpr int kChunks = S::kDims / 8;  // 8-dim chunks per thread
+  using S = ScoreShape<D>;
   const int b = blockIdx.z, h = blockIdx.y;
   pdl_wait();
   pdl_launch_dependents();  // the select kernel may be placed as the last CTAs run
@@ -43,7 +39,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
   // memory round trips overlaps the scoring instead of trailing it.
   const bool with_append = p.append.k_src != nullptr;
   if (with_append && blockIdx.x == 0) {
-    if (threadIdx.x < 32) append_one_token<E, FP8>(p.append, L_raw, b, h, threadIdx.x);
+    if (threadIdx.x < 32) append_one_token<E, false>(p.append, L_raw, b, h, threadIdx.x);
     return;
   }
   const int cta = blockIdx.x - (with_append ? 1 : 0);  // this CTA's share of the scoring
@@ -66,16 +62,10 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
 
   const int lane = threadIdx.x % S::kThreadsPerPage;
   const int grp = threadIdx.x / S::kThreadsPerPage;
-  const int d0 = lane * S::kDims;
+  const int d0 = lane * 8;
   float* scores = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
   if constexpr (!FROM_K) {
-    // Element offsets; e4m3 summaries are bytes, so the same offsets address them.
-    const int64_t s_row = b * p.s_batch_stride + h * p.s_head_stride + d0;
-    auto summary_at = [&](int page) -> const void* {
-      const int64_t at = s_row + (int64_t)page * p.s_page_stride;
-      return FP8 ? static_cast<const void*>(reinterpret_cast<const uint8_t*>(p.summaries) + at)
-                 : static_cast<const void*>(p.summaries + at);
-    };
+    const bf16_t* s = p.summaries + b * p.s_batch_stride + h * p.s_head_stride + d0;
     const int* sl = stage2 ? p.shortlist + ((int64_t)b * p.Hkv + h) * p.n_short : nullptr;
     // Slot x of this CTA's index space -> the page (or superpage) it scores, -1 if none.
     auto page_of = [&](int x) -> int {
@@ -94,22 +84,15 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
       const int page = page_of(page0 + i * S::kPagesPerPass + grp);
       pages[i] = page;
       if (page >= 0) {
-        const void* row = summary_at(page);
-        if constexpr (FP8) {  // 16 codes of the min row, 16 of the max row
-          mn[i] = ldg16(row);
-          mx[i] = ldg16(static_cast<const uint8_t*>(row) + D);
-        } else {
-          mn[i] = ldg16(row);
-          mx[i] = ldg16(static_cast<const bf16_t*>(row) + D);
-        }
+        mn[i] = ldg16(s + page * p.s_page_stride);
+        mx[i] = ldg16(s + page * p.s_page_stride + D);
       } else {
         mn[i] = make_uint4(0, 0, 0, 0);
         mx[i] = mn[i];
       }
     }
-    float qpos[kChunks][8], qneg[kChunks][8];
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) group_query_bounds<E>(p, b, h, d0 + 8 * c, qpos[c], qneg[c]);
+    float qpos[8], qneg[8];
+    group_query_bounds<E>(p, b, h, d0, qpos, qneg);
     // Fused append: the new token's page (or superpage) is scored with the token folded
     // in, since this launch's append CTA may update that summary before or after the
     // load above (either way the fold gives the same bound; see append_one_token). A
@@ -119,40 +102,18 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
                                 ? L_raw / (p.page_size * (stage1 ? p.superpage : 1)) : -1;
 #pragma unroll
     for (int i = 0; i < kScorePasses; ++i) {
-      float fmn[kChunks][8], fmx[kChunks][8];
-      if constexpr (FP8) {
-        unpack8_e4m3<false>(make_uint2(mn[i].x, mn[i].y), fmn[0]);
-        unpack8_e4m3<false>(make_uint2(mn[i].z, mn[i].w), fmn[kChunks - 1]);
-        unpack8_e4m3<true>(make_uint2(mx[i].x, mx[i].y), fmx[0]);
-        unpack8_e4m3<true>(make_uint2(mx[i].z, mx[i].w), fmx[kChunks - 1]);
-      } else {
-        unpack8<E>(mn[i], fmn[0]);
-        unpack8<E>(mx[i], fmx[0]);
-      }
+      float fmn[8], fmx[8];
+      unpack8<E>(mn[i], fmn);
+      unpack8<E>(mx[i], fmx);
       if (pages[i] >= 0 && pages[i] == append_page) {
+        float f[8];
+        unpack8<E>(ldg16(p.k_new + b * p.kn_batch_stride + h * p.kn_head_stride + d0), f);
 #pragma unroll
-        for (int c = 0; c < kChunks; ++c) {
-          float f[8], lo[8], hi[8];
-          unpack8<E>(ldg16(p.k_new + b * p.kn_batch_stride + h * p.kn_head_stride + d0 + 8 * c), f);
-          if constexpr (FP8) {  // the key as the append stores it: scaled, rounded outward
-#pragma unroll
-            for (int d = 0; d < 8; ++d) f[d] *= p.fmt.scale;
-            unpack8_e4m3<false>(pack8_e4m3<false>(f), lo);
-            unpack8_e4m3<true>(pack8_e4m3<true>(f), hi);
-          } else {
-#pragma unroll
-            for (int d = 0; d < 8; ++d) { lo[d] = f[d]; hi[d] = f[d]; }
-          }
-#pragma unroll
-          for (int d = 0; d < 8; ++d) { fmn[c][d] = fminf(fmn[c][d], lo[d]); fmx[c][d] = fmaxf(fmx[c][d], hi[d]); }
-        }
+        for (int d = 0; d < 8; ++d) { fmn[d] = fminf(fmn[d], f[d]); fmx[d] = fmaxf(fmx[d], f[d]); }
       }
       float acc = 0.f;
 #pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-#pragma unroll
-        for (int d = 0; d < 8; ++d) acc += qpos[c][d] * fmx[c][d] + qneg[c][d] * fmn[c][d];
-      }
+      for (int d = 0; d < 8; ++d) acc += qpos[d] * fmx[d] + qneg[d] * fmn[d];
       acc = reduce_page<S::kThreadsPerPage>(acc);
       const int x = page0 + i * S::kPagesPerPass + grp;
       if (lane == 0) {
@@ -213,8 +174,9 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
 // fp16 cannot hold). This replaces ~70 instructions a page a thread of the CUDA-core
 // version by ~3 a page a warp, so the kernel streams at the copy rate.
 constexpr int kMmaScoreWarps = 4;
-constexpr int kMmaTilesPerWarp = 2;
-constexpr int kMmaPagesPerCta = kMmaScoreWarps * kMmaTilesPerWarp * 16;
+// 16-row tiles per warp: one for 16-bit summaries, two for e4m3 (the same bytes a warp).
+template <bool FP8>
+constexpr int mma_pages_per_cta() { return kMmaScoreWarps * 16 * (FP8 ? 2 : 1); }
 
 // Four e4m3 codes -> two exact fp16x2 words (dims 0,1 and 2,3).
 __device__ __forceinline__ void e4m3x4_to_half2x2(uint32_t w, uint32_t& h01, uint32_t& h23) {
@@ -238,8 +200,10 @@ template <int D, typename E, bool FP8>
 __global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(ScoreParams p) {
   using MT = std::conditional_t<FP8, F16, E>;  // the MMA's input type
   constexpr int kSegs = 2 * D / 32;           // 32-dim segments of a summary row
-  constexpr int kGroup = (FP8 ? 8 : 4) < kSegs ? (FP8 ? 8 : 4) : kSegs;  // segments loaded at once
+  constexpr int kTiles = FP8 ? 2 : 1;         // 16-row tiles per warp
+  constexpr int kGroup = kSegs <= 8 ? kSegs : 8;  // segments loaded at once
   static_assert(kSegs % kGroup == 0, "segment groups");
+  constexpr int kPagesPerCta = mma_pages_per_cta<FP8>();
   __shared__ float sw[2 * D];                 // w = [qneg | qpos], fp32
   __shared__ float s_scale;
   const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -265,8 +229,8 @@ __global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(Sc
     cand_hi = cand_hi > cand_lo ? (cand_hi + p.superpage - 1) / p.superpage : sp_lo;
     cand_lo = sp_lo;
   }
-  const int page0 = cta * kMmaPagesPerCta;
-  if (stage2 ? page0 >= p.n_short * p.superpage : (page0 >= cand_hi || page0 + kMmaPagesPerCta <= cand_lo)) return;
+  const int page0 = cta * kPagesPerCta;
+  if (stage2 ? page0 >= p.n_short * p.superpage : (page0 >= cand_hi || page0 + kPagesPerCta <= cand_lo)) return;
 
   // The group's folded query, fp32, in shared memory (read again only by rare rows).
   if (tid < D / 8) {
@@ -327,74 +291,101 @@ __global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(Sc
                               ? L_raw / (p.page_size * (stage1 ? p.superpage : 1)) : -1;
   float* scores = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
 
-#pragma unroll 1
-  for (int t = 0; t < kMmaTilesPerWarp; ++t) {
-    const int x0 = page0 + (warp * kMmaTilesPerWarp + t) * 16;
-    const int pa = page_of(x0 + g), pb = page_of(x0 + g + 8);
-    const uint8_t* ra = pa >= 0 ? row_ptr(pa) : nullptr;
-    const uint8_t* rb = pb >= 0 ? row_ptr(pb) : nullptr;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    uint32_t sat = 0u;  // e4m3: a saturated code in row g (bit 0) or g + 8 (bit 1)
+  // Every row load of the warp's tiles is issued before the first MMA (kGroup segments
+  // at a time: all of them, except at D = 256, in two halves).
+  int pa[kTiles], pb[kTiles];
+  const uint8_t* ra[kTiles];
+  const uint8_t* rb[kTiles];
+  float acc[kTiles][4];
+  uint32_t sat[kTiles];  // e4m3: a saturated code in row g (bit 0) or g + 8 (bit 1)
 #pragma unroll
-    for (int s0 = 0; s0 < kSegs; s0 += kGroup) {
-      if constexpr (FP8) {
-        uint2 ua[kGroup], ub[kGroup];
+  for (int t = 0; t < kTiles; ++t) {
+    const int x0 = page0 + (warp * kTiles + t) * 16;
+    pa[t] = page_of(x0 + g);
+    pb[t] = page_of(x0 + g + 8);
+    ra[t] = pa[t] >= 0 ? row_ptr(pa[t]) : nullptr;
+    rb[t] = pb[t] >= 0 ? row_ptr(pb[t]) : nullptr;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
+    sat[t] = 0u;
+  }
+#pragma unroll
+  for (int s0 = 0; s0 < kSegs; s0 += kGroup) {
+    if constexpr (FP8) {
+      uint2 ua[kTiles][kGroup], ub[kTiles][kGroup];
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
         for (int i = 0; i < kGroup; ++i) {
           const int off = 32 * (s0 + i) + 8 * c;  // bytes
-          ua[i] = ra ? __ldg(reinterpret_cast<const uint2*>(ra + off)) : make_uint2(0u, 0u);
-          ub[i] = rb ? __ldg(reinterpret_cast<const uint2*>(rb + off)) : make_uint2(0u, 0u);
+          ua[t][i] = ra[t] ? __ldg(reinterpret_cast<const uint2*>(ra[t] + off)) : make_uint2(0u, 0u);
+          ub[t][i] = rb[t] ? __ldg(reinterpret_cast<const uint2*>(rb[t] + off)) : make_uint2(0u, 0u);
         }
+      }
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
         for (int i = 0; i < kGroup; ++i) {
           const uint32_t pat = 32 * (s0 + i) < D ? 0xfefefefeu : 0x7e7e7e7eu;  // min rows: -448; max rows: 448
-          sat |= (__vcmpeq4(ua[i].x, pat) | __vcmpeq4(ua[i].y, pat)) ? 1u : 0u;
-          sat |= (__vcmpeq4(ub[i].x, pat) | __vcmpeq4(ub[i].y, pat)) ? 2u : 0u;
+          sat[t] |= (__vcmpeq4(ua[t][i].x, pat) | __vcmpeq4(ua[t][i].y, pat)) ? 1u : 0u;
+          sat[t] |= (__vcmpeq4(ub[t][i].x, pat) | __vcmpeq4(ub[t][i].y, pat)) ? 2u : 0u;
           uint32_t a[4], a2[4];
-          e4m3x4_to_half2x2(ua[i].x, a[0], a[2]);
-          e4m3x4_to_half2x2(ub[i].x, a[1], a[3]);
-          e4m3x4_to_half2x2(ua[i].y, a2[0], a2[2]);
-          e4m3x4_to_half2x2(ub[i].y, a2[1], a2[3]);
-          mma_16816<MT>(acc, a, bfrag[s0 + i][0][0], bfrag[s0 + i][0][1]);
-          mma_16816<MT>(acc, a2, bfrag[s0 + i][1][0], bfrag[s0 + i][1][1]);
+          e4m3x4_to_half2x2(ua[t][i].x, a[0], a[2]);
+          e4m3x4_to_half2x2(ub[t][i].x, a[1], a[3]);
+          e4m3x4_to_half2x2(ua[t][i].y, a2[0], a2[2]);
+          e4m3x4_to_half2x2(ub[t][i].y, a2[1], a2[3]);
+          mma_16816<MT>(acc[t], a, bfrag[s0 + i][0][0], bfrag[s0 + i][0][1]);
+          mma_16816<MT>(acc[t], a2, bfrag[s0 + i][1][0], bfrag[s0 + i][1][1]);
         }
-      } else {
-        uint4 ua[kGroup], ub[kGroup];
+      }
+    } else {
+      uint4 ua[kTiles][kGroup], ub[kTiles][kGroup];
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
         for (int i = 0; i < kGroup; ++i) {
           const int off = (32 * (s0 + i) + 8 * c) * 2;  // bytes
-          ua[i] = ra ? ldg16(ra + off) : make_uint4(0u, 0u, 0u, 0u);
-          ub[i] = rb ? ldg16(rb + off) : make_uint4(0u, 0u, 0u, 0u);
+          ua[t][i] = ra[t] ? ldg16(ra[t] + off) : make_uint4(0u, 0u, 0u, 0u);
+          ub[t][i] = rb[t] ? ldg16(rb[t] + off) : make_uint4(0u, 0u, 0u, 0u);
         }
+      }
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
         for (int i = 0; i < kGroup; ++i) {
-          const uint32_t a[4] = {ua[i].x, ub[i].x, ua[i].y, ub[i].y};
-          const uint32_t a2[4] = {ua[i].z, ub[i].z, ua[i].w, ub[i].w};
-          mma_16816<MT>(acc, a, bfrag[s0 + i][0][0], bfrag[s0 + i][0][1]);
-          mma_16816<MT>(acc, a2, bfrag[s0 + i][1][0], bfrag[s0 + i][1][1]);
+          const uint32_t a[4] = {ua[t][i].x, ub[t][i].x, ua[t][i].y, ub[t][i].y};
+          const uint32_t a2[4] = {ua[t][i].z, ub[t][i].z, ua[t][i].w, ub[t][i].w};
+          mma_16816<MT>(acc[t], a, bfrag[s0 + i][0][0], bfrag[s0 + i][0][1]);
+          mma_16816<MT>(acc[t], a2, bfrag[s0 + i][1][0], bfrag[s0 + i][1][1]);
         }
       }
     }
+  }
+
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    const int x0 = page0 + (warp * kTiles + t) * 16;
     // Lane (g, c) holds columns 2c, 2c + 1 of rows g (acc[0..1]) and g + 8 (acc[2..3]):
     // columns 0-2 sit in lanes c = 0 and 1.
-    float score[2] = {acc[0] + acc[1], acc[2] + acc[3]};
+    float score[2] = {acc[t][0] + acc[t][1], acc[t][2] + acc[t][3]};
     score[0] += __shfl_xor_sync(0xffffffffu, score[0], 1);
     score[1] += __shfl_xor_sync(0xffffffffu, score[1], 1);
     score[0] /= scale;
     score[1] /= scale;
     // Rare rows: rescored exactly in fp32 by the row's four lanes (uniform control flow).
-    sat |= __shfl_xor_sync(0xffffffffu, sat, 1);
-    sat |= __shfl_xor_sync(0xffffffffu, sat, 2);
-    const bool rare_a = (sat & 1u) || (pa >= 0 && pa == append_page);
-    const bool rare_b = (sat & 2u) || (pb >= 0 && pb == append_page);
+    uint32_t st = sat[t];
+    st |= __shfl_xor_sync(0xffffffffu, st, 1);
+    st |= __shfl_xor_sync(0xffffffffu, st, 2);
+    const bool rare_a = (st & 1u) || (pa[t] >= 0 && pa[t] == append_page);
+    const bool rare_b = (st & 2u) || (pb[t] >= 0 && pb[t] == append_page);
     if (__any_sync(0xffffffffu, rare_a || rare_b)) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int pg = r == 0 ? pa : pb;
+        const int pg = r == 0 ? pa[t] : pb[t];
         const bool rare = r == 0 ? rare_a : rare_b;
         float part = 0.f;
         if (rare && pg >= 0) {
-          const uint8_t* row = r == 0 ? ra : rb;
+          const uint8_t* row = r == 0 ? ra[t] : rb[t];
           for (int ch = c; ch < D / 8; ch += 4) {  // 8-dim chunk of the min row and of the max row
             float mn[8], mx[8];
             load_summary8<E, FP8>(row + ch * 8 * (FP8 ? 1 : 2), D, mn, mx);
@@ -426,7 +417,7 @@ __global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(Sc
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int x = x0 + g + 8 * r;
-        const int pg = r == 0 ? pa : pb;
+        const int pg = r == 0 ? pa[t] : pb[t];
         if (stage2) {
           if (x < p.n_short * p.superpage) scores[x] = pg >= 0 ? score[r] : -INFINITY;
         } else if (pg >= 0) {
@@ -450,7 +441,7 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
     HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
       const bool fp8 = p.summaries != nullptr && p.fmt.fp8;
-      if (p.summaries != nullptr && use_mma_score()) {
+      if (p.summaries != nullptr && (fp8 || use_mma_score())) {
         static bool mma_configured[64] = {};
         int dev = 0;
         cudaGetDevice(&dev);
@@ -459,25 +450,22 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
           prefer_max_shared(score_pages_mma_kernel<kD, E, true>);
           if (dev >= 0 && dev < 64) mma_configured[dev] = true;
         }
-        dim3 grid((p.n_pages + kMmaPagesPerCta - 1) / kMmaPagesPerCta + (p.append.k_src != nullptr ? 1 : 0), p.Hkv,
-                  p.B);
+        const int rows = fp8 ? mma_pages_per_cta<true>() : mma_pages_per_cta<false>();
+        dim3 grid((p.n_pages + rows - 1) / rows + (p.append.k_src != nullptr ? 1 : 0), p.Hkv, p.B);
         auto kernel = fp8 ? score_pages_mma_kernel<kD, E, true> : score_pages_mma_kernel<kD, E, false>;
         launch_maybe_pdl(kernel, grid, dim3(kMmaScoreWarps * 32), 0, stream, p);
         check_launch("score_pages_mma_kernel");
         return;
       }
-      const int kPagesPerCta = fp8 ? ScoreShape<kD, 16>::kPagesPerCta : ScoreShape<kD>::kPagesPerCta;
+      constexpr int kPagesPerCta = ScoreShape<kD>::kPagesPerCta;
       dim3 grid((p.n_pages + kPagesPerCta - 1) / kPagesPerCta + (p.append.k_src != nullptr ? 1 : 0), p.Hkv, p.B);
-      auto kernel = p.summaries == nullptr ? score_pages_kernel<kD, true, E>
-                    : p.fmt.fp8            ? score_pages_kernel<kD, false, E, true>
-                                           : score_pages_kernel<kD, false, E>;
+      auto kernel = p.summaries != nullptr ? score_pages_kernel<kD, false, E> : score_pages_kernel<kD, true, E>;
       static bool configured[64] = {};
       int dev = 0;
       cudaGetDevice(&dev);
       if (dev < 0 || dev >= 64 || !configured[dev]) {
         prefer_max_shared(score_pages_kernel<kD, false, E>);
         prefer_max_shared(score_pages_kernel<kD, true, E>);
-        prefer_max_shared(score_pages_kernel<kD, false, E, true>);
         if (dev >= 0 && dev < 64) configured[dev] = true;
       }
       launch_maybe_pdl(kernel, grid, dim3(kScoreThreads), 0, stream, p);
