@@ -232,6 +232,48 @@ __global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(Sc
   const int page0 = cta * kPagesPerCta;
   if (stage2 ? page0 >= p.n_short * p.superpage : (page0 >= cand_hi || page0 + kPagesPerCta <= cand_lo)) return;
 
+  const int g = lane >> 2, c = lane & 3;
+  const int64_t s_row = b * p.s_batch_stride + h * p.s_head_stride;
+  const int* sl = stage2 ? p.shortlist + ((int64_t)b * p.Hkv + h) * p.n_short : nullptr;
+  auto page_of = [&](int x) -> int {
+    if (!stage2) return (x >= cand_lo && x < cand_hi) ? x : -1;
+    const int slot = x / p.superpage;
+    const int sp = slot < p.n_short ? sl[slot] : -1;
+    const int pg = sp >= 0 ? sp * p.superpage + x % p.superpage : -1;
+    return (pg >= cand_lo && pg < cand_hi) ? pg : -1;
+  };
+  auto row_ptr = [&](int page) -> const uint8_t* {
+    return reinterpret_cast<const uint8_t*>(p.summaries) + (s_row + (int64_t)page * p.s_page_stride) * (FP8 ? 1 : 2);
+  };
+  // The warp's rows, and their loads (kGroup segments at a time: all of them, except at
+  // D = 256, in two halves), issued before the query's: the first group is in flight
+  // during the query prologue below, whose barriers keep it there.
+  using Raw = std::conditional_t<FP8, uint2, uint4>;
+  constexpr int kSegBytes = FP8 ? 32 : 64;  // bytes of a 32-dim segment
+  int pa[kTiles], pb[kTiles];
+  const uint8_t* ra[kTiles];
+  const uint8_t* rb[kTiles];
+  float acc[kTiles][4];
+  uint32_t sat[kTiles];  // e4m3: a saturated code in row g (bit 0) or g + 8 (bit 1)
+  Raw ua[kTiles][kGroup], ub[kTiles][kGroup];
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    const int x0 = page0 + (warp * kTiles + t) * 16;
+    pa[t] = page_of(x0 + g);
+    pb[t] = page_of(x0 + g + 8);
+    ra[t] = pa[t] >= 0 ? row_ptr(pa[t]) : nullptr;
+    rb[t] = pb[t] >= 0 ? row_ptr(pb[t]) : nullptr;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
+    sat[t] = 0u;
+#pragma unroll
+    for (int i = 0; i < kGroup; ++i) {
+      const int off = kSegBytes * i + (kSegBytes / 4) * c;
+      ua[t][i] = ra[t] ? *reinterpret_cast<const Raw*>(ra[t] + off) : Raw{};
+      ub[t][i] = rb[t] ? *reinterpret_cast<const Raw*>(rb[t] + off) : Raw{};
+    }
+  }
+
   // The group's folded query, fp32, in shared memory (read again only by rare rows).
   if (tid < D / 8) {
     float qpos[8], qneg[8];
@@ -253,7 +295,6 @@ __global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(Sc
   }
   __syncthreads();
   const float scale = s_scale;
-  const int g = lane >> 2, c = lane & 3;
   // B fragments: chunk 2s + j of segment s covers dims 32s + 8c + 4j .. +3.
   uint32_t bfrag[kSegs][2][2];
 #pragma unroll
@@ -274,90 +315,42 @@ __global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(Sc
       }
     }
   }
-
-  const int64_t s_row = b * p.s_batch_stride + h * p.s_head_stride;
-  const int* sl = stage2 ? p.shortlist + ((int64_t)b * p.Hkv + h) * p.n_short : nullptr;
-  auto page_of = [&](int x) -> int {
-    if (!stage2) return (x >= cand_lo && x < cand_hi) ? x : -1;
-    const int slot = x / p.superpage;
-    const int sp = slot < p.n_short ? sl[slot] : -1;
-    const int pg = sp >= 0 ? sp * p.superpage + x % p.superpage : -1;
-    return (pg >= cand_lo && pg < cand_hi) ? pg : -1;
-  };
-  auto row_ptr = [&](int page) -> const uint8_t* {
-    return reinterpret_cast<const uint8_t*>(p.summaries) + (s_row + (int64_t)page * p.s_page_stride) * (FP8 ? 1 : 2);
-  };
   const int append_page = p.k_new != nullptr && L_raw >= 0 && L_raw < p.Tkv
                               ? L_raw / (p.page_size * (stage1 ? p.superpage : 1)) : -1;
   float* scores = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
 
-  // Every row load of the warp's tiles is issued before the first MMA (kGroup segments
-  // at a time: all of them, except at D = 256, in two halves).
-  int pa[kTiles], pb[kTiles];
-  const uint8_t* ra[kTiles];
-  const uint8_t* rb[kTiles];
-  float acc[kTiles][4];
-  uint32_t sat[kTiles];  // e4m3: a saturated code in row g (bit 0) or g + 8 (bit 1)
-#pragma unroll
-  for (int t = 0; t < kTiles; ++t) {
-    const int x0 = page0 + (warp * kTiles + t) * 16;
-    pa[t] = page_of(x0 + g);
-    pb[t] = page_of(x0 + g + 8);
-    ra[t] = pa[t] >= 0 ? row_ptr(pa[t]) : nullptr;
-    rb[t] = pb[t] >= 0 ? row_ptr(pb[t]) : nullptr;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
-    sat[t] = 0u;
-  }
 #pragma unroll
   for (int s0 = 0; s0 < kSegs; s0 += kGroup) {
-    if constexpr (FP8) {
-      uint2 ua[kTiles][kGroup], ub[kTiles][kGroup];
+    if (s0 > 0) {  // the second half (D = 256)
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
         for (int i = 0; i < kGroup; ++i) {
-          const int off = 32 * (s0 + i) + 8 * c;  // bytes
-          ua[t][i] = ra[t] ? __ldg(reinterpret_cast<const uint2*>(ra[t] + off)) : make_uint2(0u, 0u);
-          ub[t][i] = rb[t] ? __ldg(reinterpret_cast<const uint2*>(rb[t] + off)) : make_uint2(0u, 0u);
+          const int off = kSegBytes * (s0 + i) + (kSegBytes / 4) * c;
+          ua[t][i] = ra[t] ? *reinterpret_cast<const Raw*>(ra[t] + off) : Raw{};
+          ub[t][i] = rb[t] ? *reinterpret_cast<const Raw*>(rb[t] + off) : Raw{};
         }
       }
+    }
 #pragma unroll
-      for (int t = 0; t < kTiles; ++t) {
+    for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
-        for (int i = 0; i < kGroup; ++i) {
+      for (int i = 0; i < kGroup; ++i) {
+        uint32_t a[4], a2[4];
+        if constexpr (FP8) {
           const uint32_t pat = 32 * (s0 + i) < D ? 0xfefefefeu : 0x7e7e7e7eu;  // min rows: -448; max rows: 448
           sat[t] |= (__vcmpeq4(ua[t][i].x, pat) | __vcmpeq4(ua[t][i].y, pat)) ? 1u : 0u;
           sat[t] |= (__vcmpeq4(ub[t][i].x, pat) | __vcmpeq4(ub[t][i].y, pat)) ? 2u : 0u;
-          uint32_t a[4], a2[4];
           e4m3x4_to_half2x2(ua[t][i].x, a[0], a[2]);
           e4m3x4_to_half2x2(ub[t][i].x, a[1], a[3]);
           e4m3x4_to_half2x2(ua[t][i].y, a2[0], a2[2]);
           e4m3x4_to_half2x2(ub[t][i].y, a2[1], a2[3]);
-          mma_16816<MT>(acc[t], a, bfrag[s0 + i][0][0], bfrag[s0 + i][0][1]);
-          mma_16816<MT>(acc[t], a2, bfrag[s0 + i][1][0], bfrag[s0 + i][1][1]);
+        } else {
+          a[0] = ua[t][i].x; a[1] = ub[t][i].x; a[2] = ua[t][i].y; a[3] = ub[t][i].y;
+          a2[0] = ua[t][i].z; a2[1] = ub[t][i].z; a2[2] = ua[t][i].w; a2[3] = ub[t][i].w;
         }
-      }
-    } else {
-      uint4 ua[kTiles][kGroup], ub[kTiles][kGroup];
-#pragma unroll
-      for (int t = 0; t < kTiles; ++t) {
-#pragma unroll
-        for (int i = 0; i < kGroup; ++i) {
-          const int off = (32 * (s0 + i) + 8 * c) * 2;  // bytes
-          ua[t][i] = ra[t] ? ldg16(ra[t] + off) : make_uint4(0u, 0u, 0u, 0u);
-          ub[t][i] = rb[t] ? ldg16(rb[t] + off) : make_uint4(0u, 0u, 0u, 0u);
-        }
-      }
-#pragma unroll
-      for (int t = 0; t < kTiles; ++t) {
-#pragma unroll
-        for (int i = 0; i < kGroup; ++i) {
-          const uint32_t a[4] = {ua[t][i].x, ub[t][i].x, ua[t][i].y, ub[t][i].y};
-          const uint32_t a2[4] = {ua[t][i].z, ub[t][i].z, ua[t][i].w, ub[t][i].w};
-          mma_16816<MT>(acc[t], a, bfrag[s0 + i][0][0], bfrag[s0 + i][0][1]);
-          mma_16816<MT>(acc[t], a2, bfrag[s0 + i][1][0], bfrag[s0 + i][1][1]);
-        }
+        mma_16816<MT>(acc[t], a, bfrag[s0 + i][0][0], bfrag[s0 + i][0][1]);
+        mma_16816<MT>(acc[t], a2, bfrag[s0 + i][1][0], bfrag[s0 + i][1][1]);
       }
     }
   }
