@@ -24,7 +24,8 @@ Scorers (all select the same number of pages on top of the same sink and recent 
   (StreamingLLM), the floor.
 - ``quest_sum_fp8``: ``quest_sum`` over summaries stored in fp8 (e4m3), each min rounded
   down and each max rounded up to an e4m3 value, so the bound still holds; half the
-  metadata bytes of bf16 summaries at the same page size;
+  metadata bytes of bf16 summaries at the same page size (the kernels' e4m3 summaries,
+  through ``hydra.reference.page_summaries(k, dtype=torch.float8_e4m3fn)``);
 - ``quest_sum_int8``: the same with 8-bit integers on a per-page scale (the page's
   largest |min| or |max| / 127, kept in fp16), min rounded down and max up;
 - ``quest_sum_c2f``: ``quest_sum`` with coarse-to-fine selection
@@ -113,9 +114,11 @@ def page_scores(scorer, q, k, P):
     qg = q.float().view(B, H, G, D)
     if scorer == "quest_sum":
         return ref.page_scores(q, ref.page_summaries(k, page_size=P), page_size=P)
-    if scorer in ("quest_sum_fp8", "quest_sum_int8"):
+    if scorer == "quest_sum_fp8":  # the shipped e4m3 summaries (HydraPolicy(summary_dtype="fp8_e4m3"))
+        return ref.page_scores(q, ref.page_summaries(k, page_size=P, dtype=torch.float8_e4m3fn), page_size=P)
+    if scorer == "quest_sum_int8":
         summ = ref.page_summaries(k, page_size=P).float()          # (B, H, n, 2, D), exact
-        kmin, kmax = (fp8_outward if scorer == "quest_sum_fp8" else int8_outward)(summ[..., 0, :], summ[..., 1, :])
+        kmin, kmax = int8_outward(summ[..., 0, :], summ[..., 1, :])
         return torch.maximum(qg[:, :, :, None] * kmin[:, :, None], qg[:, :, :, None] * kmax[:, :, None]).sum(-1).sum(2)
     kp, valid = _pages(k, P)
     big = torch.finfo(torch.float32).max

@@ -220,6 +220,14 @@ def decode_section(record, path: Path, stale) -> str:
                       f"selection over the same {c2f.get('page_size', 8)}-token pages and the best dense peer "
                       "(issue 6 targets: ≥ 8x dense and ≤ 1.25x floor at 131k; ≥ 20x dense and ≥ 1.5x flat at 1M):",
                   "", hier]
+    e4 = e4m3_table(rows, tm)
+    if e4:
+        lines += ["", "e4m3 page summaries (`hydra.page_summaries(k, dtype=torch.float8_e4m3fn)`, "
+                      "`HydraPolicy(summary_dtype=\"fp8_e4m3\")`): the same calls with half the summary bytes, "
+                      "scored on the tensor cores:", "", e4]
+    hier8 = hier_table(rows, tm, "_e4m3")
+    if hier8:
+        lines += ["", "Coarse-to-fine against flat selection as above, both over e4m3 summaries:", "", hier8]
     checks = record.get("target_checks")
     if checks is not None:
         missed = [c for c in checks if not c.get("met")]
@@ -247,9 +255,31 @@ def head_dim_table(rows, mode="graph") -> str:
     return "\n".join(out)
 
 
-def hier_table(rows, mode="graph") -> str:
-    """hydra_hier rows beside hydra_flat8, or "" when the run has none."""
-    picked = [r for r in rows if r.get("name") == "hydra_hier" and r.get("mode") == mode and r.get("us") is not None]
+def e4m3_table(rows, mode="graph") -> str:
+    """hydra_cached_e4m3 (e4m3 page summaries) beside hydra_cached, or "" when the run has none."""
+    picked = [r for r in rows if r.get("name") == "hydra_cached_e4m3" and r.get("mode") == mode
+              and r.get("us") is not None]
+    if not picked:
+        return ""
+    out = ["| B | T | D | best dense (µs) | 16-bit summaries (µs) | e4m3 summaries (µs) | e4m3 vs dense | "
+           "e4m3 vs 16-bit | × byte floor | max rel err |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(picked, key=lambda r: (r.get("D", 128), r["B"], r["T"])):
+        base = next((x for x in rows if x.get("name") == "hydra_cached" and x.get("mode") == mode
+                     and (x["B"], x["T"], x.get("D")) == (r["B"], r["T"], r.get("D"))
+                     and bool(x.get("head_dim_case")) == bool(r.get("head_dim_case"))), None)
+        bus = base.get("us") if base else None
+        out.append(f"| {r['B']} | {_t(r['T'])} | {r.get('D', 128)} | {_us(r.get('best_dense_us'))} | {_us(bus)} | "
+                   f"{_us(r['us'])} | {_ratio(r.get('speedup_vs_best_dense'))} | "
+                   f"{_ratio(bus / r['us']) if bus else '-'} | {_ratio(r.get('floor_ratio'))} | "
+                   f"{_err(r.get('max_rel_err'))}{' WRONG' if r.get('correct') is False else ''} |")
+    return "\n".join(out)
+
+
+def hier_table(rows, mode="graph", sfx="") -> str:
+    """hydra_hier rows beside hydra_flat8 (sfx "_e4m3": with e4m3 summaries), or "" when the run has none."""
+    picked = [r for r in rows if r.get("name") == "hydra_hier" + sfx and r.get("mode") == mode
+              and r.get("us") is not None]
     if not picked:
         return ""
     out = ["| B | T | best dense (µs) | flat, 8-token pages (µs) | coarse-to-fine (µs) | vs dense | vs flat "

@@ -6,7 +6,6 @@
 // The second form folds the GQA group into two D-vectors once per CTA, so the
 // per-page cost does not grow with the group size.
 #include <algorithm>
-#include <type_traits>
 
 #include "mma.cuh"
 #include "select_common.cuh"
@@ -27,7 +26,7 @@ struct ScoreShape {
 
 // Grid (ceil(n_pages / kPagesPerCta), Hkv, B). FROM_K: summaries are built on the
 // fly from the keys (the stateless path), in registers, never written out.
-// 16-bit summaries only (e4m3 ones are scored by score_pages_mma_kernel).
+// 16-bit summaries only (e4m3 ones are scored by score_pages_e4m3_kernel).
 template <int D, bool FROM_K, typename E>
 __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams p) {
   using S = ScoreShape<D>;
@@ -155,28 +154,27 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
 }
 
 // ---------------------------------------------------------------------------
-// Scoring from cached summaries on the tensor cores.
+// Scoring from e4m3 summaries, on the tensor cores.
 //
 // A page's score is a dot product of its summary row [min (D) | max (D)] with the
 // group's folded query w = [qneg (D) | qpos (D)], so 16 pages are one m16n8k16 GEMV tile
-// per 16 dims: A = 16 summary rows (as stored: bf16 / fp16, or e4m3 converted to fp16
-// exactly), B = w split into three 16-bit parts (columns 0-2: w rounded, then the
-// rounding rests), fp32 accumulate; score = C[:, 0] + C[:, 1] + C[:, 2]. Three parts carry
-// fp32's 24 significant bits for bf16 (fp16: 33), so scores match the fp32 rule to
-// fp32 rounding.
-// A thread's A elements are loaded straight from global memory: lane (g, c) of a warp
-// holds dims 8c..8c+7 of every 32-dim segment of rows g and g+8 (one 16-byte load per row
-// and segment for 16-bit summaries, 8 bytes for e4m3). The dot product does not care
-// which fragment slot holds which dim, as long as B's slots hold w's same dims, so the
-// fragments are built from these loads with no shuffles and no shared memory.
+// per 16 dims: A = 16 summary rows (e4m3 codes converted to fp16, exactly), B = w split
+// into three fp16 parts (columns 0-2: w rounded, then the rounding rests: 33 significant
+// bits, so scores match the fp32 rule to fp32 rounding), fp32 accumulate; score =
+// C[:, 0] + C[:, 1] + C[:, 2]. A thread's A elements come straight from global memory:
+// lane (g, c) of a warp holds dims 8c..8c+7 of every 32-dim segment of rows g and g + 8
+// (one 8-byte load per row and segment). The dot product does not care which fragment
+// slot holds which dim, as long as B's slots hold w's same dims, so the fragments need no
+// shuffles and no shared memory, and unpacking costs one cvt per two codes.
 // Rare rows are rescored exactly in fp32 by their four lanes: the fused append's page
-// (its new key folded in) and e4m3 rows holding a saturated code (read as +-2^64, which
-// fp16 cannot hold). This replaces ~70 instructions a page a thread of the CUDA-core
-// version by ~3 a page a warp, so the kernel streams at the copy rate.
-constexpr int kMmaScoreWarps = 4;
-// 16-row tiles per warp: one for 16-bit summaries, two for e4m3 (the same bytes a warp).
-template <bool FP8>
-constexpr int mma_pages_per_cta() { return kMmaScoreWarps * 16 * (FP8 ? 2 : 1); }
+// (its new key folded in) and rows holding a saturated code (read as +-2^64, which fp16
+// cannot hold).
+// Measured on an H200 (B = 1, 131,072 tokens, benchmarks/NOTES.md v12): 10-11 us against
+// 18.7 for e4m3 on the CUDA-core scorer below. The same kernel over 16-bit summaries
+// (16-byte loads) took 15.6-23 us against that scorer's 12.7, so 16-bit summaries stay there.
+constexpr int kE4m3ScoreWarps = 4;
+constexpr int kE4m3Tiles = 2;  // 16-row tiles per warp
+constexpr int kE4m3PagesPerCta = kE4m3ScoreWarps * 16 * kE4m3Tiles;
 
 // Four e4m3 codes -> two exact fp16x2 words (dims 0,1 and 2,3).
 __device__ __forceinline__ void e4m3x4_to_half2x2(uint32_t w, uint32_t& h01, uint32_t& h23) {
@@ -196,14 +194,14 @@ __device__ __forceinline__ void e4m3x4_to_half2x2(uint32_t w, uint32_t& h01, uin
 #endif
 }
 
-template <int D, typename E, bool FP8>
-__global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(ScoreParams p) {
-  using MT = std::conditional_t<FP8, F16, E>;  // the MMA's input type
+template <int D, typename E>
+__global__ void __launch_bounds__(kE4m3ScoreWarps * 32) score_pages_e4m3_kernel(ScoreParams p) {
+  using MT = F16;  // the MMA's input type
   constexpr int kSegs = 2 * D / 32;           // 32-dim segments of a summary row
-  constexpr int kTiles = FP8 ? 2 : 1;         // 16-row tiles per warp
+  constexpr int kTiles = kE4m3Tiles;
   constexpr int kGroup = kSegs <= 8 ? kSegs : 8;  // segments loaded at once
   static_assert(kSegs % kGroup == 0, "segment groups");
-  constexpr int kPagesPerCta = mma_pages_per_cta<FP8>();
+  constexpr int kPagesPerCta = kE4m3PagesPerCta;
   __shared__ float sw[2 * D];                 // w = [qneg | qpos], fp32
   __shared__ float s_scale;
   const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -212,7 +210,7 @@ __global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(Sc
   const int L_raw = p.seqlens != nullptr ? p.seqlens[b] : p.Tkv;
   const bool with_append = p.append.k_src != nullptr;
   if (with_append && blockIdx.x == 0) {
-    if (tid < 32) append_one_token<E, FP8>(p.append, L_raw, b, h, tid);
+    if (tid < 32) append_one_token<E, true>(p.append, L_raw, b, h, tid);
     return;
   }
   const int cta = blockIdx.x - (with_append ? 1 : 0);
@@ -232,48 +230,6 @@ __global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(Sc
   const int page0 = cta * kPagesPerCta;
   if (stage2 ? page0 >= p.n_short * p.superpage : (page0 >= cand_hi || page0 + kPagesPerCta <= cand_lo)) return;
 
-  const int g = lane >> 2, c = lane & 3;
-  const int64_t s_row = b * p.s_batch_stride + h * p.s_head_stride;
-  const int* sl = stage2 ? p.shortlist + ((int64_t)b * p.Hkv + h) * p.n_short : nullptr;
-  auto page_of = [&](int x) -> int {
-    if (!stage2) return (x >= cand_lo && x < cand_hi) ? x : -1;
-    const int slot = x / p.superpage;
-    const int sp = slot < p.n_short ? sl[slot] : -1;
-    const int pg = sp >= 0 ? sp * p.superpage + x % p.superpage : -1;
-    return (pg >= cand_lo && pg < cand_hi) ? pg : -1;
-  };
-  auto row_ptr = [&](int page) -> const uint8_t* {
-    return reinterpret_cast<const uint8_t*>(p.summaries) + (s_row + (int64_t)page * p.s_page_stride) * (FP8 ? 1 : 2);
-  };
-  // The warp's rows, and their loads (kGroup segments at a time: all of them, except at
-  // D = 256, in two halves), issued before the query's: the first group is in flight
-  // during the query prologue below, whose barriers keep it there.
-  using Raw = std::conditional_t<FP8, uint2, uint4>;
-  constexpr int kSegBytes = FP8 ? 32 : 64;  // bytes of a 32-dim segment
-  int pa[kTiles], pb[kTiles];
-  const uint8_t* ra[kTiles];
-  const uint8_t* rb[kTiles];
-  float acc[kTiles][4];
-  uint32_t sat[kTiles];  // e4m3: a saturated code in row g (bit 0) or g + 8 (bit 1)
-  Raw ua[kTiles][kGroup], ub[kTiles][kGroup];
-#pragma unroll
-  for (int t = 0; t < kTiles; ++t) {
-    const int x0 = page0 + (warp * kTiles + t) * 16;
-    pa[t] = page_of(x0 + g);
-    pb[t] = page_of(x0 + g + 8);
-    ra[t] = pa[t] >= 0 ? row_ptr(pa[t]) : nullptr;
-    rb[t] = pb[t] >= 0 ? row_ptr(pb[t]) : nullptr;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
-    sat[t] = 0u;
-#pragma unroll
-    for (int i = 0; i < kGroup; ++i) {
-      const int off = kSegBytes * i + (kSegBytes / 4) * c;
-      ua[t][i] = ra[t] ? *reinterpret_cast<const Raw*>(ra[t] + off) : Raw{};
-      ub[t][i] = rb[t] ? *reinterpret_cast<const Raw*>(rb[t] + off) : Raw{};
-    }
-  }
-
   // The group's folded query, fp32, in shared memory (read again only by rare rows).
   if (tid < D / 8) {
     float qpos[8], qneg[8];
@@ -282,19 +238,18 @@ __global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(Sc
     for (int i = 0; i < 8; ++i) { sw[tid * 8 + i] = qneg[i]; sw[D + tid * 8 + i] = qpos[i]; }
   }
   __syncthreads();
-  if (warp == 0) {  // fp16 B: scale w by a power of two so its high part stays finite
+  if (warp == 0) {  // fp16 B: scale w by a power of two so its parts stay finite
     float m = 0.f;
     for (int i = lane; i < 2 * D; i += 32) m = fmaxf(m, fabsf(sw[i]));
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
     float sc = 1.f;
-    if (MT::kHalf) {
-      while (m * sc > 16384.f) sc *= 0.0625f;
-    }
+    while (m * sc > 16384.f) sc *= 0.0625f;
     if (lane == 0) s_scale = sc;
   }
   __syncthreads();
   const float scale = s_scale;
+  const int g = lane >> 2, c = lane & 3;
   // B fragments: chunk 2s + j of segment s covers dims 32s + 8c + 4j .. +3.
   uint32_t bfrag[kSegs][2][2];
 #pragma unroll
@@ -305,8 +260,7 @@ __global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(Sc
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float w0 = sw[d + 2 * r] * scale, w1 = sw[d + 2 * r + 1] * scale;
-        // Columns 0, 1, 2: w rounded to 16 bits, then what that rounding left, then
-        // what is left after that (3 x 8 significant bits for bf16: fp32's 24).
+        // Columns 0, 1, 2: w rounded to fp16, then what that left, then what is left.
         const uint32_t p0 = pack2<MT>(w0, w1);
         const float r0 = w0 - MT::lo(p0), r1 = w1 - MT::hi(p0);
         const uint32_t p1 = pack2<MT>(r0, r1);
@@ -315,40 +269,65 @@ __global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(Sc
       }
     }
   }
+
+  const int64_t s_row = b * p.s_batch_stride + h * p.s_head_stride;
+  const int* sl = stage2 ? p.shortlist + ((int64_t)b * p.Hkv + h) * p.n_short : nullptr;
+  auto page_of = [&](int x) -> int {
+    if (!stage2) return (x >= cand_lo && x < cand_hi) ? x : -1;
+    const int slot = x / p.superpage;
+    const int sp = slot < p.n_short ? sl[slot] : -1;
+    const int pg = sp >= 0 ? sp * p.superpage + x % p.superpage : -1;
+    return (pg >= cand_lo && pg < cand_hi) ? pg : -1;
+  };
+  auto row_ptr = [&](int page) -> const uint8_t* {
+    return reinterpret_cast<const uint8_t*>(p.summaries) + (s_row + (int64_t)page * p.s_page_stride);  // bytes
+  };
   const int append_page = p.k_new != nullptr && L_raw >= 0 && L_raw < p.Tkv
                               ? L_raw / (p.page_size * (stage1 ? p.superpage : 1)) : -1;
   float* scores = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
 
+  // Every row load of the warp's tiles is issued before the first MMA (kGroup segments
+  // at a time: all of them, except at D = 256, in two halves).
+  int pa[kTiles], pb[kTiles];
+  const uint8_t* ra[kTiles];
+  const uint8_t* rb[kTiles];
+  float acc[kTiles][4];
+  uint32_t sat[kTiles];  // e4m3: a saturated code in row g (bit 0) or g + 8 (bit 1)
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    const int x0 = page0 + (warp * kTiles + t) * 16;
+    pa[t] = page_of(x0 + g);
+    pb[t] = page_of(x0 + g + 8);
+    ra[t] = pa[t] >= 0 ? row_ptr(pa[t]) : nullptr;
+    rb[t] = pb[t] >= 0 ? row_ptr(pb[t]) : nullptr;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
+    sat[t] = 0u;
+  }
 #pragma unroll
   for (int s0 = 0; s0 < kSegs; s0 += kGroup) {
-    if (s0 > 0) {  // the second half (D = 256)
+    uint2 ua[kTiles][kGroup], ub[kTiles][kGroup];
 #pragma unroll
-      for (int t = 0; t < kTiles; ++t) {
+    for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
-        for (int i = 0; i < kGroup; ++i) {
-          const int off = kSegBytes * (s0 + i) + (kSegBytes / 4) * c;
-          ua[t][i] = ra[t] ? *reinterpret_cast<const Raw*>(ra[t] + off) : Raw{};
-          ub[t][i] = rb[t] ? *reinterpret_cast<const Raw*>(rb[t] + off) : Raw{};
-        }
+      for (int i = 0; i < kGroup; ++i) {
+        const int off = 32 * (s0 + i) + 8 * c;  // bytes
+        ua[t][i] = ra[t] ? __ldg(reinterpret_cast<const uint2*>(ra[t] + off)) : make_uint2(0u, 0u);
+        ub[t][i] = rb[t] ? __ldg(reinterpret_cast<const uint2*>(rb[t] + off)) : make_uint2(0u, 0u);
       }
     }
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
       for (int i = 0; i < kGroup; ++i) {
+        const uint32_t pat = 32 * (s0 + i) < D ? 0xfefefefeu : 0x7e7e7e7eu;  // min rows: -448; max rows: 448
+        sat[t] |= (__vcmpeq4(ua[t][i].x, pat) | __vcmpeq4(ua[t][i].y, pat)) ? 1u : 0u;
+        sat[t] |= (__vcmpeq4(ub[t][i].x, pat) | __vcmpeq4(ub[t][i].y, pat)) ? 2u : 0u;
         uint32_t a[4], a2[4];
-        if constexpr (FP8) {
-          const uint32_t pat = 32 * (s0 + i) < D ? 0xfefefefeu : 0x7e7e7e7eu;  // min rows: -448; max rows: 448
-          sat[t] |= (__vcmpeq4(ua[t][i].x, pat) | __vcmpeq4(ua[t][i].y, pat)) ? 1u : 0u;
-          sat[t] |= (__vcmpeq4(ub[t][i].x, pat) | __vcmpeq4(ub[t][i].y, pat)) ? 2u : 0u;
-          e4m3x4_to_half2x2(ua[t][i].x, a[0], a[2]);
-          e4m3x4_to_half2x2(ub[t][i].x, a[1], a[3]);
-          e4m3x4_to_half2x2(ua[t][i].y, a2[0], a2[2]);
-          e4m3x4_to_half2x2(ub[t][i].y, a2[1], a2[3]);
-        } else {
-          a[0] = ua[t][i].x; a[1] = ub[t][i].x; a[2] = ua[t][i].y; a[3] = ub[t][i].y;
-          a2[0] = ua[t][i].z; a2[1] = ub[t][i].z; a2[2] = ua[t][i].w; a2[3] = ub[t][i].w;
-        }
+        e4m3x4_to_half2x2(ua[t][i].x, a[0], a[2]);
+        e4m3x4_to_half2x2(ub[t][i].x, a[1], a[3]);
+        e4m3x4_to_half2x2(ua[t][i].y, a2[0], a2[2]);
+        e4m3x4_to_half2x2(ub[t][i].y, a2[1], a2[3]);
         mma_16816<MT>(acc[t], a, bfrag[s0 + i][0][0], bfrag[s0 + i][0][1]);
         mma_16816<MT>(acc[t], a2, bfrag[s0 + i][1][0], bfrag[s0 + i][1][1]);
       }
@@ -381,19 +360,14 @@ __global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(Sc
           const uint8_t* row = r == 0 ? ra[t] : rb[t];
           for (int ch = c; ch < D / 8; ch += 4) {  // 8-dim chunk of the min row and of the max row
             float mn[8], mx[8];
-            load_summary8<E, FP8>(row + ch * 8 * (FP8 ? 1 : 2), D, mn, mx);
+            load_summary8<E, true>(row + ch * 8, D, mn, mx);
             if (pg == append_page) {
               float f[8], lo[8], hi[8];
               unpack8<E>(ldg16(p.k_new + b * p.kn_batch_stride + h * p.kn_head_stride + ch * 8), f);
-              if constexpr (FP8) {
 #pragma unroll
-                for (int d = 0; d < 8; ++d) f[d] *= p.fmt.scale;
-                unpack8_e4m3<false>(pack8_e4m3<false>(f), lo);
-                unpack8_e4m3<true>(pack8_e4m3<true>(f), hi);
-              } else {
-#pragma unroll
-                for (int d = 0; d < 8; ++d) { lo[d] = f[d]; hi[d] = f[d]; }
-              }
+              for (int d = 0; d < 8; ++d) f[d] *= p.fmt.scale;  // the key as the append stores it
+              unpack8_e4m3<false>(pack8_e4m3<false>(f), lo);
+              unpack8_e4m3<true>(pack8_e4m3<true>(f), hi);
 #pragma unroll
               for (int d = 0; d < 8; ++d) { mn[d] = fminf(mn[d], lo[d]); mx[d] = fmaxf(mx[d], hi[d]); }
             }
@@ -421,33 +395,22 @@ __global__ void __launch_bounds__(kMmaScoreWarps * 32) score_pages_mma_kernel(Sc
   }
 }
 
-// The tensor-core scorer for cached summaries; HYDRA_MMA_SCORE=0 selects the CUDA-core one.
-inline bool use_mma_score() {
-  static const bool on = [] {
-    const char* env = std::getenv("HYDRA_MMA_SCORE");
-    return !(env != nullptr && env[0] == '0');
-  }();
-  return on;
-}
-
 void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
     HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
       const bool fp8 = p.summaries != nullptr && p.fmt.fp8;
-      if (p.summaries != nullptr && (fp8 || use_mma_score())) {
+      if (fp8) {  // e4m3 summaries: the tensor-core scorer
         static bool mma_configured[64] = {};
         int dev = 0;
         cudaGetDevice(&dev);
         if (dev < 0 || dev >= 64 || !mma_configured[dev]) {
-          prefer_max_shared(score_pages_mma_kernel<kD, E, false>);
-          prefer_max_shared(score_pages_mma_kernel<kD, E, true>);
+          prefer_max_shared(score_pages_e4m3_kernel<kD, E>);
           if (dev >= 0 && dev < 64) mma_configured[dev] = true;
         }
-        const int rows = fp8 ? mma_pages_per_cta<true>() : mma_pages_per_cta<false>();
+        constexpr int rows = kE4m3PagesPerCta;
         dim3 grid((p.n_pages + rows - 1) / rows + (p.append.k_src != nullptr ? 1 : 0), p.Hkv, p.B);
-        auto kernel = fp8 ? score_pages_mma_kernel<kD, E, true> : score_pages_mma_kernel<kD, E, false>;
-        launch_maybe_pdl(kernel, grid, dim3(kMmaScoreWarps * 32), 0, stream, p);
-        check_launch("score_pages_mma_kernel");
+        launch_maybe_pdl(score_pages_e4m3_kernel<kD, E>, grid, dim3(kE4m3ScoreWarps * 32), 0, stream, p);
+        check_launch("score_pages_e4m3_kernel");
         return;
       }
       constexpr int kPagesPerCta = ScoreShape<kD>::kPagesPerCta;
