@@ -78,24 +78,6 @@ def _pages(k, P):
     return kp, valid
 
 
-_E4M3_VALUES = None
-
-
-def fp8_outward(kmin, kmax):
-    """kmin rounded down and kmax rounded up to e4m3 values (fp32 out). e4m3 saturates at
-    +-448: a value beyond it becomes -inf / +inf, which keeps the bound but loses the page
-    (a kernel would store a per-page or per-head scale, as the int8 variant does)."""
-    global _E4M3_VALUES
-    if _E4M3_VALUES is None:  # the finite e4m3 values, sorted, with -inf / +inf beyond +-448
-        v = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-        inf = torch.tensor([math.inf])
-        _E4M3_VALUES = torch.cat([-inf, torch.unique(v[torch.isfinite(v)]), inf])
-    t = _E4M3_VALUES.to(kmin.device)
-    lo = t[(torch.searchsorted(t, kmin.contiguous(), right=True) - 1).clamp(0, len(t) - 1)]
-    hi = t[torch.searchsorted(t, kmax.contiguous()).clamp(0, len(t) - 1)]
-    return lo, hi
-
-
 def int8_outward(kmin, kmax):
     """kmin / kmax on a per-page scale (largest magnitude / 127, stored in fp16), rounded
     outward to 8-bit integers (fp32 out)."""
