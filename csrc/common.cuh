@@ -100,26 +100,33 @@ __device__ __forceinline__ uint32_t e4m3_up(float x) {
   const uint32_t m = e4m3_mag_floor(-x);
   return m == 0u ? 0u : (0x80u | m);
 }
-// Four e4m3 codes (bytes of w, lowest first) -> fp32 values, exactly.
-__device__ __forceinline__ void e4m3x4_to_float(uint32_t w, float* f) {
+// Four e4m3 codes (bytes of w, lowest first) -> two fp16x2 words (codes 0,1 and 2,3),
+// exactly (every e4m3 value is an fp16 value).
+__device__ __forceinline__ void e4m3x4_to_half2x2(uint32_t w, uint32_t& h01, uint32_t& h23) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-  uint32_t h01, h23;
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h01) : "h"(static_cast<unsigned short>(w & 0xffffu)));
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h23) : "h"(static_cast<unsigned short>(w >> 16)));
+#else
+  // Byte -> fp16 bits (sign, then the 7 magnitude bits one place below fp16's exponent
+  // field): the fp16 value is the e4m3 value / 256 (biases 15 and 7), normals and
+  // subnormals alike; the multiply by 256 is exact.
+  const uint32_t lo = __byte_perm(w, 0u, 0x1404), hi = __byte_perm(w, 0u, 0x3424);
+  uint32_t ba = (lo & 0x80008000u) | ((lo & 0x7f007f00u) >> 1);
+  uint32_t bb = (hi & 0x80008000u) | ((hi & 0x7f007f00u) >> 1);
+  const __half2 k256 = __float2half2_rn(256.f);
+  __half2 a = __hmul2(*reinterpret_cast<const __half2*>(&ba), k256);
+  __half2 b = __hmul2(*reinterpret_cast<const __half2*>(&bb), k256);
+  h01 = *reinterpret_cast<const uint32_t*>(&a);
+  h23 = *reinterpret_cast<const uint32_t*>(&b);
+#endif
+}
+// Four e4m3 codes -> fp32 values, exactly.
+__device__ __forceinline__ void e4m3x4_to_float(uint32_t w, float* f) {
+  uint32_t h01, h23;
+  e4m3x4_to_half2x2(w, h01, h23);
   const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&h01));
   const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&h23));
   f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y;
-#else
-  // Byte b -> fp16 bits (sign, then the 7 magnitude bits one place below fp16's exponent
-  // field): the fp16 value is the e4m3 value / 256 (biases 15 and 7), normals and
-  // subnormals alike.
-  const uint32_t lo = __byte_perm(w, 0u, 0x1404), hi = __byte_perm(w, 0u, 0x3424);
-  const uint32_t h01 = (lo & 0x80008000u) | ((lo & 0x7f007f00u) >> 1);
-  const uint32_t h23 = (hi & 0x80008000u) | ((hi & 0x7f007f00u) >> 1);
-  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&h01));
-  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&h23));
-  f[0] = a.x * 256.f; f[1] = a.y * 256.f; f[2] = b.x * 256.f; f[3] = b.y * 256.f;
-#endif
 }
 // Eight codes of a page minimum (IS_MAX false) or maximum, as the scorer reads them.
 template <bool IS_MAX>

@@ -42,22 +42,11 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
     return;
   }
   const int cta = blockIdx.x - (with_append ? 1 : 0);  // this CTA's share of the scoring
-  const int L_end = min(max(L_raw + p.len_add, 0), p.Tkv);
-  const int start = seq_start(p.leftpad, b, L_end);  // 0 with the fused append
-  const int L = L_end - start;
-  const int n_pages_b = (L + p.page_size - 1) / p.page_size;
-  if (n_pages_b <= p.n_sel) return;  // every page is attended; nothing to rank
-  int cand_lo = min(p.sink_pages, n_pages_b);
-  int cand_hi = max(first_recent_page(L, p.recent_tokens, p.page_size), cand_lo);
-  const bool stage1 = p.superpage > 1 && p.shortlist == nullptr;
-  const bool stage2 = p.shortlist != nullptr;
-  if (stage1) {  // superpages holding at least one candidate page
-    const int sp_lo = cand_lo / p.superpage;
-    cand_hi = cand_hi > cand_lo ? (cand_hi + p.superpage - 1) / p.superpage : sp_lo;
-    cand_lo = sp_lo;
-  }
+  const ScoreRow row = score_row(p, b, h, L_raw);
   const int page0 = cta * S::kPagesPerCta;
-  if (stage2 ? page0 >= p.n_short * p.superpage : (page0 >= cand_hi || page0 + S::kPagesPerCta <= cand_lo)) return;
+  if (!row.selects || !row.covers(page0, S::kPagesPerCta)) return;  // nothing to rank here
+  const int L = row.L, cand_lo = row.cand_lo, cand_hi = row.cand_hi;
+  const bool stage1 = row.stage1, stage2 = row.stage2;
 
   const int lane = threadIdx.x % S::kThreadsPerPage;
   const int grp = threadIdx.x / S::kThreadsPerPage;
@@ -65,22 +54,13 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
   float* scores = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
   if constexpr (!FROM_K) {
     const bf16_t* s = p.summaries + b * p.s_batch_stride + h * p.s_head_stride + d0;
-    const int* sl = stage2 ? p.shortlist + ((int64_t)b * p.Hkv + h) * p.n_short : nullptr;
-    // Slot x of this CTA's index space -> the page (or superpage) it scores, -1 if none.
-    auto page_of = [&](int x) -> int {
-      if (!stage2) return (x >= cand_lo && x < cand_hi) ? x : -1;
-      const int slot = x / p.superpage;
-      const int sp = slot < p.n_short ? sl[slot] : -1;
-      const int pg = sp >= 0 ? sp * p.superpage + x % p.superpage : -1;
-      return (pg >= cand_lo && pg < cand_hi) ? pg : -1;
-    };
     uint4 mn[kScorePasses], mx[kScorePasses];
     int pages[kScorePasses];
     // Issue every summary load before the query loads and before the first use:
     // 2 * kScorePasses 16-byte loads in flight.
 #pragma unroll
     for (int i = 0; i < kScorePasses; ++i) {
-      const int page = page_of(page0 + i * S::kPagesPerPass + grp);
+      const int page = row.page_of(page0 + i * S::kPagesPerPass + grp);
       pages[i] = page;
       if (page >= 0) {
         mn[i] = ldg16(s + page * p.s_page_stride);
@@ -126,7 +106,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams 
   } else {
     float qpos[8], qneg[8];
     group_query_bounds<E>(p, b, h, d0, qpos, qneg);
-    const bf16_t* k = p.k + b * p.k_batch_stride + h * p.k_head_stride + (int64_t)start * p.k_row_stride + d0;
+    const bf16_t* k = p.k + b * p.k_batch_stride + h * p.k_head_stride + (int64_t)row.start * p.k_row_stride + d0;
     for (int i = 0; i < kScorePasses; ++i) {
       const int page = page0 + i * S::kPagesPerPass + grp;
       const bool cand = page >= cand_lo && page < cand_hi;
@@ -176,24 +156,6 @@ constexpr int kE4m3ScoreWarps = 4;
 constexpr int kE4m3Tiles = 2;  // 16-row tiles per warp
 constexpr int kE4m3PagesPerCta = kE4m3ScoreWarps * 16 * kE4m3Tiles;
 
-// Four e4m3 codes -> two exact fp16x2 words (dims 0,1 and 2,3).
-__device__ __forceinline__ void e4m3x4_to_half2x2(uint32_t w, uint32_t& h01, uint32_t& h23) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h01) : "h"(static_cast<unsigned short>(w & 0xffffu)));
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h23) : "h"(static_cast<unsigned short>(w >> 16)));
-#else
-  // Byte -> fp16 bits as in e4m3x4_to_float: the fp16 value is the e4m3 value / 256.
-  const uint32_t lo = __byte_perm(w, 0u, 0x1404), hi = __byte_perm(w, 0u, 0x3424);
-  uint32_t ba = (lo & 0x80008000u) | ((lo & 0x7f007f00u) >> 1);
-  uint32_t bb = (hi & 0x80008000u) | ((hi & 0x7f007f00u) >> 1);
-  const __half2 k256 = __float2half2_rn(256.f);
-  __half2 a = __hmul2(*reinterpret_cast<const __half2*>(&ba), k256);
-  __half2 b = __hmul2(*reinterpret_cast<const __half2*>(&bb), k256);
-  h01 = *reinterpret_cast<const uint32_t*>(&a);
-  h23 = *reinterpret_cast<const uint32_t*>(&b);
-#endif
-}
-
 template <int D, typename E>
 __global__ void __launch_bounds__(kE4m3ScoreWarps * 32) score_pages_e4m3_kernel(ScoreParams p) {
   using MT = F16;  // the MMA's input type
@@ -214,21 +176,10 @@ __global__ void __launch_bounds__(kE4m3ScoreWarps * 32) score_pages_e4m3_kernel(
     return;
   }
   const int cta = blockIdx.x - (with_append ? 1 : 0);
-  const int L_end = min(max(L_raw + p.len_add, 0), p.Tkv);
-  const int L = L_end - seq_start(p.leftpad, b, L_end);
-  const int n_pages_b = (L + p.page_size - 1) / p.page_size;
-  if (n_pages_b <= p.n_sel) return;
-  int cand_lo = min(p.sink_pages, n_pages_b);
-  int cand_hi = max(first_recent_page(L, p.recent_tokens, p.page_size), cand_lo);
-  const bool stage1 = p.superpage > 1 && p.shortlist == nullptr;
-  const bool stage2 = p.shortlist != nullptr;
-  if (stage1) {
-    const int sp_lo = cand_lo / p.superpage;
-    cand_hi = cand_hi > cand_lo ? (cand_hi + p.superpage - 1) / p.superpage : sp_lo;
-    cand_lo = sp_lo;
-  }
+  const ScoreRow row = score_row(p, b, h, L_raw);
   const int page0 = cta * kPagesPerCta;
-  if (stage2 ? page0 >= p.n_short * p.superpage : (page0 >= cand_hi || page0 + kPagesPerCta <= cand_lo)) return;
+  if (!row.selects || !row.covers(page0, kPagesPerCta)) return;
+  const bool stage1 = row.stage1, stage2 = row.stage2;
 
   // The group's folded query, fp32, in shared memory (read again only by rare rows).
   if (tid < D / 8) {
@@ -271,14 +222,6 @@ __global__ void __launch_bounds__(kE4m3ScoreWarps * 32) score_pages_e4m3_kernel(
   }
 
   const int64_t s_row = b * p.s_batch_stride + h * p.s_head_stride;
-  const int* sl = stage2 ? p.shortlist + ((int64_t)b * p.Hkv + h) * p.n_short : nullptr;
-  auto page_of = [&](int x) -> int {
-    if (!stage2) return (x >= cand_lo && x < cand_hi) ? x : -1;
-    const int slot = x / p.superpage;
-    const int sp = slot < p.n_short ? sl[slot] : -1;
-    const int pg = sp >= 0 ? sp * p.superpage + x % p.superpage : -1;
-    return (pg >= cand_lo && pg < cand_hi) ? pg : -1;
-  };
   auto row_ptr = [&](int page) -> const uint8_t* {
     return reinterpret_cast<const uint8_t*>(p.summaries) + (s_row + (int64_t)page * p.s_page_stride);  // bytes
   };
@@ -296,8 +239,8 @@ __global__ void __launch_bounds__(kE4m3ScoreWarps * 32) score_pages_e4m3_kernel(
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
     const int x0 = page0 + (warp * kTiles + t) * 16;
-    pa[t] = page_of(x0 + g);
-    pb[t] = page_of(x0 + g + 8);
+    pa[t] = row.page_of(x0 + g);
+    pb[t] = row.page_of(x0 + g + 8);
     ra[t] = pa[t] >= 0 ? row_ptr(pa[t]) : nullptr;
     rb[t] = pb[t] >= 0 ? row_ptr(pb[t]) : nullptr;
 #pragma unroll

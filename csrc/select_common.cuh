@@ -37,6 +37,54 @@ __device__ __forceinline__ void group_query_bounds(const ScoreParams& p, int b, 
   }
 }
 
+// A scoring CTA's view of its (b, h) row, shared by the score kernels: the step's
+// length, the candidate range (pages, or superpages holding a candidate page in
+// coarse-to-fine stage 1) and the map from a CTA's slot x to the page it scores.
+struct ScoreRow {
+  int L, start;                  // valid tokens after the left padding, and that padding
+  int cand_lo, cand_hi;          // candidate pages (stage 1: superpages) [cand_lo, cand_hi)
+  bool selects, stage1, stage2;  // selects: more pages than the budget (else nothing to rank)
+  const int* shortlist;          // stage 2: this row's shortlisted superpages
+  int superpage, n_short;
+  // Slot x -> the page (or superpage) it scores, -1 if none. Stage 2 slots are compact:
+  // x = slot * superpage + j is page shortlist[slot] * superpage + j.
+  __device__ __forceinline__ int page_of(int x) const {
+    if (!stage2) return (x >= cand_lo && x < cand_hi) ? x : -1;
+    const int slot = x / superpage;
+    const int sp = slot < n_short ? shortlist[slot] : -1;
+    const int pg = sp >= 0 ? sp * superpage + x % superpage : -1;
+    return (pg >= cand_lo && pg < cand_hi) ? pg : -1;
+  }
+  // Whether slots [x0, x0 + n) hold anything to score.
+  __device__ __forceinline__ bool covers(int x0, int n) const {
+    return stage2 ? x0 < n_short * superpage : (x0 < cand_hi && x0 + n > cand_lo);
+  }
+};
+
+// L_raw: the cache length read once at the kernel's start (the old length under the
+// fused append, whose step length is L_raw + len_add).
+__device__ __forceinline__ ScoreRow score_row(const ScoreParams& p, int b, int h, int L_raw) {
+  ScoreRow r;
+  const int L_end = min(max(L_raw + p.len_add, 0), p.Tkv);
+  r.start = seq_start(p.leftpad, b, L_end);  // 0 with the fused append
+  r.L = L_end - r.start;
+  const int n_pages_b = (r.L + p.page_size - 1) / p.page_size;
+  r.selects = n_pages_b > p.n_sel;
+  r.cand_lo = min(p.sink_pages, n_pages_b);
+  r.cand_hi = max(first_recent_page(r.L, p.recent_tokens, p.page_size), r.cand_lo);
+  r.stage1 = p.superpage > 1 && p.shortlist == nullptr;
+  r.stage2 = p.shortlist != nullptr;
+  if (r.stage1) {  // superpages holding at least one candidate page
+    const int sp_lo = r.cand_lo / p.superpage;
+    r.cand_hi = r.cand_hi > r.cand_lo ? (r.cand_hi + p.superpage - 1) / p.superpage : sp_lo;
+    r.cand_lo = sp_lo;
+  }
+  r.shortlist = r.stage2 ? p.shortlist + ((int64_t)b * p.Hkv + h) * p.n_short : nullptr;
+  r.superpage = p.superpage;
+  r.n_short = p.n_short;
+  return r;
+}
+
 // Fused append (HydraKVCache.step), one warp of the extra score CTA of (b, h): write
 // the new K/V row at the old length L_old and fold the key into its page's (and
 // superpage's) summary. The attention reads the row only after the selection. A

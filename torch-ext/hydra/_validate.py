@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .policy import check_summary_scale
+
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 PREFILL_HEAD_DIMS = (64, 128, 256)
 _INV_SQRT_D = {d: 1.0 / math.sqrt(d) for d in SUPPORTED_HEAD_DIMS}
@@ -271,9 +273,7 @@ def validate_page_summaries_call(k, *, page_size, cache_seqlens, cache_leftpad=N
     if dtype is not None and dtype not in (k.dtype, torch.float8_e4m3fn):
         raise TypeError(f"hydra: page_summaries dtype must be None, k's dtype ({k.dtype}) or "
                         f"torch.float8_e4m3fn, got {dtype}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 \
-            or math.frexp(scale)[0] != 0.5 or not (2.0 ** -16 <= scale <= 2.0 ** 16):
-        raise ValueError(f"hydra: page_summaries scale must be a power of two in [2^-16, 2^16], got {scale!r}")
+    check_summary_scale(scale, "page_summaries scale")
     _devices([("k", k), ("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)])
 
 

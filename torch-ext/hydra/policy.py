@@ -28,6 +28,13 @@ PRESETS = {
 }
 
 
+def check_summary_scale(scale, name: str) -> None:
+    """e4m3 summaries store key * scale: a power of two (exact, rank-preserving) in [2^-16, 2^16]."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 \
+            or math.frexp(scale)[0] != 0.5 or not (2.0 ** -16 <= scale <= 2.0 ** 16):
+        raise ValueError(f"hydra: {name} must be a power of two in [2^-16, 2^16], got {scale!r}")
+
+
 def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
@@ -120,11 +127,7 @@ class HydraPolicy:
         if self.summary_dtype not in SUMMARY_DTYPES:
             raise ValueError(f"hydra: HydraPolicy.summary_dtype must be one of {SUMMARY_DTYPES}, "
                              f"got {self.summary_dtype!r}")
-        sc = self.summary_scale
-        if isinstance(sc, bool) or not isinstance(sc, (int, float)) or not sc > 0 \
-                or math.frexp(sc)[0] != 0.5 or not (2.0 ** -16 <= sc <= 2.0 ** 16):
-            raise ValueError(f"hydra: HydraPolicy.summary_scale must be a power of two in [2^-16, 2^16], "
-                             f"got {sc!r}")
+        check_summary_scale(self.summary_scale, "HydraPolicy.summary_scale")
         if self.scorer not in SCORERS:
             raise ValueError(f"hydra: HydraPolicy.scorer must be one of {SCORERS}, got {self.scorer!r}")
         if self.budget_tokens is None:

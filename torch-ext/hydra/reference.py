@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .policy import HydraPolicy, resolve_policy
+from .policy import HydraPolicy, check_summary_scale, resolve_policy
 
 __all__ = [
     "page_summaries",
@@ -219,12 +219,6 @@ def decode_summaries(summaries: Tensor) -> Tensor:
     return torch.stack([mn, mx], dim=-2)
 
 
-def _check_summary_scale(scale) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 \
-            or math.frexp(scale)[0] != 0.5 or not (2.0 ** -16 <= scale <= 2.0 ** 16):
-        raise ValueError(f"hydra: summary scale must be a power of two in [2^-16, 2^16], got {scale!r}")
-
-
 # --------------------------------------------------------------------------- #
 # Scoring helpers                                                             #
 # --------------------------------------------------------------------------- #
@@ -361,7 +355,7 @@ def page_summaries(k: Tensor, *, page_size: int = 16, cache_seqlens: Optional[Te
     kmin = torch.where(valid, kf, inf).view(B, Hkv, n_pages, P, D).amin(dim=3)
     kmax = torch.where(valid, kf, -inf).view(B, Hkv, n_pages, P, D).amax(dim=3)
     if dtype is not None and dtype == torch.float8_e4m3fn:
-        _check_summary_scale(scale)
+        check_summary_scale(scale, "page_summaries scale")
         lo, hi = e4m3_round_outward(kmin * scale, kmax * scale)
         return torch.stack([lo, hi], dim=3)
     if dtype is not None and dtype != k.dtype:
