@@ -405,25 +405,9 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
         eq_bits |= uint32_t(eq) << it;
       }
     }
-    uint64_t total;
-    const uint64_t excl =
-        block_exclusive_scan<kCsWarps>(((uint64_t)__popc(eq_bits) << 32) | __popc(def_bits), warp_tot, total);
-    int def_before = base_def + (int)(excl & 0xffffffffu);
-    int eq_before = base_eq + (int)(excl >> 32);
-#pragma unroll
-    for (int it = 0; it < kSelectItems; ++it) {
-      int pos = -1;
-      if (def_bits >> it & 1u) {
-        pos = def_before + min(eq_before, need_eq);
-        ++def_before;
-      } else if (eq_bits >> it & 1u) {
-        if (eq_before < need_eq) pos = def_before + eq_before;
-        ++eq_before;
-      }
-      if (pos >= 0 && n_head + pos < se.n_out) out[n_head + pos] = my_lo + i0 + it;
-    }
-    base_def += (int)(total & 0xffffffffu);
-    base_eq += (int)(total >> 32);
+    place_chunk<kCsWarps>(def_bits, eq_bits, need_eq, base_def, base_eq, warp_tot, [&](int it, int pos) {
+      if (n_head + pos < se.n_out) out[n_head + pos] = my_lo + i0 + it;
+    });
   }
 #endif
 }

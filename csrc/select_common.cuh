@@ -183,4 +183,36 @@ __device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* w
   return before + x - v;
 }
 
+// One chunk of the ordered output, shared by the select kernels: kSelectItems
+// consecutive items per thread, flagged definite (def_bits: above the threshold, or
+// forced) or equal to the threshold (eq_bits). Definite items are all taken and equal
+// ones only while fewer than need_eq equal items precede them, so an item's position
+// is (#definite before) + min(#equal before, need_eq) if definite, and (#definite
+// before) + (#equal before) if equal and taken. emit(it, pos) receives each taken item;
+// base_def / base_eq carry the counts from chunk to chunk (start them at the items
+// before this thread block's first chunk).
+template <int WARPS, typename Emit>
+__device__ __forceinline__ void place_chunk(uint32_t def_bits, uint32_t eq_bits, int need_eq, int& base_def,
+                                            int& base_eq, uint64_t* warp_tot, Emit&& emit) {
+  uint64_t total;
+  const uint64_t excl =
+      block_exclusive_scan<WARPS>(((uint64_t)__popc(eq_bits) << 32) | __popc(def_bits), warp_tot, total);
+  int def_before = base_def + (int)(excl & 0xffffffffu);
+  int eq_before = base_eq + (int)(excl >> 32);
+#pragma unroll
+  for (int it = 0; it < kSelectItems; ++it) {
+    int pos = -1;
+    if (def_bits >> it & 1u) {
+      pos = def_before + min(eq_before, need_eq);
+      ++def_before;
+    } else if (eq_bits >> it & 1u) {
+      if (eq_before < need_eq) pos = def_before + eq_before;
+      ++eq_before;
+    }
+    if (pos >= 0) emit(it, pos);
+  }
+  base_def += (int)(total & 0xffffffffu);
+  base_eq += (int)(total >> 32);
+}
+
 }  // namespace hydra
