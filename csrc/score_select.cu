@@ -391,7 +391,7 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
   pdl_launch_dependents();  // the attention's CTAs may be placed while this one selects
   __shared__ int hist[256];
   __shared__ int hist_all[kWarps * 256];
-  __shared__ uint64_t warp_tot[32];
+  __shared__ uint64_t warp_tot[64];  // block scans; ordered_compact double-buffers it
   __shared__ int s_bin, s_above, s_n, s_need;
   __shared__ uint32_t s_list[32], s_thr;
 
@@ -438,7 +438,7 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
   // min and max: the radix passes start below the bits that all keys share.
   uint32_t kmin = 0xffffffffu, kmax = 0u;
   {
-    constexpr int kU = 4096 / kSelectThreads;  // loads in flight per thread
+    constexpr int kU = (kSelectThreads >= 1024 ? 8192 : 4096) / kSelectThreads;  // loads in flight per thread: one batch up to 8,192 keys
     for (int base = 0; base < n_cand; base += kSelectThreads * kU) {
       float v[kU];
 #pragma unroll
@@ -614,56 +614,30 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
   }
   const int need_eq = k > 0 ? remaining : 0;
 
-  // Ordered compaction over the output order (head, candidates, tail), kSelectItems
-  // consecutive items per thread: position = (#definite before) + min(#equal before, need_eq).
-  // A candidate scored -inf (mode 2: a slot that is no candidate page) is never taken.
+  // Ordered compaction over the output order (head, candidates, tail): sinks and recent
+  // pages are definite, a candidate is definite above the threshold and equal at it
+  // (ordered_compact). A candidate scored -inf (mode 2: a slot that is no candidate page)
+  // is never taken.
   constexpr uint32_t kNegInfKey = 0x007fffffu;  // order_key(-inf)
   const int n_items = n_head + n_cand + n_tail;
   int base_def = 0, base_eq = 0;
-  for (int chunk = 0; chunk < n_items; chunk += kSelectThreads * kSelectItems) {
-    const int i0 = chunk + tid * kSelectItems;
-    uint32_t def_bits = 0, eq_bits = 0;
-    int item_page[kSelectItems];
-#pragma unroll
-    for (int it = 0; it < kSelectItems; ++it) {
-      const int i = i0 + it;
-      item_page[it] = -1;
-      if (i >= n_items) break;
-      if (i < n_head) {
-        def_bits |= 1u << it;
-        item_page[it] = i;
-      } else if (i >= n_head + n_cand) {
-        def_bits |= 1u << it;
-        item_page[it] = cand_hi + (i - n_head - n_cand);
-      } else if (k > 0) {
-        const int c = i - n_head;
-        const uint32_t u = key_at(c);
-        if (p.mode == 2 && u == kNegInfKey) continue;
-        if (take_all || u > prefix) def_bits |= 1u << it;
-        else if (u == prefix) eq_bits |= 1u << it;
-        item_page[it] = page_of_cand(c);
-      }
-    }
-    uint64_t total;
-    const uint64_t excl = block_exclusive_scan<kWarps>(((uint64_t)__popc(eq_bits) << 32) | __popc(def_bits), warp_tot,
-                                               total);
-    int def_before = base_def + (int)(excl & 0xffffffffu);
-    int eq_before = base_eq + (int)(excl >> 32);
-#pragma unroll
-    for (int it = 0; it < kSelectItems; ++it) {
-      int pos = -1;
-      if (def_bits >> it & 1u) {
-        pos = def_before + min(eq_before, need_eq);
-        ++def_before;
-      } else if (eq_bits >> it & 1u) {
-        if (eq_before < need_eq) pos = def_before + eq_before;
-        ++eq_before;
-      }
-      if (pos >= 0 && pos < p.n_out) out[pos] = item_page[it];
-    }
-    base_def += (int)(total & 0xffffffffu);
-    base_eq += (int)(total >> 32);
-  }
+  ordered_compact<kWarps, kSelectItems>(
+      n_items, need_eq, base_def, base_eq, warp_tot,
+      [&](int i, bool& def, bool& eq) {
+        if (i < n_head || i >= n_head + n_cand) {
+          def = true;
+          return;
+        }
+        if (k <= 0) return;
+        const uint32_t u = key_at(i - n_head);
+        if (p.mode == 2 && u == kNegInfKey) return;
+        def = take_all || u > prefix;
+        eq = !def && u == prefix;
+      },
+      [&](int i, int pos) {
+        if (pos >= p.n_out) return;
+        out[pos] = i < n_head ? i : i >= n_head + n_cand ? cand_hi + (i - n_head - n_cand) : page_of_cand(i - n_head);
+      });
   for (int i = base_def + min(base_eq, need_eq) + tid; i < p.n_out; i += kSelectThreads) out[i] = -1;
 }
 

@@ -393,22 +393,9 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
     }
   }
   int base_def = s_base[0], base_eq = s_base[1];
-  for (int chunk = 0; chunk < n_mine; chunk += kCsThreads * kSelectItems) {
-    const int i0 = chunk + tid * kSelectItems;
-    uint32_t def_bits = 0, eq_bits = 0;
-#pragma unroll
-    for (int it = 0; it < kSelectItems; ++it) {
-      if (i0 + it < n_mine) {
-        bool def, eq;
-        classify(i0 + it, def, eq);
-        def_bits |= uint32_t(def) << it;
-        eq_bits |= uint32_t(eq) << it;
-      }
-    }
-    place_chunk<kCsWarps>(def_bits, eq_bits, need_eq, base_def, base_eq, warp_tot, [&](int it, int pos) {
-      if (n_head + pos < se.n_out) out[n_head + pos] = my_lo + i0 + it;
-    });
-  }
+  ordered_compact<kCsWarps, kSelectItems>(n_mine, need_eq, base_def, base_eq, warp_tot, classify, [&](int i, int pos) {
+    if (n_head + pos < se.n_out) out[n_head + pos] = my_lo + i;
+  });
 #endif
 }
 

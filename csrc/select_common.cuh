@@ -147,7 +147,7 @@ __device__ __forceinline__ void append_one_token(const CacheWriteParams& p, int 
   }
 }
 
-constexpr int kSelectItems = 8;  // consecutive pages per thread in the compaction
+constexpr int kSelectItems = 8;  // rounds of 32 items per warp in a chunk of the ordered compaction
 
 // Order-preserving map from fp32 to uint32: a > b  <=>  key(a) > key(b).
 __device__ __forceinline__ uint32_t order_key(float f) {
@@ -183,36 +183,70 @@ __device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* w
   return before + x - v;
 }
 
-// One chunk of the ordered output, shared by the select kernels: kSelectItems
-// consecutive items per thread, flagged definite (def_bits: above the threshold, or
-// forced) or equal to the threshold (eq_bits). Definite items are all taken and equal
-// ones only while fewer than need_eq equal items precede them, so an item's position
-// is (#definite before) + min(#equal before, need_eq) if definite, and (#definite
-// before) + (#equal before) if equal and taken. emit(it, pos) receives each taken item;
-// base_def / base_eq carry the counts from chunk to chunk (start them at the items
-// before this thread block's first chunk).
-template <int WARPS, typename Emit>
-__device__ __forceinline__ void place_chunk(uint32_t def_bits, uint32_t eq_bits, int need_eq, int& base_def,
-                                            int& base_eq, uint64_t* warp_tot, Emit&& emit) {
-  uint64_t total;
-  const uint64_t excl =
-      block_exclusive_scan<WARPS>(((uint64_t)__popc(eq_bits) << 32) | __popc(def_bits), warp_tot, total);
-  int def_before = base_def + (int)(excl & 0xffffffffu);
-  int eq_before = base_eq + (int)(excl >> 32);
+// Ordered compaction, shared by the select kernels: items 0..n-1 in output order, each
+// definite (taken: above the threshold, or forced) or equal to the threshold (taken only
+// while fewer than need_eq equal items precede it) or neither. A taken item's position is
+// (#definite before) + min(#equal before, need_eq) if definite, and (#definite before) +
+// (#equal before) if equal. classify(i, def, eq) flags item i; emit(i, pos) receives each
+// taken item. base_def / base_eq: the definite and equal items before item 0 (the
+// cluster kernel's earlier slices); on return, those counts past the last item.
+//
+// Warp w of a chunk takes R rounds of 32 consecutive items (lane l: item 32 r + l), so
+// shared-memory keys are read without bank conflicts, and its counts come from ballots;
+// one block barrier a chunk exchanges the warps' totals (double-buffered in warp_tot,
+// which must hold 2 * WARPS values).
+template <int WARPS, int R, typename Classify, typename Emit>
+__device__ __forceinline__ void ordered_compact(int n, int need_eq, int& base_def, int& base_eq, uint64_t* warp_tot,
+                                                Classify&& classify, Emit&& emit) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint32_t lt = (1u << lane) - 1u;  // lanes below this one
+  constexpr int kChunk = WARPS * 32 * R;
+  int parity = 0;
+  for (int chunk = 0; chunk < n; chunk += kChunk, parity ^= 1) {
+    const int w0 = chunk + warp * 32 * R;
+    uint32_t dm[R], em[R];
+    int wd = 0, we = 0;
 #pragma unroll
-  for (int it = 0; it < kSelectItems; ++it) {
-    int pos = -1;
-    if (def_bits >> it & 1u) {
-      pos = def_before + min(eq_before, need_eq);
-      ++def_before;
-    } else if (eq_bits >> it & 1u) {
-      if (eq_before < need_eq) pos = def_before + eq_before;
-      ++eq_before;
+    for (int r = 0; r < R; ++r) {
+      const int i = w0 + 32 * r + lane;
+      bool d = false, e = false;
+      if (i < n) classify(i, d, e);
+      dm[r] = __ballot_sync(0xffffffffu, d);
+      em[r] = __ballot_sync(0xffffffffu, e);
+      wd += __popc(dm[r]);
+      we += __popc(em[r]);
     }
-    if (pos >= 0) emit(it, pos);
+    uint64_t* tot = warp_tot + parity * WARPS;
+    if (lane == 0) tot[warp] = ((uint64_t)we << 32) | (uint32_t)wd;
+    __syncthreads();
+    // Every warp scans the warps' totals itself: its own offset and the chunk's total.
+    uint64_t x = lane < WARPS ? tot[lane] : 0;
+    uint64_t incl = x;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const uint64_t y = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += y;
+    }
+    const uint64_t excl = __shfl_sync(0xffffffffu, incl - x, warp);
+    const uint64_t total = __shfl_sync(0xffffffffu, incl, 31);
+    int def_before = base_def + (int)(excl & 0xffffffffu);
+    int eq_before = base_eq + (int)(excl >> 32);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int d_lane = def_before + __popc(dm[r] & lt), e_lane = eq_before + __popc(em[r] & lt);
+      int pos = -1;
+      if (dm[r] >> lane & 1u) {
+        pos = d_lane + min(e_lane, need_eq);
+      } else if ((em[r] >> lane & 1u) && e_lane < need_eq) {
+        pos = d_lane + e_lane;
+      }
+      if (pos >= 0) emit(w0 + 32 * r + lane, pos);
+      def_before += __popc(dm[r]);
+      eq_before += __popc(em[r]);
+    }
+    base_def += (int)(total & 0xffffffffu);
+    base_eq += (int)(total >> 32);
   }
-  base_def += (int)(total & 0xffffffffu);
-  base_eq += (int)(total >> 32);
 }
 
 }  // namespace hydra
