@@ -2,8 +2,10 @@
 # One device call: carried wheels, JIT build, the full GPU suite (evidence
 # gpu_tests.json), the fidelity harness (fidelity.json) and the decode benchmark
 # (decode_bench.json) and the transformers generate benchmark (generate_bench.json), all under $OUT.
-#   bash scripts/gpu_check.sh [tests|fidelity|bench|generate|prefill|all|none] [extra benchmark args...]
-# (prefill_bench.json comes from the prefill stage.)
+#   bash scripts/gpu_check.sh [tests|fidelity|bench|generate|prefill|first|second|all|none] [extra benchmark args...]
+# (prefill_bench.json comes from the prefill stage.) "all" takes 340 s on an H200 and
+# 560-620 s on an H100, at the device tool's 600 s limit there: "first" (tests + bench)
+# and "second" (fidelity + prefill + generate) split it over two calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -24,21 +26,29 @@ python3 -c "import sys; sys.path.insert(0, 'torch-ext'); import hydra; assert hy
   2>&1 | tee "$LOGS/build.log"
 echo "build+import: $(( $(date +%s) - start )) s"
 rc=0
-if [ "$what" = all ] || [ "$what" = tests ]; then
+want() {  # whether stage $1 runs
+  case "$what" in
+    all) return 0 ;;
+    first) [ "$1" = tests ] || [ "$1" = bench ] ;;
+    second) [ "$1" = fidelity ] || [ "$1" = prefill ] || [ "$1" = generate ] ;;
+    *) [ "$what" = "$1" ] ;;
+  esac
+}
+if want tests; then
   python3 scripts/run_gpu_suite.py --out "$OUT/gpu_tests.json" 2>&1 | tee "$LOGS/tests.log" | grep -v "^$" | tail -60
   rc=${PIPESTATUS[0]}
 fi
-if [ "$what" = all ] || [ "$what" = fidelity ]; then
+if want fidelity; then
   python3 benchmarks/fidelity.py --synthetic --device cuda --T 4096,16384,65536 \
     --evidence "$OUT/fidelity.json" 2>&1 | tee "$LOGS/fidelity.log" | tail -3
 fi
-if [ "$what" = all ] || [ "$what" = bench ]; then
+if want bench; then
   python3 benchmarks/benchmark_hydra_decode.py --out "$OUT/decode_bench.json" "$@" 2>&1 | tee "$LOGS/bench.log" | tail -40
 fi
-if [ "$what" = all ] || [ "$what" = prefill ]; then
+if want prefill; then
   python3 benchmarks/benchmark_hydra_prefill.py --out "$OUT/prefill_bench.json" 2>&1 | tee "$LOGS/prefill.log" | tail -20
 fi
-if [ "$what" = all ] || [ "$what" = generate ]; then
+if want generate; then
   python3 benchmarks/benchmark_generate.py --out "$OUT/generate_bench.json" 2>&1 | tee "$LOGS/generate.log" | tail -12
 fi
 exit $rc
