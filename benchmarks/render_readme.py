@@ -246,10 +246,15 @@ def decode_section(record, path: Path, stale) -> str:
     return "\n".join(lines)
 
 
+def _timed(rows, name, mode=None):
+    """The rows called `name` (in `mode`, when given) that have a time."""
+    return [r for r in rows if r.get("name") == name and (mode is None or r.get("mode") == mode)
+            and r.get("us") is not None]
+
+
 def head_dim_table(rows, mode="graph") -> str:
     """hydra_cached at the other head dims against the SDPA peers, or ""."""
-    picked = [r for r in rows if r.get("head_dim_case") and r.get("name") == "hydra_cached" and r.get("mode") == mode
-              and r.get("us") is not None]
+    picked = [r for r in _timed(rows, "hydra_cached", mode) if r.get("head_dim_case")]
     if not picked:
         return ""
     out = ["| D | Hq | Hkv | B | T | best dense (µs) | hydra cached (µs) | speedup | × byte floor | max rel err |",
@@ -264,8 +269,7 @@ def head_dim_table(rows, mode="graph") -> str:
 
 def e4m3_table(rows, mode="graph") -> str:
     """hydra_cached_e4m3 (e4m3 page summaries) beside hydra_cached, or "" when the run has none."""
-    picked = [r for r in rows if r.get("name") == "hydra_cached_e4m3" and r.get("mode") == mode
-              and r.get("us") is not None]
+    picked = _timed(rows, "hydra_cached_e4m3", mode)
     if not picked:
         return ""
     out = ["| B | T | D | best dense (µs) | 16-bit summaries (µs) | e4m3 summaries (µs) | e4m3 vs dense | "
@@ -285,8 +289,7 @@ def e4m3_table(rows, mode="graph") -> str:
 
 def hier_table(rows, mode="graph", sfx="") -> str:
     """hydra_hier rows beside hydra_flat8 (sfx "_e4m3": with e4m3 summaries), or "" when the run has none."""
-    picked = [r for r in rows if r.get("name") == "hydra_hier" + sfx and r.get("mode") == mode
-              and r.get("us") is not None]
+    picked = _timed(rows, "hydra_hier" + sfx, mode)
     if not picked:
         return ""
     out = ["| B | T | best dense (µs) | flat, 8-token pages (µs) | coarse-to-fine (µs) | vs dense | vs flat "
@@ -308,7 +311,7 @@ def hier_table(rows, mode="graph", sfx="") -> str:
 
 def cache_step_table(rows) -> str:
     """hydra_cache_step rows, or "" when the run has none."""
-    picked = [r for r in rows if r.get("name") == "hydra_cache_step" and r.get("us") is not None]
+    picked = _timed(rows, "hydra_cache_step")
     if not picked:
         return ""
     out = ["| B | T | mode | step (µs) | attend alone, same cache (µs) | step / attend | append cost: step − attend (µs) "
