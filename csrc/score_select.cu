@@ -14,6 +14,12 @@ namespace hydra {
 
 constexpr int kScoreThreads = 128;
 constexpr int kScorePasses = 8;  // pages each thread group scores per CTA
+// Grids of more than 3 CTAs an SM take the variant compiled for 4 resident CTAs (at most
+// 128 registers a thread instead of ~131, no spills): at 131,072 tokens, B = 1 its 1,024
+// CTAs run in 1.9 waves instead of 2.6. Measured on an H100 (benchmarks/NOTES.md v14):
+// step 50.6 -> 48.9 us at B = 1, 175.7 -> 169.7 us at B = 8; smaller grids keep the
+// unconstrained build, which measured the same or slightly faster there.
+constexpr int kScoreMinBlocks = 4;
 
 template <int D>
 struct ScoreShape {
@@ -27,8 +33,8 @@ struct ScoreShape {
 // Grid (ceil(n_pages / kPagesPerCta), Hkv, B). FROM_K: summaries are built on the
 // fly from the keys (the stateless path), in registers, never written out.
 // 16-bit summaries only (e4m3 ones are scored by score_pages_e4m3_kernel).
-template <int D, bool FROM_K, typename E>
-__global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(ScoreParams p) {
+template <int D, bool FROM_K, typename E, int MIN_BLOCKS = 1>
+__global__ void __launch_bounds__(kScoreThreads, MIN_BLOCKS) score_pages_kernel(ScoreParams p) {
   using S = ScoreShape<D>;
   const int b = blockIdx.z, h = blockIdx.y;
   pdl_wait();
@@ -358,15 +364,24 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
       }
       constexpr int kPagesPerCta = ScoreShape<kD>::kPagesPerCta;
       dim3 grid((p.n_pages + kPagesPerCta - 1) / kPagesPerCta + (p.append.k_src != nullptr ? 1 : 0), p.Hkv, p.B);
-      auto kernel = p.summaries != nullptr ? score_pages_kernel<kD, false, E> : score_pages_kernel<kD, true, E>;
       static bool configured[64] = {};
+      static int sms[64] = {};
       int dev = 0;
       cudaGetDevice(&dev);
       if (dev < 0 || dev >= 64 || !configured[dev]) {
         prefer_max_shared(score_pages_kernel<kD, false, E>);
+        prefer_max_shared(score_pages_kernel<kD, false, E, kScoreMinBlocks>);
         prefer_max_shared(score_pages_kernel<kD, true, E>);
-        if (dev >= 0 && dev < 64) configured[dev] = true;
+        int n = 0;
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+        if (dev >= 0 && dev < 64) { configured[dev] = true; sms[dev] = n; }
       }
+      const long long ctas = (long long)grid.x * grid.y * grid.z;
+      const int n_sms = dev >= 0 && dev < 64 ? sms[dev] : 0;
+      const bool many = n_sms > 0 && ctas > 3LL * n_sms;
+      auto kernel = p.summaries == nullptr ? score_pages_kernel<kD, true, E>
+                    : many                 ? score_pages_kernel<kD, false, E, kScoreMinBlocks>
+                                           : score_pages_kernel<kD, false, E>;
       launch_maybe_pdl(kernel, grid, dim3(kScoreThreads), 0, stream, p);
       check_launch("score_pages_kernel");
     });
@@ -521,7 +536,7 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
     bool done = false;
     int next_top;
     {
-      constexpr int kBins = 2048, kPer = kBins / kSelectThreads;  // bins per thread, from the top
+      constexpr int kBins = 2048;
       static_assert(kBins <= kWarps * 256, "the first pass's histogram reuses the per-warp histograms");
       const int shift = max(high_bit - 10, 0);
       const uint32_t bmask = (2u << (high_bit - shift)) - 1u;  // high_bit - shift + 1 bits
@@ -532,22 +547,7 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
         atomicAdd(&whist[(u >> shift) & bmask], 1);
       }
       __syncthreads();
-      int c[kPer], sum = 0;
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) {
-        const int bin = kBins - 1 - (tid * kPer + j);
-        c[j] = whist[bin];
-        sum += c[j];
-      }
-      uint64_t total;
-      int acc = (int)block_exclusive_scan<kWarps>((uint64_t)sum, warp_tot, total);  // keys in higher bins
-      if (acc < remaining && remaining <= acc + sum) {
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) {
-          if (acc + c[j] >= remaining) { s_bin = kBins - 1 - (tid * kPer + j); s_above = acc; break; }
-          acc += c[j];
-        }
-      }
+      find_threshold_bin<kBins, kSelectThreads>(whist, remaining, warp_tot, s_bin, s_above);
       __syncthreads();
       remaining -= s_above;
       prefix |= (uint32_t)s_bin << shift;

@@ -284,22 +284,7 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
         hist[j] = 0;
       }
       __syncthreads();
-      constexpr int kPer = kCsBins / kCsThreads;  // bins per thread, from the top
-      int c[kPer], sum = 0;
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) {
-        c[j] = full[kCsBins - 1 - (tid * kPer + j)];
-        sum += c[j];
-      }
-      uint64_t total;
-      int acc = (int)block_exclusive_scan<kCsWarps>((uint64_t)sum, warp_tot, total);  // keys in higher bins
-      if (acc < remaining && remaining <= acc + sum) {
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) {
-          if (acc + c[j] >= remaining) { s_bin = kCsBins - 1 - (tid * kPer + j); s_above = acc; break; }
-          acc += c[j];
-        }
-      }
+      find_threshold_bin<kCsBins, kCsThreads>(full, remaining, warp_tot, s_bin, s_above);
       __syncthreads();
       remaining -= s_above;
       prefix |= (uint32_t)s_bin << shift;

@@ -183,6 +183,34 @@ __device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* w
   return before + x - v;
 }
 
+// The threshold bin of a block-wide histogram `hist` of BINS bins in shared memory: the
+// bin where the count of keys from the highest bin down first reaches `remaining`.
+// Thread t owns BINS / THREADS consecutive bins from the top; the one whose range holds
+// the threshold writes the bin to s_bin and the count of keys in higher bins to
+// s_above. The caller syncs the block before reading them.
+template <int BINS, int THREADS>
+__device__ __forceinline__ void find_threshold_bin(const int* hist, int remaining, uint64_t* warp_tot, int& s_bin,
+                                                   int& s_above) {
+  constexpr int kPer = BINS / THREADS;
+  static_assert(kPer * THREADS == BINS, "every thread owns the same number of bins");
+  const int tid = threadIdx.x;
+  int c[kPer], sum = 0;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    c[j] = hist[BINS - 1 - (tid * kPer + j)];
+    sum += c[j];
+  }
+  uint64_t total;
+  int acc = (int)block_exclusive_scan<THREADS / 32>((uint64_t)sum, warp_tot, total);  // keys in higher bins
+  if (acc < remaining && remaining <= acc + sum) {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      if (acc + c[j] >= remaining) { s_bin = BINS - 1 - (tid * kPer + j); s_above = acc; break; }
+      acc += c[j];
+    }
+  }
+}
+
 // Ordered compaction, shared by the select kernels: items 0..n-1 in output order, each
 // definite (taken: above the threshold, or forced) or equal to the threshold (taken only
 // while fewer than need_eq equal items precede it) or neither. A taken item's position is
