@@ -59,6 +59,41 @@ __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
 
 __device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
+// Read-only global loads with a cache hint, for the score kernels' summary rows (read once
+// a step). kNoL1: no L1 allocation; kL2Fetch256: the L2 fetches 256 bytes from DRAM on a
+// miss. Which one pays depends on the grid: benchmarks/NOTES.md v15 has the H100 A/B.
+// volatile keeps the loads in program order, issued before their first use (the A/B
+// measured it so; a non-volatile L2::256B load lost its gain at B = 8).
+enum class LoadHint { kDefault, kNoL1, kL2Fetch256 };
+
+template <LoadHint H>
+__device__ __forceinline__ uint4 ldg16_hint(const void* p) {
+  uint4 r;
+  if constexpr (H == LoadHint::kNoL1) {
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  } else if constexpr (H == LoadHint::kL2Fetch256) {
+    asm volatile("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  } else {
+    r = ldg16(p);
+  }
+  return r;
+}
+
+template <LoadHint H>
+__device__ __forceinline__ uint2 ldg8_hint(const void* p) {
+  uint2 r;
+  if constexpr (H == LoadHint::kNoL1) {
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+  } else if constexpr (H == LoadHint::kL2Fetch256) {
+    asm volatile("ld.global.nc.L2::256B.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+  } else {
+    r = __ldg(reinterpret_cast<const uint2*>(p));
+  }
+  return r;
+}
+
 // 8-bit page summaries (fp8 e4m3, OCP "fn" variant: no infinities, largest finite 448),
 // rounded outward so the Quest bound still holds: a page minimum is stored as the largest
 // e4m3 value <= it, a maximum as the smallest e4m3 value >= it. Codes are sign-magnitude
@@ -176,11 +211,33 @@ __device__ __forceinline__ void store_summary8(void* row, int D, const float (&m
   }
 }
 
+// The same at element offset `at` of a summary tensor of either dtype (its element is a
+// byte for e4m3): e4m3 codes are of the values times `scale` (a power of two: exact),
+// rounded outward; 16-bit summaries ignore it.
+template <typename E, bool FP8>
+__device__ __forceinline__ void store_summary8_at(void* base, int64_t at, int D, float scale, float (&mn)[8],
+                                                  float (&mx)[8]) {
+  if constexpr (FP8) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) { mn[i] *= scale; mx[i] *= scale; }
+    store_summary8<E, true>(reinterpret_cast<uint8_t*>(base) + at, D, mn, mx);
+  } else {
+    store_summary8<E, false>(reinterpret_cast<bf16_t*>(base) + at, D, mn, mx);
+  }
+}
+
 
 // 16-byte asynchronous copy global -> shared; src_bytes == 0 zero-fills and reads nothing.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
   uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+// The same with 256-byte DRAM fetches on an L2 miss (the decode attention's K/V pages,
+// 16 rows of D elements each: H100 A/B in benchmarks/NOTES.md v15, B = 32 at 32k step
+// 309.3 -> 305.9 us, B = 8 at 131k 171.6 -> 170.8, B = 1 unchanged).
+__device__ __forceinline__ void cp_async16_l2_256(void* smem, const void* gmem, int src_bytes) {
+  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -209,6 +266,20 @@ __device__ __forceinline__ int first_recent_page(int L, int recent_tokens, int p
   if (recent_tokens <= 0) return (L + page_size - 1) / page_size;
   int lo = L - recent_tokens;
   return (lo > 0 ? lo : 0) / page_size;
+}
+
+// The current device's multiprocessor count, asked of the driver once per device (a
+// query costs about 0.7 us of host time, and every decode call sizes its grids with it).
+inline int sm_count() {
+  static int cache[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
+  int n = 0;
+  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+  if (n <= 0) n = 1;
+  if (dev >= 0 && dev < 64) cache[dev] = n;
+  return n;
 }
 
 // Shared memory one block may opt into on the current device, in bytes. The

@@ -180,6 +180,8 @@ void launch_cache_prefill(const CacheWriteParams& p, cudaStream_t stream);
 void launch_cache_append(const CacheWriteParams& p, cudaStream_t stream);
 void launch_score_pages(const ScoreParams& p, cudaStream_t stream);
 void launch_select_pages(const SelectParams& p, cudaStream_t stream);
+// The current device's SM count (cached per device).
+int device_sm_count();
 // Flat selection from cached summaries in one launch (score_select_cluster.cu): the keys
 // each CTA of the cluster holds for a row of n_pages pages, for `rows` (sequence, KV head)
 // rows, or 0 when the fused kernel does not apply here (before sm_90, more rows than one

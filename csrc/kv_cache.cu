@@ -42,13 +42,7 @@ __global__ void __launch_bounds__(kCacheThreads) cache_prefill_kernel(CacheWrite
     for (int i = 0; i < 8; ++i) { mn[i] = fminf(mn[i], f[i]); mx[i] = fmaxf(mx[i], f[i]); }
   }
   const int64_t at = b * p.s_batch_stride + h * p.s_head_stride + page * p.s_page_stride + d0;
-  if constexpr (FP8) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) { mn[i] *= p.fmt.scale; mx[i] *= p.fmt.scale; }
-    store_summary8<E, true>(reinterpret_cast<uint8_t*>(p.summaries) + at, D, mn, mx);
-  } else {
-    store_summary8<E, false>(p.summaries + at, D, mn, mx);
-  }
+  store_summary8_at<E, FP8>(p.summaries, at, D, p.fmt.scale, mn, mx);
 }
 
 // Grid (B): one CTA per sequence handles every KV head, so the length it reads at

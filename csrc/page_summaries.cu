@@ -34,13 +34,7 @@ __global__ void __launch_bounds__(kSummaryThreads) page_summaries_kernel(Summary
     for (int i = 0; i < 8; ++i) { mn[i] = fminf(mn[i], f[i]); mx[i] = fmaxf(mx[i], f[i]); }
   }
   const int64_t at = b * p.o_batch_stride + h * p.o_head_stride + page * p.o_page_stride + d0;
-  if constexpr (FP8) {  // codes of k * scale (a power of two: exact), rounded outward
-#pragma unroll
-    for (int i = 0; i < 8; ++i) { mn[i] *= p.fmt.scale; mx[i] *= p.fmt.scale; }
-    store_summary8<E, true>(reinterpret_cast<uint8_t*>(p.out) + at, D, mn, mx);
-  } else {  // min and max of bf16 (fp16) values are bf16 (fp16) values: exact
-    store_summary8<E, false>(p.out + at, D, mn, mx);
-  }
+  store_summary8_at<E, FP8>(p.out, at, D, p.fmt.scale, mn, mx);
 }
 
 void launch_page_summaries(const SummaryParams& p, cudaStream_t stream) {

@@ -20,6 +20,13 @@ constexpr int kScorePasses = 8;  // pages each thread group scores per CTA
 // step 50.6 -> 48.9 us at B = 1, 175.7 -> 169.7 us at B = 8; smaller grids keep the
 // unconstrained build, which measured the same or slightly faster there.
 constexpr int kScoreMinBlocks = 4;
+// The summary loads skip L1 in grids of up to kNoL1Waves waves (of 4 CTAs an SM) and ask
+// the L2 for 256-byte DRAM fetches in larger ones. H100 A/B, graph step (NOTES.md v15):
+// skipping L1 took B = 1 at 131k from 49.5 to 45.5 us and B = 2 from 68.8 to 64.9, but
+// cost 2 us at B = 8; the 256-byte fetch took B = 4 at 131k from 102.7 to 100.9 and
+// B = 8 from 171.3 to 168.1, and did nothing at B = 1. The crossover lies between 3.9
+// waves (B = 2) and 7.8 (B = 4), untested in between.
+constexpr int kNoL1Waves = 6;
 
 template <int D>
 struct ScoreShape {
@@ -33,7 +40,7 @@ struct ScoreShape {
 // Grid (ceil(n_pages / kPagesPerCta), Hkv, B). FROM_K: summaries are built on the
 // fly from the keys (the stateless path), in registers, never written out.
 // 16-bit summaries only (e4m3 ones are scored by score_pages_e4m3_kernel).
-template <int D, bool FROM_K, typename E, int MIN_BLOCKS = 1>
+template <int D, bool FROM_K, typename E, int MIN_BLOCKS = 1, LoadHint HINT = LoadHint::kDefault>
 __global__ void __launch_bounds__(kScoreThreads, MIN_BLOCKS) score_pages_kernel(ScoreParams p) {
   using S = ScoreShape<D>;
   const int b = blockIdx.z, h = blockIdx.y;
@@ -69,8 +76,8 @@ __global__ void __launch_bounds__(kScoreThreads, MIN_BLOCKS) score_pages_kernel(
       const int page = row.page_of(page0 + i * S::kPagesPerPass + grp);
       pages[i] = page;
       if (page >= 0) {
-        mn[i] = ldg16(s + page * p.s_page_stride);
-        mx[i] = ldg16(s + page * p.s_page_stride + D);
+        mn[i] = ldg16_hint<HINT>(s + page * p.s_page_stride);
+        mx[i] = ldg16_hint<HINT>(s + page * p.s_page_stride + D);
       } else {
         mn[i] = make_uint4(0, 0, 0, 0);
         mx[i] = mn[i];
@@ -261,8 +268,11 @@ __global__ void __launch_bounds__(kE4m3ScoreWarps * 32) score_pages_e4m3_kernel(
 #pragma unroll
       for (int i = 0; i < kGroup; ++i) {
         const int off = 32 * (s0 + i) + 8 * c;  // bytes
-        ua[t][i] = ra[t] ? __ldg(reinterpret_cast<const uint2*>(ra[t] + off)) : make_uint2(0u, 0u);
-        ub[t][i] = rb[t] ? __ldg(reinterpret_cast<const uint2*>(rb[t] + off)) : make_uint2(0u, 0u);
+        // 256-byte DRAM fetches: each load takes one 32-byte sector of 8 rows, and the
+        // warp's next loads take the rest of the rows. H100 A/B (NOTES.md v15): B = 1 131k
+        // step 47.0 -> 44.4 us, B = 8 145.8 -> 140.2, B = 32 at 32k 283.9 -> 277.4.
+        ua[t][i] = ra[t] ? ldg8_hint<LoadHint::kL2Fetch256>(ra[t] + off) : make_uint2(0u, 0u);
+        ub[t][i] = rb[t] ? ldg8_hint<LoadHint::kL2Fetch256>(rb[t] + off) : make_uint2(0u, 0u);
       }
     }
 #pragma unroll
@@ -365,23 +375,23 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
       constexpr int kPagesPerCta = ScoreShape<kD>::kPagesPerCta;
       dim3 grid((p.n_pages + kPagesPerCta - 1) / kPagesPerCta + (p.append.k_src != nullptr ? 1 : 0), p.Hkv, p.B);
       static bool configured[64] = {};
-      static int sms[64] = {};
       int dev = 0;
       cudaGetDevice(&dev);
       if (dev < 0 || dev >= 64 || !configured[dev]) {
-        prefer_max_shared(score_pages_kernel<kD, false, E>);
-        prefer_max_shared(score_pages_kernel<kD, false, E, kScoreMinBlocks>);
+        prefer_max_shared(score_pages_kernel<kD, false, E, 1, LoadHint::kNoL1>);
+        prefer_max_shared(score_pages_kernel<kD, false, E, kScoreMinBlocks, LoadHint::kNoL1>);
+        prefer_max_shared(score_pages_kernel<kD, false, E, kScoreMinBlocks, LoadHint::kL2Fetch256>);
         prefer_max_shared(score_pages_kernel<kD, true, E>);
-        int n = 0;
-        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-        if (dev >= 0 && dev < 64) { configured[dev] = true; sms[dev] = n; }
+        if (dev >= 0 && dev < 64) configured[dev] = true;
       }
       const long long ctas = (long long)grid.x * grid.y * grid.z;
-      const int n_sms = dev >= 0 && dev < 64 ? sms[dev] : 0;
-      const bool many = n_sms > 0 && ctas > 3LL * n_sms;
+      const long long n_sms = sm_count();
+      const bool many = ctas > 3 * n_sms;
+      const bool huge = ctas > kNoL1Waves * kScoreMinBlocks * n_sms;
       auto kernel = p.summaries == nullptr ? score_pages_kernel<kD, true, E>
-                    : many                 ? score_pages_kernel<kD, false, E, kScoreMinBlocks>
-                                           : score_pages_kernel<kD, false, E>;
+                    : huge ? score_pages_kernel<kD, false, E, kScoreMinBlocks, LoadHint::kL2Fetch256>
+                    : many ? score_pages_kernel<kD, false, E, kScoreMinBlocks, LoadHint::kNoL1>
+                           : score_pages_kernel<kD, false, E, 1, LoadHint::kNoL1>;
       launch_maybe_pdl(kernel, grid, dim3(kScoreThreads), 0, stream, p);
       check_launch("score_pages_kernel");
     });
@@ -675,5 +685,7 @@ void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
     launch_select_threads<1024>(p, stream);
   }
 }
+
+int device_sm_count() { return sm_count(); }
 
 }  // namespace hydra

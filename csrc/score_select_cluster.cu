@@ -425,19 +425,18 @@ int score_select_cluster_keys(int n_pages, int rows) {
     return !(env != nullptr && env[0] == '0');
   }();
   if (!allowed) return 0;
-  // The device's compute capability and SM count, asked once per device (each query
-  // costs about 0.7 us of host time, and this runs on every cached decode call).
-  static int cached_major[64] = {}, cached_sms[64] = {};
-  int dev = 0, major = 0, sms = 0;
+  // The device's compute capability, asked once per device (each query costs about 0.7 us
+  // of host time, and this runs on every cached decode call).
+  static int cached_major[64] = {};
+  int dev = 0, major = 0;
   cudaGetDevice(&dev);
-  if (dev >= 0 && dev < 64 && cached_sms[dev] > 0) {
+  if (dev >= 0 && dev < 64 && cached_major[dev] > 0) {
     major = cached_major[dev];
-    sms = cached_sms[dev];
   } else {
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (dev >= 0 && dev < 64) { cached_major[dev] = major; cached_sms[dev] = sms; }
+    if (dev >= 0 && dev < 64) cached_major[dev] = major;
   }
+  const int sms = sm_count();
   // One wave of clusters (one CTA per SM), and long rows only: measured on an H200 at
   // B = 1, Hkv = 8 (graph-replayed step), the fused launch took 83.5 us against 88.3 at
   // 524,288 tokens, but 44.2 against 43.4 at 131,072 and 29.3 against 26.1 at 8,192, and

@@ -65,15 +65,6 @@ const int* seqlens_ptr(const std::optional<at::Tensor>& s, int64_t B, const char
   return s->data_ptr<int>();
 }
 
-int num_sms(int device) {
-  static std::vector<int> cache(64, 0);
-  if (device >= 0 && device < 64 && cache[device] > 0) return cache[device];
-  int n = 0;
-  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-  if (device >= 0 && device < 64) cache[device] = n;
-  return n > 0 ? n : 1;
-}
-
 int ilog2(int64_t x) {
   int r = 0;
   while ((int64_t(1) << r) < x) ++r;
@@ -393,7 +384,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   // in one wave: rounding down avoids a nearly empty second wave.
   const int ept = hydra::kTileTokens / P;
   const int tiles = (n_entries + ept - 1) / ept;
-  const int slots = 2 * num_sms(q.get_device());
+  const int slots = 2 * hydra::device_sm_count();  // q's device: the caller's guard set it
   // At least 4 tiles per split, so a CTA's fixed costs (page staging, the merge) stay small.
   // (Measured on the H200: 2 or 1 tiles per split cost 0.5-2.3 us more at B=1 than 4.)
   int splits = std::max(1, std::min((tiles + 3) / 4, slots / (s.B * s.Hkv)));
