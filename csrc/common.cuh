@@ -61,9 +61,9 @@ __device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(reinterpret
 
 // Read-only global loads with a cache hint, for the score kernels' summary rows (read once
 // a step). kNoL1: no L1 allocation; kL2Fetch256: the L2 fetches 256 bytes from DRAM on a
-// miss. Which one pays depends on the grid: benchmarks/NOTES.md v15 has the H100 A/B.
-// volatile keeps the loads in program order, issued before their first use (the A/B
-// measured it so; a non-volatile L2::256B load lost its gain at B = 8).
+// miss. Which one pays depends on the kernel and grid: benchmarks/NOTES.md v15 has the
+// H100 A/B. volatile keeps the loads in program order, issued before their first use, as
+// measured.
 enum class LoadHint { kDefault, kNoL1, kL2Fetch256 };
 
 template <LoadHint H>
@@ -231,13 +231,6 @@ __device__ __forceinline__ void store_summary8_at(void* base, int64_t at, int D,
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
   uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-}
-// The same with 256-byte DRAM fetches on an L2 miss (the decode attention's K/V pages,
-// 16 rows of D elements each: H100 A/B in benchmarks/NOTES.md v15, B = 32 at 32k step
-// 309.3 -> 305.9 us, B = 8 at 131k 171.6 -> 170.8, B = 1 unchanged).
-__device__ __forceinline__ void cp_async16_l2_256(void* smem, const void* gmem, int src_bytes) {
-  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>

@@ -20,12 +20,12 @@ constexpr int kScorePasses = 8;  // pages each thread group scores per CTA
 // step 50.6 -> 48.9 us at B = 1, 175.7 -> 169.7 us at B = 8; smaller grids keep the
 // unconstrained build, which measured the same or slightly faster there.
 constexpr int kScoreMinBlocks = 4;
-// The summary loads skip L1 in grids of up to kNoL1Waves waves (of 4 CTAs an SM) and ask
-// the L2 for 256-byte DRAM fetches in larger ones. H100 A/B, graph step (NOTES.md v15):
-// skipping L1 took B = 1 at 131k from 49.5 to 45.5 us and B = 2 from 68.8 to 64.9, but
-// cost 2 us at B = 8; the 256-byte fetch took B = 4 at 131k from 102.7 to 100.9 and
-// B = 8 from 171.3 to 168.1, and did nothing at B = 1. The crossover lies between 3.9
-// waves (B = 2) and 7.8 (B = 4), untested in between.
+// The summary loads skip L1 in grids of up to kNoL1Waves waves (of 4 CTAs an SM); larger
+// grids keep plain loads. H100 A/B, graph step (NOTES.md v15): skipping L1 took B = 1 at
+// 131k from 49.5 to 45.5 us and B = 2 from 68.8 to 64.9, but cost 1-2 us at B = 4-32.
+// (A 256-byte L2 fetch gained 1-3 us in large grids in that A/B, but not in the decode
+// benchmark's run: B = 32 at 32k 307 -> 311 us. Not used.) The crossover lies between
+// 3.9 waves (B = 2) and 7.8 (B = 4), untested in between.
 constexpr int kNoL1Waves = 6;
 
 template <int D>
@@ -380,7 +380,7 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
       if (dev < 0 || dev >= 64 || !configured[dev]) {
         prefer_max_shared(score_pages_kernel<kD, false, E, 1, LoadHint::kNoL1>);
         prefer_max_shared(score_pages_kernel<kD, false, E, kScoreMinBlocks, LoadHint::kNoL1>);
-        prefer_max_shared(score_pages_kernel<kD, false, E, kScoreMinBlocks, LoadHint::kL2Fetch256>);
+        prefer_max_shared(score_pages_kernel<kD, false, E, kScoreMinBlocks>);
         prefer_max_shared(score_pages_kernel<kD, true, E>);
         if (dev >= 0 && dev < 64) configured[dev] = true;
       }
@@ -389,7 +389,7 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
       const bool many = ctas > 3 * n_sms;
       const bool huge = ctas > kNoL1Waves * kScoreMinBlocks * n_sms;
       auto kernel = p.summaries == nullptr ? score_pages_kernel<kD, true, E>
-                    : huge ? score_pages_kernel<kD, false, E, kScoreMinBlocks, LoadHint::kL2Fetch256>
+                    : huge ? score_pages_kernel<kD, false, E, kScoreMinBlocks>
                     : many ? score_pages_kernel<kD, false, E, kScoreMinBlocks, LoadHint::kNoL1>
                            : score_pages_kernel<kD, false, E, 1, LoadHint::kNoL1>;
       launch_maybe_pdl(kernel, grid, dim3(kScoreThreads), 0, stream, p);

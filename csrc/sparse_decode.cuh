@@ -112,8 +112,8 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
       const int row = warp * 16 + r;
       const int64_t t64 = tok >= 0 ? tok : 0;
       const int bytes = tok >= 0 ? 16 : 0;  // zero-fill rows that are not attended
-      cp_async16_l2_256(dk + row * S::kStride + col, kb + t64 * p.k_row_stride + col, bytes);
-      cp_async16_l2_256(dv + row * S::kStride + col, vb + t64 * p.v_row_stride + col, bytes);
+      cp_async16(dk + row * S::kStride + col, kb + t64 * p.k_row_stride + col, bytes);
+      cp_async16(dv + row * S::kStride + col, vb + t64 * p.v_row_stride + col, bytes);
     }
   };
 
