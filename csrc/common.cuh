@@ -66,14 +66,13 @@ __device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(reinterpret
 // measured.
 enum class LoadHint { kDefault, kNoL1, kL2Fetch256 };
 
+// (16-byte loads with the 256-byte fetch lost in every measured use: NOTES.md v15-v16.)
 template <LoadHint H>
 __device__ __forceinline__ uint4 ldg16_hint(const void* p) {
+  static_assert(H != LoadHint::kL2Fetch256, "no 16-byte form of the 256-byte fetch");
   uint4 r;
   if constexpr (H == LoadHint::kNoL1) {
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  } else if constexpr (H == LoadHint::kL2Fetch256) {
-    asm volatile("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
   } else {
     r = ldg16(p);
@@ -261,37 +260,58 @@ __device__ __forceinline__ int first_recent_page(int L, int recent_tokens, int p
   return (lo > 0 ? lo : 0) / page_size;
 }
 
-// The current device's multiprocessor count, asked of the driver once per device (a
-// query costs about 0.7 us of host time, and every decode call sizes its grids with it).
-inline int sm_count() {
-  static int cache[64] = {};
+// Host-side values per device, computed once: each driver query costs about 0.7 us of
+// host time, and every decode call sizes its grids with them. fill(dev) returns the
+// value (never 0, which marks an empty slot); devices past kMaxDevices are asked every call.
+inline constexpr int kMaxDevices = 64;
+inline int current_device() {
   int dev = 0;
   cudaGetDevice(&dev);
-  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
-  int n = 0;
-  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-  if (n <= 0) n = 1;
-  if (dev >= 0 && dev < 64) cache[dev] = n;
-  return n;
+  return dev;
+}
+template <typename Fill>
+inline int per_device(int (&cache)[kMaxDevices], int dev, Fill&& fill) {
+  const bool slot = dev >= 0 && dev < kMaxDevices;
+  if (slot && cache[dev] != 0) return cache[dev];
+  const int v = fill(dev);
+  if (slot) cache[dev] = v;
+  return v;
 }
 
-// Shared memory one block may opt into on the current device, in bytes. The
-// environment variable HYDRA_MAX_SMEM_PER_BLOCK lowers it, so that the configurations
-// chosen for GPUs with less shared memory (RTX 30/40/50: ~100 KB) can be tested on any GPU.
-inline int max_smem_per_block() {
-  static int cache[64] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
-  int v = 0;
-  cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (const char* env = std::getenv("HYDRA_MAX_SMEM_PER_BLOCK")) {
-    const int cap = std::atoi(env);
-    if (cap > 0 && cap < v) v = cap;
-  }
-  if (v <= 0) v = 48 * 1024;
-  if (dev >= 0 && dev < 64) cache[dev] = v;
-  return v;
+// The device's multiprocessor count.
+inline int sm_count(int dev = current_device()) {
+  static int cache[kMaxDevices] = {};
+  return per_device(cache, dev, [](int d) {
+    int n = 0;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, d);
+    return n > 0 ? n : 1;
+  });
+}
+
+// Shared memory one block may opt into on the device, in bytes. The environment
+// variable HYDRA_MAX_SMEM_PER_BLOCK lowers it, so that the configurations chosen for
+// GPUs with less shared memory (RTX 30/40/50: ~100 KB) can be tested on any GPU.
+inline int max_smem_per_block(int dev = current_device()) {
+  static int cache[kMaxDevices] = {};
+  return per_device(cache, dev, [](int d) {
+    int v = 0;
+    cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, d);
+    if (const char* env = std::getenv("HYDRA_MAX_SMEM_PER_BLOCK")) {
+      const int cap = std::atoi(env);
+      if (cap > 0 && cap < v) v = cap;
+    }
+    return v > 0 ? v : 48 * 1024;
+  });
+}
+
+// The device's compute capability major version.
+inline int cc_major(int dev = current_device()) {
+  static int cache[kMaxDevices] = {};
+  return per_device(cache, dev, [](int d) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d);
+    return major > 0 ? major : 1;
+  });
 }
 
 // Programmatic dependent launch (sm_90+): the decode step's kernels are launched so
@@ -311,17 +331,12 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 }
 
 // Whether launches use programmatic dependent launch: sm_90+ unless HYDRA_PDL=0.
-inline bool use_pdl() {
-  static int cache[64] = {};  // 0 unknown, 1 no, 2 yes
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev >= 0 && dev < 64 && cache[dev] != 0) return cache[dev] == 2;
-  int major = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  const char* env = std::getenv("HYDRA_PDL");
-  const bool on = major >= 9 && !(env != nullptr && env[0] == '0');
-  if (dev >= 0 && dev < 64) cache[dev] = on ? 2 : 1;
-  return on;
+inline bool use_pdl(int dev = current_device()) {
+  static int cache[kMaxDevices] = {};  // 1 no, 2 yes
+  return per_device(cache, dev, [](int d) {
+    const char* env = std::getenv("HYDRA_PDL");
+    return cc_major(d) >= 9 && !(env != nullptr && env[0] == '0') ? 2 : 1;
+  }) == 2;
 }
 
 // Launch with the programmatic-dependent-launch attribute where use_pdl().

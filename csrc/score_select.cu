@@ -355,17 +355,16 @@ __global__ void __launch_bounds__(kE4m3ScoreWarps * 32) score_pages_e4m3_kernel(
 }
 
 void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
+  const int dev = current_device();
   HYDRA_DISPATCH_HEAD_DIM(p.D, kD, [&] {
     HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
       const bool fp8 = p.summaries != nullptr && p.fmt.fp8;
       if (fp8) {  // e4m3 summaries: the tensor-core scorer
-        static bool mma_configured[64] = {};
-        int dev = 0;
-        cudaGetDevice(&dev);
-        if (dev < 0 || dev >= 64 || !mma_configured[dev]) {
+        static int mma_configured[kMaxDevices] = {};
+        per_device(mma_configured, dev, [](int) {
           prefer_max_shared(score_pages_e4m3_kernel<kD, E>);
-          if (dev >= 0 && dev < 64) mma_configured[dev] = true;
-        }
+          return 1;
+        });
         constexpr int rows = kE4m3PagesPerCta;
         dim3 grid((p.n_pages + rows - 1) / rows + (p.append.k_src != nullptr ? 1 : 0), p.Hkv, p.B);
         launch_maybe_pdl(score_pages_e4m3_kernel<kD, E>, grid, dim3(kE4m3ScoreWarps * 32), 0, stream, p);
@@ -374,18 +373,16 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
       }
       constexpr int kPagesPerCta = ScoreShape<kD>::kPagesPerCta;
       dim3 grid((p.n_pages + kPagesPerCta - 1) / kPagesPerCta + (p.append.k_src != nullptr ? 1 : 0), p.Hkv, p.B);
-      static bool configured[64] = {};
-      int dev = 0;
-      cudaGetDevice(&dev);
-      if (dev < 0 || dev >= 64 || !configured[dev]) {
+      static int configured[kMaxDevices] = {};
+      per_device(configured, dev, [](int) {
         prefer_max_shared(score_pages_kernel<kD, false, E, 1, LoadHint::kNoL1>);
         prefer_max_shared(score_pages_kernel<kD, false, E, kScoreMinBlocks, LoadHint::kNoL1>);
         prefer_max_shared(score_pages_kernel<kD, false, E, kScoreMinBlocks>);
         prefer_max_shared(score_pages_kernel<kD, true, E>);
-        if (dev >= 0 && dev < 64) configured[dev] = true;
-      }
+        return 1;
+      });
       const long long ctas = (long long)grid.x * grid.y * grid.z;
-      const long long n_sms = sm_count();
+      const long long n_sms = sm_count(dev);
       const bool many = ctas > 3 * n_sms;
       const bool huge = ctas > kNoL1Waves * kScoreMinBlocks * n_sms;
       auto kernel = p.summaries == nullptr ? score_pages_kernel<kD, true, E>
@@ -657,20 +654,16 @@ void launch_select_threads(const SelectParams& p, cudaStream_t stream) {
   // memory, fewer where the GPU allows less per block (~16k keys on ~100 KB GPUs); longer
   // rows read their keys from L2 on each pass instead.
   auto kernel = select_pages_kernel<THREADS>;
-  static int max_keys[64] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  int cap = dev >= 0 && dev < 64 ? max_keys[dev] : 0;
-  if (cap == 0) {
+  static int max_keys[kMaxDevices] = {};
+  const int cap = per_device(max_keys, current_device(), [&](int dev) {
     cudaFuncAttributes attr{};
     cudaFuncGetAttributes(&attr, kernel);
-    const int dyn = max_smem_per_block() - int(attr.sharedSizeBytes);
-    cap = dyn > 0 ? std::min(40960, dyn / int(sizeof(uint32_t))) : 0;
-    cap = std::max(cap, 1);
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(cap * sizeof(uint32_t)));
+    const int dyn = max_smem_per_block(dev) - int(attr.sharedSizeBytes);
+    const int keys = std::max(dyn > 0 ? std::min(40960, dyn / int(sizeof(uint32_t))) : 0, 1);
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(keys * sizeof(uint32_t)));
     prefer_max_shared(kernel);
-    if (dev >= 0 && dev < 64) max_keys[dev] = cap;
-  }
+    return keys;
+  });
   const int smem_keys = p.n_scores < cap ? p.n_scores : cap;
   const size_t smem = size_t(smem_keys) * sizeof(uint32_t);
   dim3 grid(p.Hkv, p.B);

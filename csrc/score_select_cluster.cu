@@ -390,15 +390,14 @@ template <int D, typename E>
 void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream) {
   auto kernel = score_select_cluster_kernel<D, E>;
   const size_t smem = kCsPipeBytes + size_t(keys_cap) * sizeof(uint32_t);
-  static bool configured[64] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64 || !configured[dev]) {
+  static int configured[kMaxDevices] = {};
+  const int dev = current_device();
+  per_device(configured, dev, [&](int d) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         max_smem_per_block() - 1024);  // the static part stays under 1 KB
+                         max_smem_per_block(d) - 1024);  // the static part stays under 1 KB
     prefer_max_shared(kernel);
-    if (dev >= 0 && dev < 64) configured[dev] = true;
-  }
+    return 1;
+  });
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(kClusterCtas, se.Hkv, se.B);
   cfg.blockDim = dim3(kCsThreads);
@@ -412,7 +411,7 @@ void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int ke
   attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = use_pdl() ? 2 : 1;
+  cfg.numAttrs = use_pdl(dev) ? 2 : 1;
   cudaLaunchKernelEx(&cfg, kernel, sp, se, keys_cap);
   check_launch("score_select_cluster_kernel");
 }
@@ -425,18 +424,8 @@ int score_select_cluster_keys(int n_pages, int rows) {
     return !(env != nullptr && env[0] == '0');
   }();
   if (!allowed) return 0;
-  // The device's compute capability, asked once per device (each query costs about 0.7 us
-  // of host time, and this runs on every cached decode call).
-  static int cached_major[64] = {};
-  int dev = 0, major = 0;
-  cudaGetDevice(&dev);
-  if (dev >= 0 && dev < 64 && cached_major[dev] > 0) {
-    major = cached_major[dev];
-  } else {
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    if (dev >= 0 && dev < 64) cached_major[dev] = major;
-  }
-  const int sms = sm_count();
+  const int dev = current_device();
+  const int major = cc_major(dev), sms = sm_count(dev);
   // One wave of clusters (one CTA per SM), and long rows only: measured on an H200 at
   // B = 1, Hkv = 8 (graph-replayed step), the fused launch took 83.5 us against 88.3 at
   // 524,288 tokens, but 44.2 against 43.4 at 131,072 and 29.3 against 26.1 at 8,192, and
@@ -446,7 +435,7 @@ int score_select_cluster_keys(int n_pages, int rows) {
   if (major < 9 || rows * kClusterCtas > sms || n_pages < kClusterMinPages) return 0;
   const int keys = (n_pages + kClusterCtas - 1) / kClusterCtas;
   const long long bytes = (long long)kCsPipeBytes + (long long)keys * 4 + 1024;
-  if (bytes > max_smem_per_block()) return 0;
+  if (bytes > max_smem_per_block(dev)) return 0;
   return keys > 0 ? keys : 1;
 }
 

@@ -261,6 +261,9 @@ __device__ __forceinline__ void ordered_compact(int n, int need_eq, int& base_de
     int eq_before = base_eq + (int)(excl >> 32);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
+      // Most rounds take nothing (a row keeps a few percent of its candidates): skip their
+      // bookkeeping (the test is uniform across the warp, and their counts add nothing).
+      if ((dm[r] | em[r]) == 0u) continue;
       const int d_lane = def_before + __popc(dm[r] & lt), e_lane = eq_before + __popc(em[r] & lt);
       int pos = -1;
       if (dm[r] >> lane & 1u) {

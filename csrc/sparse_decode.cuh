@@ -246,10 +246,16 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   __syncthreads();
   float* red_o = reinterpret_cast<float*>(smem_raw);          // [kWarps][16][D]
   float* red_ml = red_o + S::kWarps * S::kRows * D;           // [kWarps][16][2]
+  // Only the group's rows are merged (rows past it hold zero queries' outputs).
+  if (r0 < p.group) {
 #pragma unroll
-  for (int n = 0; n < S::kDTiles; ++n) {
-    *reinterpret_cast<float2*>(red_o + (warp * S::kRows + r0) * D + n * 8 + kc) = make_float2(o[n][0], o[n][1]);
-    *reinterpret_cast<float2*>(red_o + (warp * S::kRows + r1) * D + n * 8 + kc) = make_float2(o[n][2], o[n][3]);
+    for (int n = 0; n < S::kDTiles; ++n)
+      *reinterpret_cast<float2*>(red_o + (warp * S::kRows + r0) * D + n * 8 + kc) = make_float2(o[n][0], o[n][1]);
+  }
+  if (r1 < p.group) {
+#pragma unroll
+    for (int n = 0; n < S::kDTiles; ++n)
+      *reinterpret_cast<float2*>(red_o + (warp * S::kRows + r1) * D + n * 8 + kc) = make_float2(o[n][2], o[n][3]);
   }
   if (lane % 4 == 0) {
     red_ml[(warp * S::kRows + r0) * 2] = m0;
@@ -337,20 +343,19 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
 template <int D, int STAGES, typename E>
 inline void launch_decode_stages(const DecodeParams& p, cudaStream_t stream) {
   using S = DecodeShape<D, STAGES>;
-  if (S::kSmemBytes > size_t(max_smem_per_block())) {
+  const int dev = current_device();
+  if (S::kSmemBytes > size_t(max_smem_per_block(dev))) {
     throw std::runtime_error("hydra: the decode kernel needs " + std::to_string(S::kSmemBytes) +
                              " bytes of shared memory per block; this GPU allows " +
-                             std::to_string(max_smem_per_block()));
+                             std::to_string(max_smem_per_block(dev)));
   }
   auto kernel = sparse_decode_kernel<D, STAGES, E>;
-  static bool smem_raised[64] = {};  // per device: raising the limit once is enough
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64 || !smem_raised[dev]) {
+  static int smem_raised[kMaxDevices] = {};  // raising the limit once per device is enough
+  per_device(smem_raised, dev, [&](int) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)S::kSmemBytes);
     prefer_max_shared(kernel);
-    if (dev >= 0 && dev < 64) smem_raised[dev] = true;
-  }
+    return 1;
+  });
   dim3 grid(p.n_splits, p.Hkv, p.B);
   launch_maybe_pdl(kernel, grid, dim3(S::kThreads), S::kSmemBytes, stream, p);
   check_launch("sparse_decode_kernel");
