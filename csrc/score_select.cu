@@ -628,7 +628,7 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
   constexpr uint32_t kNegInfKey = 0x007fffffu;  // order_key(-inf)
   const int n_items = n_head + n_cand + n_tail;
   int base_def = 0, base_eq = 0;
-  ordered_compact<kWarps, kSelectItems>(
+  ordered_compact<kWarps, kSelectItems, true>(
       n_items, need_eq, base_def, base_eq, warp_tot,
       [&](int i, bool& def, bool& eq) {
         if (i < n_head || i >= n_head + n_cand) {

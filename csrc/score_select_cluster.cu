@@ -378,7 +378,7 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
     }
   }
   int base_def = s_base[0], base_eq = s_base[1];
-  ordered_compact<kCsWarps, kSelectItems>(n_mine, need_eq, base_def, base_eq, warp_tot, classify, [&](int i, int pos) {
+  ordered_compact<kCsWarps, kSelectItems, false>(n_mine, need_eq, base_def, base_eq, warp_tot, classify, [&](int i, int pos) {
     if (n_head + pos < se.n_out) out[n_head + pos] = my_lo + i;
   });
 #endif

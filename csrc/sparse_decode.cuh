@@ -266,27 +266,40 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   __syncthreads();
 
   constexpr float kLn2 = 0.6931471805599453f;
-  for (int idx = tid; idx < p.group * D; idx += S::kThreads) {
-    const int j = idx / D, d = idx % D;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < S::kWarps; ++w) M = fmaxf(M, red_ml[(w * S::kRows + j) * 2]);
-    float acc_l = 0.f, acc_o = 0.f;
+  // Four consecutive dims of one head a thread (one pass at group * D <= 512): the warps'
+  // running maxima and sums of that head, then their outputs, each one shared-memory read.
+  for (int idx = tid; idx < p.group * (D / 4); idx += S::kThreads) {
+    const int j = idx / (D / 4), d = (idx % (D / 4)) * 4;
+    float mw[S::kWarps], lw[S::kWarps];
+    float4 ow[S::kWarps];
 #pragma unroll
     for (int w = 0; w < S::kWarps; ++w) {
-      const float a = safe_exp2_diff(red_ml[(w * S::kRows + j) * 2], M);
-      acc_l += red_ml[(w * S::kRows + j) * 2 + 1] * a;
-      acc_o += red_o[(w * S::kRows + j) * D + d] * a;
+      mw[w] = red_ml[(w * S::kRows + j) * 2];
+      lw[w] = red_ml[(w * S::kRows + j) * 2 + 1];
+      ow[w] = *reinterpret_cast<const float4*>(red_o + (w * S::kRows + j) * D + d);
+    }
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < S::kWarps; ++w) M = fmaxf(M, mw[w]);
+    float acc_l = 0.f;
+    float4 acc_o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < S::kWarps; ++w) {
+      const float a = safe_exp2_diff(mw[w], M);
+      acc_l += lw[w] * a;
+      acc_o.x += ow[w].x * a; acc_o.y += ow[w].y * a; acc_o.z += ow[w].z * a; acc_o.w += ow[w].w * a;
     }
     const int hq = h * p.group + j;
-    const float o_norm = acc_l > 0.f ? acc_o / acc_l : 0.f;
+    const float inv = acc_l > 0.f ? 1.f / acc_l : 0.f;
+    const float4 o_norm = make_float4(acc_o.x * inv, acc_o.y * inv, acc_o.z * inv, acc_o.w * inv);
     const float lse2 = acc_l > 0.f ? M + log2f(acc_l) : -INFINITY;  // log2 domain
     if (p.n_splits == 1) {
-      p.out[b * p.o_batch_stride + hq * p.o_head_stride + d] = (bf16_t)E::bits(o_norm);
+      bf16_t* dst = p.out + b * p.o_batch_stride + hq * p.o_head_stride + d;
+      *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<E>(o_norm.x, o_norm.y), pack2<E>(o_norm.z, o_norm.w));
       if (d == 0) p.lse[(int64_t)b * p.Hq + hq] = lse2 * kLn2;
     } else {
       const int64_t row = ((int64_t)b * p.Hq + hq) * p.n_splits + split;
-      p.part_o[row * D + d] = o_norm;
+      *reinterpret_cast<float4*>(p.part_o + row * D + d) = o_norm;
       if (d == 0) p.part_lse[row] = lse2;
     }
   }
@@ -299,19 +312,20 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   __syncthreads();
   if (!s_last) return;
   __threadfence();
+  constexpr int kMergeBatch = 16;
   // Each thread merges four consecutive dims of one head: the splits' LSEs and partial
-  // outputs are loaded together (8 splits at a time), one L2 round trip instead of two,
-  // and folded online (running max).
+  // outputs are loaded together (16 splits at a time: one L2 round trip at B = 1, where
+  // a head has 16 splits), and folded online (running max).
   for (int idx = tid; idx < p.group * (D / 4); idx += S::kThreads) {
     const int j = idx / (D / 4), d = (idx % (D / 4)) * 4;
     const int64_t row0 = ((int64_t)b * p.Hq + h * p.group + j) * p.n_splits;
     float M = -INFINITY, sum = 0.f;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int sp0 = 0; sp0 < p.n_splits; sp0 += 8) {
-      float lv[8];
-      float4 ov[8];
+    for (int sp0 = 0; sp0 < p.n_splits; sp0 += kMergeBatch) {
+      float lv[kMergeBatch];
+      float4 ov[kMergeBatch];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
+      for (int u = 0; u < kMergeBatch; ++u) {
         const bool live = sp0 + u < p.n_splits;
         lv[u] = live ? __ldcg(p.part_lse + row0 + sp0 + u) : -INFINITY;
         ov[u] = live ? __ldcg(reinterpret_cast<const float4*>(p.part_o + (row0 + sp0 + u) * D + d))
@@ -319,12 +333,12 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
       }
       float m8 = M;
 #pragma unroll
-      for (int u = 0; u < 8; ++u) m8 = fmaxf(m8, lv[u]);
+      for (int u = 0; u < kMergeBatch; ++u) m8 = fmaxf(m8, lv[u]);
       const float r = safe_exp2_diff(M, m8);  // rescale what was summed so far
       sum *= r;
       acc.x *= r; acc.y *= r; acc.z *= r; acc.w *= r;
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
+      for (int u = 0; u < kMergeBatch; ++u) {
         const float x = safe_exp2_diff(lv[u], m8);
         sum += x;
         acc.x += x * ov[u].x; acc.y += x * ov[u].y; acc.z += x * ov[u].z; acc.w += x * ov[u].w;

@@ -168,6 +168,10 @@ def test_policy_layer_idx_and_scale_and_out():
         hydra.hydra(q, k, v, scale=float("nan"))
     with raises(ValueError, "hydra: out must have q's shape (2, 8, 1, 128), got (2, 8, 1, 64)"):
         hydra.hydra(q, k, v, out=torch.empty(2, 8, 1, 64, dtype=BF16))
+    padded = torch.empty(2, 8, 1, 132, dtype=BF16)[..., :128]  # rows 264 bytes apart
+    with raises(ValueError, "hydra: out strides must be multiples of 8 elements (16 bytes), "
+                            "got strides (1056, 132, 132, 1)"):
+        hydra.hydra(q, k, v, out=padded)
 
 
 def test_strides():

@@ -32,6 +32,10 @@ void check_elem_cuda(const at::Tensor& t, const char* name, at::ScalarType want)
               t.scalar_type());
   TORCH_CHECK(t.stride(-1) == 1, "hydra: ", name, " must have a contiguous last dimension, got strides ",
               t.strides());
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) {  // the kernels move 8 elements (16 bytes) at once
+    TORCH_CHECK(t.stride(i) % 8 == 0, "hydra: ", name, " strides must be multiples of 8 elements (16 bytes), got strides ",
+                t.strides());
+  }
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "hydra: ", name,
               " must be 16-byte aligned");
 }

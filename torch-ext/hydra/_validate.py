@@ -118,6 +118,9 @@ def _out(out, q):
         raise TypeError(f"hydra: out must be {q.dtype} like q, got {out.dtype}")
     if out.stride(-1) != 1:
         raise ValueError(f"hydra: out must have a contiguous last dimension, got strides {out.stride()}")
+    if any(s % _ALIGN for s in out.stride()[:-1]):  # the kernels store 4-8 elements at once
+        raise ValueError(f"hydra: out strides must be multiples of {_ALIGN} elements (16 bytes), "
+                         f"got strides {out.stride()}")
 
 
 def _fast_decode_ok(q, k, v, policy, cache_seqlens, page_summaries):
