@@ -186,8 +186,10 @@ int device_sm_count();
 // each CTA of the cluster holds for a row of n_pages pages, for `rows` (sequence, KV head)
 // rows, or 0 when the fused kernel does not apply here (before sm_90, more rows than one
 // wave of clusters, too little shared memory, HYDRA_CLUSTER_SELECT=0).
-int score_select_cluster_keys(int n_pages, int rows);
-void launch_score_select_cluster(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream);
+// from_scores: the cluster only selects, from scores a score kernel wrote (e4m3 summaries).
+int score_select_cluster_keys(int n_pages, int rows, bool from_scores = false);
+void launch_score_select_cluster(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream,
+                                 bool from_scores = false);
 void launch_sparse_decode(const DecodeParams& p, cudaStream_t stream);
 
 // Entries (pages) a split may hold: the split's page indices are staged in shared memory.

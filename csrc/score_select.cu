@@ -162,10 +162,17 @@ __global__ void __launch_bounds__(kScoreThreads, MIN_BLOCKS) score_pages_kernel(
 // Rare rows are rescored exactly in fp32 by their four lanes: the fused append's page
 // (its new key folded in) and rows holding a saturated code (read as +-2^64, which fp16
 // cannot hold).
+// A CTA scores tiles of kE4m3PagesPerCta pages of one row: one tile, or (few rows) every
+// stride-th tile of its row, so that the query is folded once a CTA.
 // Measured on an H200 (B = 1, 131,072 tokens, benchmarks/NOTES.md v12): 10-11 us against
 // 18.7 for e4m3 on the CUDA-core scorer below. The same kernel over 16-bit summaries
 // (16-byte loads) took 15.6-23 us against that scorer's 12.7, so 16-bit summaries stay there.
 constexpr int kE4m3ScoreWarps = 4;
+// With at most this many (sequence, KV head) rows, the grid is capped at one wave and each
+// CTA loops over tiles of its row, folding the query once. H100, graph step (NOTES.md
+// v16): B = 1 (8 rows) at 524k 74.7 -> 72.5 us and at 1M 109 -> 103.5, but B = 8 (64 rows)
+// at 131k 140.5 -> 143.7, so larger batches keep one tile a CTA.
+constexpr int kE4m3PersistRows = 16;
 constexpr int kE4m3Tiles = 2;  // 16-row tiles per warp
 constexpr int kE4m3PagesPerCta = kE4m3ScoreWarps * 16 * kE4m3Tiles;
 
@@ -188,10 +195,12 @@ __global__ void __launch_bounds__(kE4m3ScoreWarps * 32) score_pages_e4m3_kernel(
     if (tid < 32) append_one_token<E, true>(p.append, L_raw, b, h, tid);
     return;
   }
-  const int cta = blockIdx.x - (with_append ? 1 : 0);
+  // A CTA scores tiles first, first + stride, ... of its row (one tile a CTA unless the
+  // launcher capped the grid), so the query folding below is done once a CTA.
+  const int first = blockIdx.x - (with_append ? 1 : 0), stride = gridDim.x - (with_append ? 1 : 0);
+  const int n_work = (p.n_pages + kPagesPerCta - 1) / kPagesPerCta;
   const ScoreRow row = score_row(p, b, h, L_raw);
-  const int page0 = cta * kPagesPerCta;
-  if (!row.selects || !row.covers(page0, kPagesPerCta)) return;
+  if (!row.selects || !row.covers(first * kPagesPerCta, (n_work - first) * kPagesPerCta)) return;
   const bool stage1 = row.stage1, stage2 = row.stage2;
 
   // The group's folded query, fp32, in shared memory (read again only by rare rows).
@@ -242,6 +251,9 @@ __global__ void __launch_bounds__(kE4m3ScoreWarps * 32) score_pages_e4m3_kernel(
                               ? L_raw / (p.page_size * (stage1 ? p.superpage : 1)) : -1;
   float* scores = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
 
+  for (int cta = first; cta < n_work; cta += stride) {
+  const int page0 = cta * kPagesPerCta;
+  if (!row.covers(page0, kPagesPerCta)) continue;
   // Every row load of the warp's tiles is issued before the first MMA (kGroup segments
   // at a time: all of them, except at D = 256, in two halves).
   int pa[kTiles], pb[kTiles];
@@ -352,6 +364,7 @@ __global__ void __launch_bounds__(kE4m3ScoreWarps * 32) score_pages_e4m3_kernel(
       }
     }
   }
+  }  // tiles
 }
 
 void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
@@ -366,7 +379,18 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
           return 1;
         });
         constexpr int rows = kE4m3PagesPerCta;
-        dim3 grid((p.n_pages + rows - 1) / rows + (p.append.k_src != nullptr ? 1 : 0), p.Hkv, p.B);
+        int tiles = (p.n_pages + rows - 1) / rows;
+        const int n_rows = p.Hkv * p.B;
+        if (n_rows <= kE4m3PersistRows) {  // one wave of CTAs, each looping over its row's tiles
+          static int per_sm[kMaxDevices] = {};
+          const int resident = per_device(per_sm, dev, [](int) {
+            int n = 0;
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, score_pages_e4m3_kernel<kD, E>, kE4m3ScoreWarps * 32, 0);
+            return n > 0 ? n : 1;
+          });
+          tiles = std::min(tiles, std::max(1, (resident * sm_count(dev) + n_rows - 1) / n_rows));
+        }
+        dim3 grid(tiles + (p.append.k_src != nullptr ? 1 : 0), p.Hkv, p.B);
         launch_maybe_pdl(score_pages_e4m3_kernel<kD, E>, grid, dim3(kE4m3ScoreWarps * 32), 0, stream, p);
         check_launch("score_pages_e4m3_kernel");
         return;

@@ -18,6 +18,10 @@
 // exactly. The ordered output (sinks, chosen candidates in page order, recent pages)
 // comes from each CTA's counts of keys above and equal to the threshold, exchanged once.
 // Selection rules, ties included, are those of select_pages_kernel.
+//
+// e4m3 summaries are scored by score_pages_e4m3_kernel (all SMs, tensor cores); for their
+// long rows the cluster then runs the selection alone (FROM_SCORES), reading each slice's
+// scores from global memory instead of scoring summaries.
 #include <cooperative_groups.h>
 
 #include "select_common.cuh"
@@ -33,7 +37,8 @@ inline constexpr int kCsStages = 4;
 inline constexpr size_t kCsPipeBytes = size_t(kCsStages) * kCsStageBytes;
 inline constexpr int kCsBins = 2048;         // radix bins a pass (11 bits)
 inline constexpr int kCsBinsPerCta = kCsBins / kClusterCtas;
-static_assert(3 * kCsBins * sizeof(int) <= kCsPipeBytes, "the select's histograms reuse the pipeline buffers");
+inline constexpr size_t kCsHistBytes = 3 * kCsBins * sizeof(int);  // the select's three histograms
+static_assert(kCsHistBytes <= kCsPipeBytes, "the select's histograms reuse the pipeline buffers");
 
 namespace {
 
@@ -86,7 +91,9 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
 
 }  // namespace
 
-template <int D, typename E>
+// FROM_SCORES: the slice's keys come from scores already in global memory (written by a
+// score kernel launched just before: e4m3 summaries), so only the selection runs here.
+template <int D, typename E, bool FROM_SCORES>
 __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(ScoreParams sp, SelectParams se,
                                                                               int keys_cap) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -95,7 +102,7 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
   constexpr int C = kClusterCtas;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16_t* pipe = reinterpret_cast<bf16_t*>(smem_raw);                          // [stages][pages][2][D]
-  uint32_t* skeys = reinterpret_cast<uint32_t*>(smem_raw + kCsPipeBytes);      // [keys_cap] this slice's keys
+  uint32_t* skeys = reinterpret_cast<uint32_t*>(smem_raw + (FROM_SCORES ? kCsHistBytes : kCsPipeBytes));  // [keys_cap]
   int* hist = reinterpret_cast<int*>(smem_raw);                                // after scoring: [kCsBins] own counts
   int* red = hist + kCsBins;                                                   // [kCsBins] cluster sums of owned bins
   int* full = red + kCsBins;                                                   // [kCsBins] the cluster histogram
@@ -128,7 +135,7 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
   }
   // Fused append (HydraKVCache.step): the last warp of CTA 0 writes the token while the
   // others score; scoring folds the token into its page's bound (see append_one_token).
-  if (sp.append.k_src != nullptr && rank == 0 && warp == kCsWarps - 1) {
+  if (!FROM_SCORES && sp.append.k_src != nullptr && rank == 0 && warp == kCsWarps - 1) {
     append_one_token<E, false>(sp.append, L_raw, b, h, lane);  // 16-bit summaries only
   }
   if (n_pages_b <= se.n_sel) {  // every page is attended (the whole cluster takes this branch)
@@ -150,7 +157,30 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
 
   // ---- Scoring: this slice's pages -> keys in shared memory.
   uint32_t kmin = 0xffffffffu, kmax = 0u;
-  if (ranked) {
+  if (FROM_SCORES && ranked) {
+    // 16 loads in flight a thread (the scores are in L2: the score kernel just wrote them).
+    const float* sc = se.scores + ((int64_t)b * se.Hkv + h) * se.n_scores + my_lo;
+    constexpr int kU = 16;
+    for (int base = 0; base < n_mine; base += kCsThreads * kU) {
+      float v[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int i = base + u * kCsThreads + tid;
+        v[u] = i < n_mine ? __ldcg(sc + i) : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int i = base + u * kCsThreads + tid;
+        if (i < n_mine) {
+          const uint32_t key = order_key(v[u]);
+          skeys[i] = key;
+          kmin = min(kmin, key);
+          kmax = max(kmax, key);
+        }
+      }
+    }
+  }
+  if (!FROM_SCORES && ranked) {
     const bf16_t* sbase = sp.summaries + b * sp.s_batch_stride + h * sp.s_head_stride;
     const int n_st = (n_mine + S::kPagesPerStage - 1) / S::kPagesPerStage;
     const bool dense = sp.s_page_stride == 2 * D;  // the slice is one contiguous run
@@ -386,10 +416,10 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
 
 namespace {
 
-template <int D, typename E>
+template <int D, typename E, bool FROM_SCORES>
 void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream) {
-  auto kernel = score_select_cluster_kernel<D, E>;
-  const size_t smem = kCsPipeBytes + size_t(keys_cap) * sizeof(uint32_t);
+  auto kernel = score_select_cluster_kernel<D, E, FROM_SCORES>;
+  const size_t smem = (FROM_SCORES ? kCsHistBytes : kCsPipeBytes) + size_t(keys_cap) * sizeof(uint32_t);
   static int configured[kMaxDevices] = {};
   const int dev = current_device();
   per_device(configured, dev, [&](int d) {
@@ -418,7 +448,7 @@ void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int ke
 
 }  // namespace
 
-int score_select_cluster_keys(int n_pages, int rows) {
+int score_select_cluster_keys(int n_pages, int rows, bool from_scores) {
   static const bool allowed = [] {
     const char* env = std::getenv("HYDRA_CLUSTER_SELECT");
     return !(env != nullptr && env[0] == '0');
@@ -434,14 +464,19 @@ int score_select_cluster_keys(int n_pages, int rows) {
   // select kernel's single CTA per row has tens of thousands of keys to rank.
   if (major < 9 || rows * kClusterCtas > sms || n_pages < kClusterMinPages) return 0;
   const int keys = (n_pages + kClusterCtas - 1) / kClusterCtas;
-  const long long bytes = (long long)kCsPipeBytes + (long long)keys * 4 + 1024;
+  const long long bytes = (long long)(from_scores ? kCsHistBytes : kCsPipeBytes) + (long long)keys * 4 + 1024;
   if (bytes > max_smem_per_block(dev)) return 0;
   return keys > 0 ? keys : 1;
 }
 
-void launch_score_select_cluster(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream) {
+void launch_score_select_cluster(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream,
+                                 bool from_scores) {
+  if (from_scores) {  // no summaries are read: one instantiation serves every head dim and dtype
+    launch_cluster_kernel<128, Bf16, true>(sp, se, keys_cap, stream);
+    return;
+  }
   HYDRA_DISPATCH_HEAD_DIM(sp.D, kD, [&] {
-    HYDRA_DISPATCH_DTYPE(sp.dtype, E, [&] { launch_cluster_kernel<kD, E>(sp, se, keys_cap, stream); });
+    HYDRA_DISPATCH_DTYPE(sp.dtype, E, [&] { launch_cluster_kernel<kD, E, false>(sp, se, keys_cap, stream); });
   });
 }
 

@@ -308,13 +308,15 @@ def test_step_equals_append_then_attend(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("recent", [32, 0])
-def test_step_through_the_cluster_selection(recent):
+@pytest.mark.parametrize("recent,summary_dtype", [(32, "auto"), (0, "auto"), (0, "fp8_e4m3")])
+def test_step_through_the_cluster_selection(recent, summary_dtype):
     """Long rows (>= 16,384 pages) on sm_90+ select in one cluster launch, with the fused
-    append done by its first CTA. step() still equals append() + attend(), across a page
-    boundary (with recent_tokens=0 the page the new token completes is a scored
-    candidate), and matches the fp32 reference."""
-    pol = hydra.HydraPolicy(page_size=8, budget_tokens=1024, sink_tokens=8, recent_tokens=recent)
+    append done by its first CTA (16-bit summaries) or by the e4m3 scorer launched before
+    it. step() still equals append() + attend(), across a page boundary (with
+    recent_tokens=0 the page the new token completes is a scored candidate), and matches
+    the fp32 reference."""
+    pol = hydra.HydraPolicy(page_size=8, budget_tokens=1024, sink_tokens=8, recent_tokens=recent,
+                            summary_dtype=summary_dtype)
     B, Hq, H, D, max_len, steps = 2, 8, 2, 128, 131080, 11
     fused, plain = (hydra.HydraKVCache(B, H, D, max_len, device=DEV, policy=pol) for _ in range(2))
     lens = torch.tensor([max_len - 40, 5003], dtype=torch.int32, device=DEV)
