@@ -36,7 +36,6 @@ inline constexpr int kCsStageBytes = 32768;  // summaries per pipeline stage
 inline constexpr int kCsStages = 4;
 inline constexpr size_t kCsPipeBytes = size_t(kCsStages) * kCsStageBytes;
 inline constexpr int kCsBins = 2048;         // radix bins a pass (11 bits)
-inline constexpr int kCsBinsPerCta = kCsBins / kClusterCtas;
 inline constexpr size_t kCsHistBytes = 3 * kCsBins * sizeof(int);  // the select's three histograms
 static_assert(kCsHistBytes <= kCsPipeBytes, "the select's histograms reuse the pipeline buffers");
 
@@ -93,13 +92,14 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
 
 // FROM_SCORES: the slice's keys come from scores already in global memory (written by a
 // score kernel launched just before: e4m3 summaries), so only the selection runs here.
-template <int D, typename E, bool FROM_SCORES>
+template <int D, typename E, bool FROM_SCORES, int C>
 __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(ScoreParams sp, SelectParams se,
                                                                               int keys_cap) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   using S = ClusterScoreShape<D>;
-  constexpr int C = kClusterCtas;
+  constexpr int kCsBinsPerCta = kCsBins / C;
+  static_assert(kCsBinsPerCta * C == kCsBins && C <= 32, "bins are split evenly; one lane a CTA");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16_t* pipe = reinterpret_cast<bf16_t*>(smem_raw);                          // [stages][pages][2][D]
   uint32_t* skeys = reinterpret_cast<uint32_t*>(smem_raw + (FROM_SCORES ? kCsHistBytes : kCsPipeBytes));  // [keys_cap]
@@ -416,9 +416,9 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
 
 namespace {
 
-template <int D, typename E, bool FROM_SCORES>
+template <int D, typename E, bool FROM_SCORES, int C>
 void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream) {
-  auto kernel = score_select_cluster_kernel<D, E, FROM_SCORES>;
+  auto kernel = score_select_cluster_kernel<D, E, FROM_SCORES, C>;
   const size_t smem = (FROM_SCORES ? kCsHistBytes : kCsPipeBytes) + size_t(keys_cap) * sizeof(uint32_t);
   static int configured[kMaxDevices] = {};
   const int dev = current_device();
@@ -426,16 +426,17 @@ void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int ke
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          max_smem_per_block(d) - 1024);  // the static part stays under 1 KB
     prefer_max_shared(kernel);
+    if (C > 8) cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     return 1;
   });
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(kClusterCtas, se.Hkv, se.B);
+  cfg.gridDim = dim3(C, se.Hkv, se.B);
   cfg.blockDim = dim3(kCsThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = kClusterCtas;
+  attr[0].val.clusterDim.x = C;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -447,6 +448,43 @@ void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int ke
 }
 
 }  // namespace
+
+// CTAs a cluster for the selection alone: 16 (a non-portable size) for rows of at least
+// kCs16MinPages pages where that many 16-CTA clusters run at once, else 8. H100, B = 1,
+// e4m3 graph step (NOTES.md v16): 524k 71.9 -> 70.7 us, 1M 103.5 -> 99.8, but 262k
+// 57.0 -> 57.6, so shorter rows keep 8.
+inline constexpr int kCs16MinPages = 32768;
+inline constexpr int kCs16Keys = 4096;  // the shared memory asked for when counting resident clusters
+
+int from_scores_ctas(int n_pages, int rows) {
+  if (n_pages < kCs16MinPages || rows * 16 > sm_count()) return kClusterCtas;
+  static int fits[kMaxDevices] = {};  // 16-CTA clusters resident at once, plus 1
+  const int n = per_device(fits, current_device(), [](int) {
+    auto kernel = score_select_cluster_kernel<128, Bf16, true, 16>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+      cudaGetLastError();
+      return 1;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(16, 1, 1);
+    cfg.blockDim = dim3(kCsThreads);
+    cfg.dynamicSmemBytes = kCsHistBytes + size_t(kCs16Keys) * sizeof(uint32_t);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 16;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+      cudaGetLastError();
+      clusters = 0;
+    }
+    return clusters + 1;
+  });
+  return n - 1 >= rows && (n_pages + 15) / 16 <= kCs16Keys ? 16 : kClusterCtas;
+}
 
 int score_select_cluster_keys(int n_pages, int rows, bool from_scores) {
   static const bool allowed = [] {
@@ -463,7 +501,8 @@ int score_select_cluster_keys(int n_pages, int rows, bool from_scores) {
   // cluster barriers and exchanges) and its 8 SMs a row pay off only when the separate
   // select kernel's single CTA per row has tens of thousands of keys to rank.
   if (major < 9 || rows * kClusterCtas > sms || n_pages < kClusterMinPages) return 0;
-  const int keys = (n_pages + kClusterCtas - 1) / kClusterCtas;
+  const int C = from_scores ? from_scores_ctas(n_pages, rows) : kClusterCtas;
+  const int keys = (n_pages + C - 1) / C;
   const long long bytes = (long long)(from_scores ? kCsHistBytes : kCsPipeBytes) + (long long)keys * 4 + 1024;
   if (bytes > max_smem_per_block(dev)) return 0;
   return keys > 0 ? keys : 1;
@@ -472,11 +511,15 @@ int score_select_cluster_keys(int n_pages, int rows, bool from_scores) {
 void launch_score_select_cluster(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream,
                                  bool from_scores) {
   if (from_scores) {  // no summaries are read: one instantiation serves every head dim and dtype
-    launch_cluster_kernel<128, Bf16, true>(sp, se, keys_cap, stream);
+    if (from_scores_ctas(se.n_pages, se.B * se.Hkv) == 16) {
+      launch_cluster_kernel<128, Bf16, true, 16>(sp, se, keys_cap, stream);
+    } else {
+      launch_cluster_kernel<128, Bf16, true, kClusterCtas>(sp, se, keys_cap, stream);
+    }
     return;
   }
   HYDRA_DISPATCH_HEAD_DIM(sp.D, kD, [&] {
-    HYDRA_DISPATCH_DTYPE(sp.dtype, E, [&] { launch_cluster_kernel<kD, E, false>(sp, se, keys_cap, stream); });
+    HYDRA_DISPATCH_DTYPE(sp.dtype, E, [&] { launch_cluster_kernel<kD, E, false, kClusterCtas>(sp, se, keys_cap, stream); });
   });
 }
 

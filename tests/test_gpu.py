@@ -393,18 +393,21 @@ def test_selection_score_distributions(dist):
         assert torch.equal(pages, ref.select_pages(q, k, policy=pol, page_summaries=summ))
 
 
-@pytest.mark.parametrize("B,Hq,Hkv,D,dtype,fp8", [(3, 8, 2, 128, BF16, False), (2, 9, 3, 64, BF16, False),
-                                                  (2, 16, 2, 256, BF16, False), (2, 8, 2, 128, torch.float16, False),
-                                                  (3, 8, 2, 128, BF16, True), (2, 16, 2, 256, torch.float16, True)])
-def test_cluster_selection(B, Hq, Hkv, D, dtype, fp8):
+@pytest.mark.parametrize("B,Hq,Hkv,D,dtype,fp8,T", [(3, 8, 2, 128, BF16, False, 300007),
+                                                    (2, 9, 3, 64, BF16, False, 300007),
+                                                    (2, 16, 2, 256, BF16, False, 300007),
+                                                    (2, 8, 2, 128, torch.float16, False, 300007),
+                                                    (3, 8, 2, 128, BF16, True, 300007),
+                                                    (2, 16, 2, 256, torch.float16, True, 300007),
+                                                    (2, 8, 2, 128, BF16, True, 600011)])
+def test_cluster_selection(B, Hq, Hkv, D, dtype, fp8, T):
     """On sm_90+, flat selection from cached summaries over long rows (>= 16,384 pages) is
     one cluster launch (score_select_cluster_kernel): scoring and selection for 16-bit
-    summaries, the selection alone after the e4m3 scorer for e4m3 ones. Ragged lengths: a
-    full row (several radix passes), a shorter one, and one under the budget (every page
-    attended). Its pages follow the reference's rules, and the step's output matches the
-    reference."""
+    summaries, the selection alone after the e4m3 scorer for e4m3 ones (clusters of 16
+    CTAs from 32,768 pages on, as at T = 600,011). Ragged lengths: a full row (several
+    radix passes), a shorter one, and one under the budget (every page attended). Its
+    pages follow the reference's rules, and the step's output matches the reference."""
     _need_ops()
-    T = 300007
     q, k, v = make_qkv(B, Hq, Hkv, T, D=D, seed=T + D + B, dtype=dtype)
     lens = torch.tensor([T, 4000, T // 3 + 1][:B], dtype=torch.int32, device=DEV)
     poison_past(k, v, lens)
@@ -416,6 +419,8 @@ def test_cluster_selection(B, Hq, Hkv, D, dtype, fp8):
     names = {e.name for e in prof.events()}
     if torch.cuda.get_device_capability()[0] >= 9:
         assert any("score_select_cluster_kernel" in n for n in names), sorted(names)
+        if fp8 and (T + 15) // 16 >= 32768 and torch.cuda.get_device_capability()[0] == 9:  # H100/H200
+            assert any("score_select_cluster_kernel" in n and ", 16>" in n for n in names), sorted(names)
     check_selection(pages, q, k.nan_to_num(0.0) if fp8 else k, pol, lens=lens, summaries=summ)
     o = hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=lens, out=nan_like(q))
     check_output(o, q, k, v, mask_from_pages(pages, T, pol.page_size, lens))
