@@ -278,15 +278,19 @@ inline int per_device(int (&cache)[kMaxDevices], int dev, Fill&& fill) {
   return v;
 }
 
-// The device's multiprocessor count.
-inline int sm_count(int dev = current_device()) {
+// A device attribute, asked once a device (`fallback` where the query gives nothing).
+template <cudaDeviceAttr kAttr>
+inline int device_attribute(int dev, int fallback) {
   static int cache[kMaxDevices] = {};
-  return per_device(cache, dev, [](int d) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, d);
-    return n > 0 ? n : 1;
+  return per_device(cache, dev, [fallback](int d) {
+    int v = 0;
+    cudaDeviceGetAttribute(&v, kAttr, d);
+    return v > 0 ? v : fallback;
   });
 }
+
+// The device's multiprocessor count.
+inline int sm_count(int dev = current_device()) { return device_attribute<cudaDevAttrMultiProcessorCount>(dev, 1); }
 
 // Shared memory one block may opt into on the device, in bytes. The environment
 // variable HYDRA_MAX_SMEM_PER_BLOCK lowers it, so that the configurations chosen for
@@ -306,12 +310,7 @@ inline int max_smem_per_block(int dev = current_device()) {
 
 // The device's compute capability major version.
 inline int cc_major(int dev = current_device()) {
-  static int cache[kMaxDevices] = {};
-  return per_device(cache, dev, [](int d) {
-    int major = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d);
-    return major > 0 ? major : 1;
-  });
+  return device_attribute<cudaDevAttrComputeCapabilityMajor>(dev, 1);
 }
 
 // Programmatic dependent launch (sm_90+): the decode step's kernels are launched so

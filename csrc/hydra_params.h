@@ -182,14 +182,20 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream);
 void launch_select_pages(const SelectParams& p, cudaStream_t stream);
 // The current device's SM count (cached per device).
 int device_sm_count();
-// Flat selection from cached summaries in one launch (score_select_cluster.cu): the keys
-// each CTA of the cluster holds for a row of n_pages pages, for `rows` (sequence, KV head)
-// rows, or 0 when the fused kernel does not apply here (before sm_90, more rows than one
+// Flat selection from cached summaries over a thread-block cluster (score_select_cluster.cu),
+// for `rows` (sequence, KV head) rows of n_pages pages of page_bytes summary bytes each:
+// CTAs a cluster, keys each CTA holds, and whether the cluster also scores (fused: 16-bit
+// summaries) or only selects from the scores launch_score_pages wrote just before it.
+// ctas == 0 when no cluster applies here (before sm_90, short rows, more rows than one
 // wave of clusters, too little shared memory, HYDRA_CLUSTER_SELECT=0).
-// from_scores: the cluster only selects, from scores a score kernel wrote (e4m3 summaries).
-int score_select_cluster_keys(int n_pages, int rows, bool from_scores = false);
-void launch_score_select_cluster(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream,
-                                 bool from_scores = false);
+struct ClusterPlan {
+  int ctas = 0;
+  int keys = 0;
+  bool fused = false;
+};
+ClusterPlan plan_score_select_cluster(int n_pages, int rows, int page_bytes, bool fp8);
+void launch_score_select_cluster(const ScoreParams& sp, const SelectParams& se, const ClusterPlan& plan,
+                                 cudaStream_t stream);
 void launch_sparse_decode(const DecodeParams& p, cudaStream_t stream);
 
 // Entries (pages) a split may hold: the split's page indices are staged in shared memory.

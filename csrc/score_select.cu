@@ -252,118 +252,118 @@ __global__ void __launch_bounds__(kE4m3ScoreWarps * 32) score_pages_e4m3_kernel(
   float* scores = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
 
   for (int cta = first; cta < n_work; cta += stride) {
-  const int page0 = cta * kPagesPerCta;
-  if (!row.covers(page0, kPagesPerCta)) continue;
-  // Every row load of the warp's tiles is issued before the first MMA (kGroup segments
-  // at a time: all of them, except at D = 256, in two halves).
-  int pa[kTiles], pb[kTiles];
-  const uint8_t* ra[kTiles];
-  const uint8_t* rb[kTiles];
-  float acc[kTiles][4];
-  uint32_t sat[kTiles];  // e4m3: a saturated code in row g (bit 0) or g + 8 (bit 1)
-#pragma unroll
-  for (int t = 0; t < kTiles; ++t) {
-    const int x0 = page0 + (warp * kTiles + t) * 16;
-    pa[t] = row.page_of(x0 + g);
-    pb[t] = row.page_of(x0 + g + 8);
-    ra[t] = pa[t] >= 0 ? row_ptr(pa[t]) : nullptr;
-    rb[t] = pb[t] >= 0 ? row_ptr(pb[t]) : nullptr;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
-    sat[t] = 0u;
-  }
-#pragma unroll
-  for (int s0 = 0; s0 < kSegs; s0 += kGroup) {
-    uint2 ua[kTiles][kGroup], ub[kTiles][kGroup];
+    const int page0 = cta * kPagesPerCta;
+    if (!row.covers(page0, kPagesPerCta)) continue;
+    // Every row load of the warp's tiles is issued before the first MMA (kGroup segments
+    // at a time: all of them, except at D = 256, in two halves).
+    int pa[kTiles], pb[kTiles];
+    const uint8_t* ra[kTiles];
+    const uint8_t* rb[kTiles];
+    float acc[kTiles][4];
+    uint32_t sat[kTiles];  // e4m3: a saturated code in row g (bit 0) or g + 8 (bit 1)
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
+      const int x0 = page0 + (warp * kTiles + t) * 16;
+      pa[t] = row.page_of(x0 + g);
+      pb[t] = row.page_of(x0 + g + 8);
+      ra[t] = pa[t] >= 0 ? row_ptr(pa[t]) : nullptr;
+      rb[t] = pb[t] >= 0 ? row_ptr(pb[t]) : nullptr;
 #pragma unroll
-      for (int i = 0; i < kGroup; ++i) {
-        const int off = 32 * (s0 + i) + 8 * c;  // bytes
-        // 256-byte DRAM fetches: each load takes one 32-byte sector of 8 rows, and the
-        // warp's next loads take the rest of the rows. H100 A/B (NOTES.md v15): B = 1 131k
-        // step 47.0 -> 44.4 us, B = 8 145.8 -> 140.2, B = 32 at 32k 283.9 -> 277.4.
-        ua[t][i] = ra[t] ? ldg8_hint<LoadHint::kL2Fetch256>(ra[t] + off) : make_uint2(0u, 0u);
-        ub[t][i] = rb[t] ? ldg8_hint<LoadHint::kL2Fetch256>(rb[t] + off) : make_uint2(0u, 0u);
-      }
+      for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
+      sat[t] = 0u;
     }
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
+    for (int s0 = 0; s0 < kSegs; s0 += kGroup) {
+      uint2 ua[kTiles][kGroup], ub[kTiles][kGroup];
 #pragma unroll
-      for (int i = 0; i < kGroup; ++i) {
-        const uint32_t pat = 32 * (s0 + i) < D ? 0xfefefefeu : 0x7e7e7e7eu;  // min rows: -448; max rows: 448
-        sat[t] |= (__vcmpeq4(ua[t][i].x, pat) | __vcmpeq4(ua[t][i].y, pat)) ? 1u : 0u;
-        sat[t] |= (__vcmpeq4(ub[t][i].x, pat) | __vcmpeq4(ub[t][i].y, pat)) ? 2u : 0u;
-        uint32_t a[4], a2[4];
-        e4m3x4_to_half2x2(ua[t][i].x, a[0], a[2]);
-        e4m3x4_to_half2x2(ub[t][i].x, a[1], a[3]);
-        e4m3x4_to_half2x2(ua[t][i].y, a2[0], a2[2]);
-        e4m3x4_to_half2x2(ub[t][i].y, a2[1], a2[3]);
-        mma_16816<MT>(acc[t], a, bfrag[s0 + i][0][0], bfrag[s0 + i][0][1]);
-        mma_16816<MT>(acc[t], a2, bfrag[s0 + i][1][0], bfrag[s0 + i][1][1]);
+      for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i) {
+          const int off = 32 * (s0 + i) + 8 * c;  // bytes
+          // 256-byte DRAM fetches: each load takes one 32-byte sector of 8 rows, and the
+          // warp's next loads take the rest of the rows. H100 A/B (NOTES.md v15): B = 1 131k
+          // step 47.0 -> 44.4 us, B = 8 145.8 -> 140.2, B = 32 at 32k 283.9 -> 277.4.
+          ua[t][i] = ra[t] ? ldg8_hint<LoadHint::kL2Fetch256>(ra[t] + off) : make_uint2(0u, 0u);
+          ub[t][i] = rb[t] ? ldg8_hint<LoadHint::kL2Fetch256>(rb[t] + off) : make_uint2(0u, 0u);
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i) {
+          const uint32_t pat = 32 * (s0 + i) < D ? 0xfefefefeu : 0x7e7e7e7eu;  // min rows: -448; max rows: 448
+          sat[t] |= (__vcmpeq4(ua[t][i].x, pat) | __vcmpeq4(ua[t][i].y, pat)) ? 1u : 0u;
+          sat[t] |= (__vcmpeq4(ub[t][i].x, pat) | __vcmpeq4(ub[t][i].y, pat)) ? 2u : 0u;
+          uint32_t a[4], a2[4];
+          e4m3x4_to_half2x2(ua[t][i].x, a[0], a[2]);
+          e4m3x4_to_half2x2(ub[t][i].x, a[1], a[3]);
+          e4m3x4_to_half2x2(ua[t][i].y, a2[0], a2[2]);
+          e4m3x4_to_half2x2(ub[t][i].y, a2[1], a2[3]);
+          mma_16816<MT>(acc[t], a, bfrag[s0 + i][0][0], bfrag[s0 + i][0][1]);
+          mma_16816<MT>(acc[t], a2, bfrag[s0 + i][1][0], bfrag[s0 + i][1][1]);
+        }
       }
     }
-  }
 
 #pragma unroll
-  for (int t = 0; t < kTiles; ++t) {
-    const int x0 = page0 + (warp * kTiles + t) * 16;
-    // Lane (g, c) holds columns 2c, 2c + 1 of rows g (acc[0..1]) and g + 8 (acc[2..3]):
-    // columns 0-2 sit in lanes c = 0 and 1.
-    float score[2] = {acc[t][0] + acc[t][1], acc[t][2] + acc[t][3]};
-    score[0] += __shfl_xor_sync(0xffffffffu, score[0], 1);
-    score[1] += __shfl_xor_sync(0xffffffffu, score[1], 1);
-    score[0] /= scale;
-    score[1] /= scale;
-    // Rare rows: rescored exactly in fp32 by the row's four lanes (uniform control flow).
-    uint32_t st = sat[t];
-    st |= __shfl_xor_sync(0xffffffffu, st, 1);
-    st |= __shfl_xor_sync(0xffffffffu, st, 2);
-    const bool rare_a = (st & 1u) || (pa[t] >= 0 && pa[t] == append_page);
-    const bool rare_b = (st & 2u) || (pb[t] >= 0 && pb[t] == append_page);
-    if (__any_sync(0xffffffffu, rare_a || rare_b)) {
+    for (int t = 0; t < kTiles; ++t) {
+      const int x0 = page0 + (warp * kTiles + t) * 16;
+      // Lane (g, c) holds columns 2c, 2c + 1 of rows g (acc[0..1]) and g + 8 (acc[2..3]):
+      // columns 0-2 sit in lanes c = 0 and 1.
+      float score[2] = {acc[t][0] + acc[t][1], acc[t][2] + acc[t][3]};
+      score[0] += __shfl_xor_sync(0xffffffffu, score[0], 1);
+      score[1] += __shfl_xor_sync(0xffffffffu, score[1], 1);
+      score[0] /= scale;
+      score[1] /= scale;
+      // Rare rows: rescored exactly in fp32 by the row's four lanes (uniform control flow).
+      uint32_t st = sat[t];
+      st |= __shfl_xor_sync(0xffffffffu, st, 1);
+      st |= __shfl_xor_sync(0xffffffffu, st, 2);
+      const bool rare_a = (st & 1u) || (pa[t] >= 0 && pa[t] == append_page);
+      const bool rare_b = (st & 2u) || (pb[t] >= 0 && pb[t] == append_page);
+      if (__any_sync(0xffffffffu, rare_a || rare_b)) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int pg = r == 0 ? pa[t] : pb[t];
-        const bool rare = r == 0 ? rare_a : rare_b;
-        float part = 0.f;
-        if (rare && pg >= 0) {
-          const uint8_t* row = r == 0 ? ra[t] : rb[t];
-          for (int ch = c; ch < D / 8; ch += 4) {  // 8-dim chunk of the min row and of the max row
-            float mn[8], mx[8];
-            load_summary8<E, true>(row + ch * 8, D, mn, mx);
-            if (pg == append_page) {
-              float f[8], lo[8], hi[8];
-              unpack8<E>(ldg16(p.k_new + b * p.kn_batch_stride + h * p.kn_head_stride + ch * 8), f);
+        for (int r = 0; r < 2; ++r) {
+          const int pg = r == 0 ? pa[t] : pb[t];
+          const bool rare = r == 0 ? rare_a : rare_b;
+          float part = 0.f;
+          if (rare && pg >= 0) {
+            const uint8_t* row = r == 0 ? ra[t] : rb[t];
+            for (int ch = c; ch < D / 8; ch += 4) {  // 8-dim chunk of the min row and of the max row
+              float mn[8], mx[8];
+              load_summary8<E, true>(row + ch * 8, D, mn, mx);
+              if (pg == append_page) {
+                float f[8], lo[8], hi[8];
+                unpack8<E>(ldg16(p.k_new + b * p.kn_batch_stride + h * p.kn_head_stride + ch * 8), f);
 #pragma unroll
-              for (int d = 0; d < 8; ++d) f[d] *= p.fmt.scale;  // the key as the append stores it
-              unpack8_e4m3<false>(pack8_e4m3<false>(f), lo);
-              unpack8_e4m3<true>(pack8_e4m3<true>(f), hi);
+                for (int d = 0; d < 8; ++d) f[d] *= p.fmt.scale;  // the key as the append stores it
+                unpack8_e4m3<false>(pack8_e4m3<false>(f), lo);
+                unpack8_e4m3<true>(pack8_e4m3<true>(f), hi);
 #pragma unroll
-              for (int d = 0; d < 8; ++d) { mn[d] = fminf(mn[d], lo[d]); mx[d] = fmaxf(mx[d], hi[d]); }
+                for (int d = 0; d < 8; ++d) { mn[d] = fminf(mn[d], lo[d]); mx[d] = fmaxf(mx[d], hi[d]); }
+              }
+#pragma unroll
+              for (int d = 0; d < 8; ++d) part += sw[ch * 8 + d] * mn[d] + sw[D + ch * 8 + d] * mx[d];
             }
+          }
+          part += __shfl_xor_sync(0xffffffffu, part, 1);
+          part += __shfl_xor_sync(0xffffffffu, part, 2);
+          if (rare) score[r] = part;
+        }
+      }
+      if (c == 0) {
 #pragma unroll
-            for (int d = 0; d < 8; ++d) part += sw[ch * 8 + d] * mn[d] + sw[D + ch * 8 + d] * mx[d];
+        for (int r = 0; r < 2; ++r) {
+          const int x = x0 + g + 8 * r;
+          const int pg = r == 0 ? pa[t] : pb[t];
+          if (stage2) {
+            if (x < p.n_short * p.superpage) scores[x] = pg >= 0 ? score[r] : -INFINITY;
+          } else if (pg >= 0) {
+            scores[x] = score[r];
           }
         }
-        part += __shfl_xor_sync(0xffffffffu, part, 1);
-        part += __shfl_xor_sync(0xffffffffu, part, 2);
-        if (rare) score[r] = part;
       }
     }
-    if (c == 0) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int x = x0 + g + 8 * r;
-        const int pg = r == 0 ? pa[t] : pb[t];
-        if (stage2) {
-          if (x < p.n_short * p.superpage) scores[x] = pg >= 0 ? score[r] : -INFINITY;
-        } else if (pg >= 0) {
-          scores[x] = score[r];
-        }
-      }
-    }
-  }
   }  // tiles
 }
 

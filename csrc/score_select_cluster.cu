@@ -8,7 +8,8 @@
 // pages (8,192 keys at 131k tokens: ~10 us on an H200, 24 us at 524k), and scores go
 // through global memory between two launches.
 //
-// How: a thread-block cluster of kClusterCtas CTAs per (sequence, KV head). CTA r
+// How: a thread-block cluster of C CTAs per (sequence, KV head) (8 to 16, the most whose
+// clusters all run at once: plan_score_select_cluster). CTA r
 // scores the r-th contiguous slice of the candidate pages (summaries streamed through a
 // 4-stage pipeline of bulk copies) into order-preserving keys in its own shared memory. The
 // cluster then runs the radix select together over distributed shared memory: each
@@ -98,8 +99,9 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   using S = ClusterScoreShape<D>;
-  constexpr int kCsBinsPerCta = kCsBins / C;
-  static_assert(kCsBinsPerCta * C == kCsBins && C <= 32, "bins are split evenly; one lane a CTA");
+  static_assert(C >= 2 && C <= 16, "cluster sizes 2 to 16 (one lane a CTA in the exchanges)");
+  // CTA r owns bins [r * kCsBins / C, (r + 1) * kCsBins / C); bin j belongs to CTA
+  // ((j + 1) * C - 1) / kCsBins (C need not divide kCsBins).
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16_t* pipe = reinterpret_cast<bf16_t*>(smem_raw);                          // [stages][pages][2][D]
   uint32_t* skeys = reinterpret_cast<uint32_t*>(smem_raw + (FROM_SCORES ? kCsHistBytes : kCsPipeBytes));  // [keys_cap]
@@ -301,8 +303,12 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
         if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & bmask], 1);
       }
       cluster.sync();  // every CTA's histogram is complete
-      for (int j = tid; j < kCsBinsPerCta; j += kCsThreads) {
-        const int bin = rank * kCsBinsPerCta + j;
+      constexpr int kOwnMax = (kCsBins + C - 1) / C;  // a compile-time trip count keeps the
+      const int own_lo = rank * kCsBins / C;          // C remote pointers out of registers
+      const int n_own = (rank + 1) * kCsBins / C - own_lo;
+      for (int j = tid; j < kOwnMax; j += kCsThreads) {
+        if (j >= n_own) break;
+        const int bin = own_lo + j;
         int sum = 0;
 #pragma unroll
         for (int r = 0; r < C; ++r) sum += cluster.map_shared_rank(hist, r)[bin];
@@ -310,7 +316,7 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
       }
       cluster.sync();  // the owned bins are summed; nobody reads `hist` any more this pass
       for (int j = tid; j < kCsBins; j += kCsThreads) {
-        full[j] = cluster.map_shared_rank(red, j / kCsBinsPerCta)[j];
+        full[j] = cluster.map_shared_rank(red, ((j + 1) * C - 1) / kCsBins)[j];
         hist[j] = 0;
       }
       __syncthreads();
@@ -416,19 +422,29 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
 
 namespace {
 
+// The kernel's attributes, set once a device: the shared memory it may opt into (the
+// static part stays under 1 KB), the largest carveout, and cluster sizes above 8
+// (non-portable, allowed on sm_90).
+template <int D, typename E, bool FROM_SCORES, int C>
+bool configure_cluster_kernel(int dev) {
+  auto kernel = score_select_cluster_kernel<D, E, FROM_SCORES, C>;
+  static int configured[kMaxDevices] = {};  // 1 failed, 2 done
+  return per_device(configured, dev, [&](int d) {
+    bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   max_smem_per_block(d) - 1024) == cudaSuccess;
+    prefer_max_shared(kernel);
+    if (C > 8) ok = ok && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+    if (!ok) cudaGetLastError();
+    return ok ? 2 : 1;
+  }) == 2;
+}
+
 template <int D, typename E, bool FROM_SCORES, int C>
 void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream) {
   auto kernel = score_select_cluster_kernel<D, E, FROM_SCORES, C>;
   const size_t smem = (FROM_SCORES ? kCsHistBytes : kCsPipeBytes) + size_t(keys_cap) * sizeof(uint32_t);
-  static int configured[kMaxDevices] = {};
   const int dev = current_device();
-  per_device(configured, dev, [&](int d) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         max_smem_per_block(d) - 1024);  // the static part stays under 1 KB
-    prefer_max_shared(kernel);
-    if (C > 8) cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    return 1;
-  });
+  configure_cluster_kernel<D, E, FROM_SCORES, C>(dev);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(C, se.Hkv, se.B);
   cfg.blockDim = dim3(kCsThreads);
@@ -447,79 +463,148 @@ void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int ke
   check_launch("score_select_cluster_kernel");
 }
 
-}  // namespace
-
-// CTAs a cluster for the selection alone: 16 (a non-portable size) for rows of at least
-// kCs16MinPages pages where that many 16-CTA clusters run at once, else 8. H100, B = 1,
-// e4m3 graph step (NOTES.md v16): 524k 71.9 -> 70.7 us, 1M 103.5 -> 99.8, but 262k
-// 57.0 -> 57.6, so shorter rows keep 8.
-inline constexpr int kCs16MinPages = 32768;
-inline constexpr int kCs16Keys = 4096;  // the shared memory asked for when counting resident clusters
-
-int from_scores_ctas(int n_pages, int rows) {
-  if (n_pages < kCs16MinPages || rows * 16 > sm_count()) return kClusterCtas;
-  static int fits[kMaxDevices] = {};  // 16-CTA clusters resident at once, plus 1
-  const int n = per_device(fits, current_device(), [](int) {
-    auto kernel = score_select_cluster_kernel<128, Bf16, true, 16>;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-      cudaGetLastError();
+// Clusters of C CTAs the device runs at once (the occupancy API, asked once a device and
+// size class), for CTAs holding up to 256 << cls keys. The fused kernel's pipeline alone
+// takes more than half an SM's shared memory (one CTA an SM whatever its keys); the
+// selection alone packs several CTAs an SM, fewer as its rows grow.
+inline constexpr int kCsKeyClasses = 9;  // 256 to 65,536 keys a CTA
+template <bool FROM_SCORES, int C>
+int resident_clusters(int dev, int keys) {
+  int cls = 0;
+  while (cls + 1 < kCsKeyClasses && (256 << cls) < keys) ++cls;
+  if ((256 << cls) < keys) return 0;
+  static int cache[kCsKeyClasses][kMaxDevices] = {};  // clusters + 1
+  return per_device(cache[cls], dev, [cls](int d) {
+    const size_t smem = (FROM_SCORES ? kCsHistBytes : kCsPipeBytes) + (size_t(256) << cls) * sizeof(uint32_t);
+    if (smem + 1024 > size_t(max_smem_per_block(d)) || !configure_cluster_kernel<128, Bf16, FROM_SCORES, C>(d)) {
       return 1;
     }
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(16, 1, 1);
+    cfg.gridDim = dim3(C, 1, 1);
     cfg.blockDim = dim3(kCsThreads);
-    cfg.dynamicSmemBytes = kCsHistBytes + size_t(kCs16Keys) * sizeof(uint32_t);
+    cfg.dynamicSmemBytes = smem;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 16;
+    attr[0].val.clusterDim.x = C;
     attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, score_select_cluster_kernel<128, Bf16, FROM_SCORES, C>, &cfg) !=
+        cudaSuccess) {
       cudaGetLastError();
       clusters = 0;
     }
     return clusters + 1;
-  });
-  return n - 1 >= rows && (n_pages + 15) / 16 <= kCs16Keys ? 16 : kClusterCtas;
+  }) - 1;
 }
 
-int score_select_cluster_keys(int n_pages, int rows, bool from_scores) {
+// One wave: every row's cluster runs at once.
+template <bool FROM_SCORES, int C>
+bool cluster_fits(int dev, int n_pages, int rows) {
+  return rows * C <= sm_count(dev) && resident_clusters<FROM_SCORES, C>(dev, (n_pages + C - 1) / C) >= rows;
+}
+
+template <int D_, typename E_, bool FROM_SCORES>
+struct ClusterTag {
+  static constexpr int D = D_;
+  using E = E_;
+  static constexpr bool kFromScores = FROM_SCORES;
+};
+
+int env_int(const char* name, int fallback) {
+  const char* env = std::getenv(name);
+  return env != nullptr && env[0] != '\0' ? std::atoi(env) : fallback;
+}
+
+}  // namespace
+
+// The selection alone (e4m3 scores) keeps 8 CTAs a row under kCs16MinPages pages: H100,
+// B = 1, graph step (NOTES.md v16): 16 CTAs took 524k 71.9 -> 70.7 us and 1M 103.5 ->
+// 99.8, but 262k 57.0 -> 57.6.
+inline constexpr int kCs16MinPages = 32768;
+
+// Fused or not (16-bit summaries): the fused kernel scores a row on its cluster's C SMs
+// only, at about kFusedSmBytesPerUs an SM, where the score kernel uses every SM (about
+// kScorerBytesPerUs at B = 1) and a cluster then selects from its scores, which costs
+// about kFusedSelectSavingUs more than the fused kernel's own selection. Both rates are
+// H100 measurements (NOTES.md v16-v17). They agree with the graph-replayed B = 1 steps
+// at 524k there: Hkv = 2, D = 256 runs fused in 87.7 us against 71.5 separately (with a
+// one-CTA select), but Hkv = 3, D = 64 in 40.7 against 45.7 and Hkv = 4, D = 128 in 63.2
+// against 66.1, where the fused kernel is used.
+inline constexpr double kFusedSmBytesPerUs = 34e3;
+inline constexpr double kScorerBytesPerUs = 2.4e6;
+inline constexpr double kFusedSelectSavingUs = 8.0;
+bool fused_pays(int n_pages, int rows, int page_bytes, int C) {
+  const double bytes = double(n_pages) * page_bytes;  // one row's summaries
+  return bytes / (C * kFusedSmBytesPerUs) - bytes * rows / kScorerBytesPerUs <= kFusedSelectSavingUs;
+}
+
+// The cluster size: the largest of 16, 12, 10 and 8 CTAs a row whose clusters all run at
+// once (one wave), so that more SMs score and select a row.
+ClusterPlan plan_score_select_cluster(int n_pages, int rows, int page_bytes, bool fp8) {
   static const bool allowed = [] {
     const char* env = std::getenv("HYDRA_CLUSTER_SELECT");
     return !(env != nullptr && env[0] == '0');
   }();
-  if (!allowed) return 0;
+  ClusterPlan plan;
+  if (!allowed) return plan;
   const int dev = current_device();
-  const int major = cc_major(dev), sms = sm_count(dev);
-  // One wave of clusters (one CTA per SM), and long rows only: measured on an H200 at
-  // B = 1, Hkv = 8 (graph-replayed step), the fused launch took 83.5 us against 88.3 at
-  // 524,288 tokens, but 44.2 against 43.4 at 131,072 and 29.3 against 26.1 at 8,192, and
-  // at B = 2, 131,072 (16 clusters) 73.6 against 58.9: its fixed cost (about 7 us of
-  // cluster barriers and exchanges) and its 8 SMs a row pay off only when the separate
-  // select kernel's single CTA per row has tens of thousands of keys to rank.
-  if (major < 9 || rows * kClusterCtas > sms || n_pages < kClusterMinPages) return 0;
-  const int C = from_scores ? from_scores_ctas(n_pages, rows) : kClusterCtas;
+  static const int force = env_int("HYDRA_CS_CTAS", 0);  // tests: run a cluster size this GPU would not pick
+  if (cc_major(dev) < 9 || n_pages < kClusterMinPages || rows * kClusterCtas > sm_count(dev)) return plan;
+  auto pick = [&](bool from_scores) {
+    if (force == 8 || force == 10 || force == 12 || force == 16) return force;
+    if (from_scores) {
+      return n_pages >= kCs16MinPages && cluster_fits<true, 16>(dev, n_pages, rows) ? 16
+             : cluster_fits<true, 12>(dev, n_pages, rows)                           ? 12
+             : cluster_fits<true, 10>(dev, n_pages, rows)                           ? 10
+             : cluster_fits<true, 8>(dev, n_pages, rows)                            ? 8
+                                                                                    : 0;
+    }
+    return cluster_fits<false, 16>(dev, n_pages, rows)   ? 16
+           : cluster_fits<false, 12>(dev, n_pages, rows) ? 12
+           : cluster_fits<false, 10>(dev, n_pages, rows) ? 10
+           : cluster_fits<false, 8>(dev, n_pages, rows)  ? 8
+                                                         : 0;
+  };
+  bool fused = !fp8;
+  int C = pick(!fused);
+  if (fused && (C == 0 || (force == 0 && !fused_pays(n_pages, rows, page_bytes, C)))) {
+    fused = false;
+    C = pick(true);
+  }
+  if (C == 0) return plan;  // not one wave of clusters: the separate kernels
   const int keys = (n_pages + C - 1) / C;
-  const long long bytes = (long long)(from_scores ? kCsHistBytes : kCsPipeBytes) + (long long)keys * 4 + 1024;
-  if (bytes > max_smem_per_block(dev)) return 0;
-  return keys > 0 ? keys : 1;
+  const long long bytes = (long long)(fused ? kCsPipeBytes : kCsHistBytes) + (long long)keys * 4 + 1024;
+  if (bytes > max_smem_per_block(dev)) return plan;
+  plan.ctas = C;
+  plan.keys = keys > 0 ? keys : 1;
+  plan.fused = fused;
+  return plan;
 }
 
-void launch_score_select_cluster(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream,
-                                 bool from_scores) {
-  if (from_scores) {  // no summaries are read: one instantiation serves every head dim and dtype
-    if (from_scores_ctas(se.n_pages, se.B * se.Hkv) == 16) {
-      launch_cluster_kernel<128, Bf16, true, 16>(sp, se, keys_cap, stream);
-    } else {
-      launch_cluster_kernel<128, Bf16, true, kClusterCtas>(sp, se, keys_cap, stream);
+void launch_score_select_cluster(const ScoreParams& sp, const SelectParams& se, const ClusterPlan& plan,
+                                 cudaStream_t stream) {
+  // One instantiation a cluster size; the selection alone reads no summaries, so one
+  // serves every head dim and dtype.
+  auto with_ctas = [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int D = T::D;
+    using E = typename T::E;
+    switch (plan.ctas) {
+      case 16: launch_cluster_kernel<D, E, T::kFromScores, 16>(sp, se, plan.keys, stream); break;
+      case 12: launch_cluster_kernel<D, E, T::kFromScores, 12>(sp, se, plan.keys, stream); break;
+      case 10: launch_cluster_kernel<D, E, T::kFromScores, 10>(sp, se, plan.keys, stream); break;
+      default: launch_cluster_kernel<D, E, T::kFromScores, 8>(sp, se, plan.keys, stream); break;
     }
+  };
+  if (!plan.fused) {
+    with_ctas(ClusterTag<128, Bf16, true>{});
     return;
   }
   HYDRA_DISPATCH_HEAD_DIM(sp.D, kD, [&] {
-    HYDRA_DISPATCH_DTYPE(sp.dtype, E, [&] { launch_cluster_kernel<kD, E, false, kClusterCtas>(sp, se, keys_cap, stream); });
+    HYDRA_DISPATCH_DTYPE(sp.dtype, E, [&] { with_ctas(ClusterTag<kD, E, false>{}); });
   });
 }
 

@@ -9,6 +9,7 @@ on the same attended set (plus 1e-4 for outputs that round to near zero).
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -396,15 +397,18 @@ def test_selection_score_distributions(dist):
 @pytest.mark.parametrize("B,Hq,Hkv,D,dtype,fp8,T", [(3, 8, 2, 128, BF16, False, 300007),
                                                     (2, 9, 3, 64, BF16, False, 300007),
                                                     (2, 16, 2, 256, BF16, False, 300007),
+                                                    (1, 16, 2, 256, BF16, False, 300007),
                                                     (2, 8, 2, 128, torch.float16, False, 300007),
                                                     (3, 8, 2, 128, BF16, True, 300007),
                                                     (2, 16, 2, 256, torch.float16, True, 300007),
                                                     (2, 8, 2, 128, BF16, True, 600011)])
 def test_cluster_selection(B, Hq, Hkv, D, dtype, fp8, T):
-    """On sm_90+, flat selection from cached summaries over long rows (>= 16,384 pages) is
-    one cluster launch (score_select_cluster_kernel): scoring and selection for 16-bit
-    summaries, the selection alone after the e4m3 scorer for e4m3 ones (clusters of 16
-    CTAs from 32,768 pages on, as at T = 600,011). Ragged lengths: a full row (several
+    """On sm_90+, flat selection from cached summaries over long rows (>= 16,384 pages)
+    runs on a cluster (score_select_cluster_kernel): scoring and selection in one launch
+    for 16-bit summaries, unless the rows are too few for the cluster's SMs to read them
+    fast (B = 1, Hkv = 2, D = 256); otherwise (e4m3 summaries always) the selection alone
+    after a score kernel, with clusters of 16 CTAs from 32,768 pages on where they fit
+    (T = 600,011). Ragged lengths: a full row (several
     radix passes), a shorter one, and one under the budget (every page attended). Its
     pages follow the reference's rules, and the step's output matches the reference."""
     _need_ops()
@@ -419,11 +423,59 @@ def test_cluster_selection(B, Hq, Hkv, D, dtype, fp8, T):
     names = {e.name for e in prof.events()}
     if torch.cuda.get_device_capability()[0] >= 9:
         assert any("score_select_cluster_kernel" in n for n in names), sorted(names)
-        if fp8 and (T + 15) // 16 >= 32768 and torch.cuda.get_device_capability()[0] == 9:  # H100/H200
+        if fp8 and (T + 15) // 16 >= 32768 and torch.cuda.get_device_capability()[0] == 9 \
+                and not os.environ.get("HYDRA_CS_CTAS"):  # H100/H200, the size the plan picks
             assert any("score_select_cluster_kernel" in n and ", 16>" in n for n in names), sorted(names)
     check_selection(pages, q, k.nan_to_num(0.0) if fp8 else k, pol, lens=lens, summaries=summ)
     o = hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=lens, out=nan_like(q))
     check_output(o, q, k, v, mask_from_pages(pages, T, pol.page_size, lens))
+
+
+_CLUSTER_SIZE_SCRIPT = r"""
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import hydra
+from test_gpu import make_qkv, poison_past, check_selection, check_output, mask_from_pages, nan_like
+C = os.environ["HYDRA_CS_CTAS"]
+pol = hydra.HydraPolicy()
+for B, Hq, Hkv, D, dtype, fp8, T in ((2, 8, 2, 128, torch.bfloat16, False, 300007),
+                                     (1, 16, 2, 256, torch.float16, False, 262147),
+                                     (2, 9, 3, 64, torch.bfloat16, True, 600011)):
+    q, k, v = make_qkv(B, Hq, Hkv, T, D=D, seed=T + D + int(C), dtype=dtype)
+    lens = torch.tensor([T, T // 2 + 7][:B], dtype=torch.int32, device="cuda")
+    poison_past(k, v, lens)
+    summ = hydra.page_summaries(k, cache_seqlens=lens, dtype=torch.float8_e4m3fn if fp8 else None)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        pages = hydra.select_pages(q, k, page_summaries=summ, cache_seqlens=lens)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "score_select_cluster_kernel" in e.name]
+    assert names and all(n.endswith(f", {C}>(hydra::ScoreParams, hydra::SelectParams, int)") for n in names), names
+    check_selection(pages, q, k.nan_to_num(0.0) if fp8 else k, pol, lens=lens, summaries=summ)
+    o = hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=lens, out=nan_like(q))
+    check_output(o, q, k, v, mask_from_pages(pages, T, pol.page_size, lens))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("ctas", [10, 12, 16])
+def test_cluster_sizes(ctas):
+    """The cluster selection at each cluster size the plan may pick (8 runs in
+    test_cluster_selection; 10, 12 and 16 where enough of them fit at once), forced through
+    HYDRA_CS_CTAS in a fresh process: 16-bit summaries (scoring and selection in the
+    cluster) and e4m3 ones (selection alone), D = 64 / 128 / 256, ragged lengths."""
+    _need_ops()
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90+")
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    hydra_dir = os.path.dirname(os.path.dirname(os.path.abspath(hydra.__file__)))  # the package's parent
+    env = dict(os.environ, HYDRA_CS_CTAS=str(ctas),
+               PYTHONPATH=os.pathsep.join([hydra_dir, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _CLUSTER_SIZE_SCRIPT, here], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
 
 
 _SMALL_SMEM_SCRIPT = r"""

@@ -198,20 +198,24 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
     se.lens_out = lens_out;
   }
   if (coarse.summaries == nullptr) {
-    // The fused cluster kernel scores 16-bit summaries; e4m3 ones are scored by their own
-    // kernel, and long rows are then selected by the cluster alone.
+    // Long rows: the fused cluster kernel scores 16-bit summaries where its cluster's SMs
+    // read them fast enough (plan.fused); otherwise (e4m3 summaries, or few rows of wide
+    // pages) the score kernel runs on every SM and the cluster only selects.
     // H100, B = 1, graph step (NOTES.md v16): e4m3 at 524k 79.7 -> 73.4 us, at 1M 133 -> 106.
     const bool fp8 = summaries.has_value() && sp.fmt.fp8;
-    const int keys = summaries.has_value() ? hydra::score_select_cluster_keys(n_pages, s.B * s.Hkv, fp8) : 0;
-    if (keys > 0 && !fp8) {  // sm_90+: scoring and selection in one cluster launch
-      hydra::launch_score_select_cluster(sp, se, keys, stream);
+    const hydra::ClusterPlan plan =
+        summaries.has_value()
+            ? hydra::plan_score_select_cluster(n_pages, s.B * s.Hkv, int(summaries->element_size()) * 2 * s.D, fp8)
+            : hydra::ClusterPlan{};
+    if (plan.fused) {  // sm_90+: scoring and selection in one cluster launch
+      hydra::launch_score_select_cluster(sp, se, plan, stream);
       return;
     }
     hydra::launch_score_pages(sp, stream);
-    if (keys > 0) {  // e4m3: the scores above, selected over a cluster
+    if (plan.ctas > 0) {  // the scores above, selected over a cluster
       hydra::ScoreParams sel = sp;
       sel.append = hydra::CacheWriteParams{};  // the score kernel wrote the token
-      hydra::launch_score_select_cluster(sel, se, keys, stream, /*from_scores=*/true);
+      hydra::launch_score_select_cluster(sel, se, plan, stream);
       return;
     }
     hydra::launch_select_pages(se, stream);
