@@ -315,9 +315,21 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
         red[bin] = sum;
       }
       cluster.sync();  // the owned bins are summed; nobody reads `hist` any more this pass
-      for (int j = tid; j < kCsBins; j += kCsThreads) {
-        full[j] = cluster.map_shared_rank(red, ((j + 1) * C - 1) / kCsBins)[j];
-        hist[j] = 0;
+      // Every remote load in flight at once (a loop issued them one round trip at a time):
+      // H100, B = 1, graph replays of select_pages (NOTES.md v18): 524k 75.0 -> 74.3 us,
+      // 1M 123.6 -> 123.0.
+      constexpr int kPer = kCsBins / kCsThreads;
+      static_assert(kPer * kCsThreads == kCsBins, "every thread reads the same number of bins");
+      int v[kPer];
+#pragma unroll
+      for (int u = 0; u < kPer; ++u) {
+        const int j = tid + u * kCsThreads;
+        v[u] = cluster.map_shared_rank(red, ((j + 1) * C - 1) / kCsBins)[j];
+      }
+#pragma unroll
+      for (int u = 0; u < kPer; ++u) {
+        full[tid + u * kCsThreads] = v[u];
+        hist[tid + u * kCsThreads] = 0;
       }
       __syncthreads();
       find_threshold_bin<kCsBins, kCsThreads>(full, remaining, warp_tot, s_bin, s_above);
@@ -439,18 +451,16 @@ bool configure_cluster_kernel(int dev) {
   }) == 2;
 }
 
-template <int D, typename E, bool FROM_SCORES, int C>
-void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream) {
-  auto kernel = score_select_cluster_kernel<D, E, FROM_SCORES, C>;
-  const size_t smem = (FROM_SCORES ? kCsHistBytes : kCsPipeBytes) + size_t(keys_cap) * sizeof(uint32_t);
-  const int dev = current_device();
-  configure_cluster_kernel<D, E, FROM_SCORES, C>(dev);
+// A launch of C-CTA clusters of kCsThreads threads: the one place the config and its
+// cluster attribute are built, for the launcher and for the residency query below.
+// `attr` must outlive the config (it points there); PDL is added when asked for.
+inline cudaLaunchConfig_t cluster_launch_config(int C, dim3 grid, size_t smem, cudaStream_t stream, bool pdl,
+                                                cudaLaunchAttribute (&attr)[2]) {
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(C, se.Hkv, se.B);
+  cfg.gridDim = grid;
   cfg.blockDim = dim3(kCsThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = C;
   attr[0].val.clusterDim.y = 1;
@@ -458,7 +468,18 @@ void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int ke
   attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = use_pdl(dev) ? 2 : 1;
+  cfg.numAttrs = pdl ? 2 : 1;
+  return cfg;
+}
+
+template <int D, typename E, bool FROM_SCORES, int C>
+void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream) {
+  auto kernel = score_select_cluster_kernel<D, E, FROM_SCORES, C>;
+  const size_t smem = (FROM_SCORES ? kCsHistBytes : kCsPipeBytes) + size_t(keys_cap) * sizeof(uint32_t);
+  const int dev = current_device();
+  configure_cluster_kernel<D, E, FROM_SCORES, C>(dev);
+  cudaLaunchAttribute attr[2];
+  const cudaLaunchConfig_t cfg = cluster_launch_config(C, dim3(C, se.Hkv, se.B), smem, stream, use_pdl(dev), attr);
   cudaLaunchKernelEx(&cfg, kernel, sp, se, keys_cap);
   check_launch("score_select_cluster_kernel");
 }
@@ -479,17 +500,8 @@ int resident_clusters(int dev, int keys) {
     if (smem + 1024 > size_t(max_smem_per_block(d)) || !configure_cluster_kernel<128, Bf16, FROM_SCORES, C>(d)) {
       return 1;
     }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(C, 1, 1);
-    cfg.blockDim = dim3(kCsThreads);
-    cfg.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = C;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute attr[2];
+    const cudaLaunchConfig_t cfg = cluster_launch_config(C, dim3(C, 1, 1), smem, nullptr, false, attr);
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, score_select_cluster_kernel<128, Bf16, FROM_SCORES, C>, &cfg) !=
         cudaSuccess) {
