@@ -7,7 +7,10 @@ code). This script rewrites what lies between these marker pairs and nothing els
 * ``<!-- BENCH:decode:start -->`` .. ``<!-- BENCH:decode:end -->``
   from ``evidence/decode_bench.json`` (benchmarks/benchmark_hydra_decode.py);
 * ``<!-- EVIDENCE:tests:start -->`` .. ``<!-- EVIDENCE:tests:end -->``
-  from ``evidence/gpu_tests.json`` (the GPU test run's summary).
+  from ``evidence/gpu_tests.json`` (the GPU test run's summary);
+* ``<!-- EVIDENCE:bound:start -->`` .. ``<!-- EVIDENCE:bound:end -->``
+  from ``evidence/read_bound.json`` (benchmarks/read_bound.py);
+* and the fidelity, prefill and generate sections likewise.
 
 Each section's caption names the device, the date of the run, and whether the
 evidence is stale (its source digest no longer matches ``csrc/`` and
@@ -39,6 +42,7 @@ TESTS_MARKERS = ("<!-- EVIDENCE:tests:start -->", "<!-- EVIDENCE:tests:end -->")
 FIDELITY_MARKERS = ("<!-- EVIDENCE:fidelity:start -->", "<!-- EVIDENCE:fidelity:end -->")
 PREFILL_MARKERS = ("<!-- EVIDENCE:prefill:start -->", "<!-- EVIDENCE:prefill:end -->")
 GENERATE_MARKERS = ("<!-- EVIDENCE:generate:start -->", "<!-- EVIDENCE:generate:end -->")
+BOUND_MARKERS = ("<!-- EVIDENCE:bound:start -->", "<!-- EVIDENCE:bound:end -->")
 
 HYDRA_NAMES = ("hydra_cached", "hydra_stateless")
 
@@ -392,6 +396,23 @@ def generate_section(record, path: Path, stale) -> str:
     return "\n".join(out)
 
 
+def bound_section(record, path: Path, stale) -> str:
+    """The speedup no step reading a row's bytes could beat under do_bench (read_bound.py)."""
+    rows = record.get("rows") or []
+    out = [_caption(record, path, stale), "",
+           f"Command: `{record.get('command', '?')}`", "",
+           "| step | summaries | B | T | Hq / Hkv / D | MB a step reads | plain read of them (µs) | "
+           "best dense (µs) | bound: dense / read | target |",
+           "|---|---|---:|---:|---|---:|---:|---|---:|---:|"]
+    for r in rows:
+        within = r["bound_speedup"] >= r["target_speedup"]
+        out.append(f"| {r['step']} | {r['summaries']} | {r['B']} | {r['T']:,} | {r['Hq']} / {r['Hkv']} / {r['D']} | "
+                   f"{r['bytes'] / 1e6:.1f} | {r['plain_read_us']:.1f} | {r['best_dense_us']:.1f} "
+                   f"({r['best_dense_name']}) | {r['bound_speedup']:.2f}x | ≥ {r['target_speedup']:.1f}x"
+                   f"{'' if within else ' (beyond the bound)'} |")
+    return "\n".join(out)
+
+
 def tests_section(record, path: Path, stale) -> str:
     summary = record.get("summary") or {}
     counts = ", ".join(f"{summary.get(k, 0)} {k}" for k in ("passed", "failed", "skipped"))
@@ -452,7 +473,8 @@ def render(readme_text: str, evidence_dir: Path, repo: Path, log=print) -> str:
                 ("gpu_tests.json", TESTS_MARKERS, tests_section),
                 ("fidelity.json", FIDELITY_MARKERS, fidelity_section),
                 ("generate_bench.json", GENERATE_MARKERS, generate_section),
-                ("prefill_bench.json", PREFILL_MARKERS, prefill_section)]
+                ("prefill_bench.json", PREFILL_MARKERS, prefill_section),
+                ("read_bound.json", BOUND_MARKERS, bound_section)]
     text = readme_text
     for filename, markers, make in sections:
         path = evidence_dir / filename

@@ -2,10 +2,11 @@
 # One device call: carried wheels, JIT build, the full GPU suite (evidence
 # gpu_tests.json), the fidelity harness (fidelity.json) and the decode benchmark
 # (decode_bench.json) and the transformers generate benchmark (generate_bench.json), all under $OUT.
-#   bash scripts/gpu_check.sh [tests|fidelity|bench|generate|prefill|first|second|all|none] [extra benchmark args...]
-# (prefill_bench.json comes from the prefill stage.) "all" takes 340 s on an H200 and
-# 560-620 s on an H100, at the device tool's 600 s limit there: "first" (tests + bench)
-# and "second" (fidelity + prefill + generate) split it over two calls.
+#   bash scripts/gpu_check.sh [tests|fidelity|bench|generate|prefill|bound|first|second|all|none] [extra benchmark args...]
+# (prefill_bench.json comes from the prefill stage, read_bound.json from the bound stage.)
+# "all" takes 340 s on an H200 and 560-620 s on an H100, at the device tool's 600 s limit
+# there: "first" (tests + bench, ~495 s on an H100) and "second" (fidelity + prefill +
+# generate + bound) split it over two calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -30,7 +31,7 @@ want() {  # whether stage $1 runs
   case "$what" in
     all) return 0 ;;
     first) [ "$1" = tests ] || [ "$1" = bench ] ;;
-    second) [ "$1" = fidelity ] || [ "$1" = prefill ] || [ "$1" = generate ] ;;
+    second) [ "$1" = fidelity ] || [ "$1" = prefill ] || [ "$1" = generate ] || [ "$1" = bound ] ;;
     *) [ "$what" = "$1" ] ;;
   esac
 }
@@ -50,5 +51,8 @@ if want prefill; then
 fi
 if want generate; then
   python3 benchmarks/benchmark_generate.py --out "$OUT/generate_bench.json" 2>&1 | tee "$LOGS/generate.log" | tail -12
+fi
+if want bound; then
+  python3 benchmarks/read_bound.py --out "$OUT/read_bound.json" 2>&1 | tee "$LOGS/bound.log" | tail -24
 fi
 exit $rc
