@@ -71,17 +71,9 @@ def cases():
 
 
 def graph_us(fn, rep_ms):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return bench.do_bench_us(g.replay, rep_ms)
+    """do_bench median of fn's graph replay, captured as the decode benchmark captures."""
+    graph, _ = bench.capture_graph(fn)
+    return bench.do_bench_us(graph.replay, rep_ms)
 
 
 @triton.jit
