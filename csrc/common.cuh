@@ -355,6 +355,28 @@ inline cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 b
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
+// A launch of C-CTA thread-block clusters: the one place a cluster launch config and
+// its attributes are built, for launchers and for residency queries
+// (cudaOccupancyMaxActiveClusters). `attr` must outlive the config (it points there); PDL
+// is added when asked for.
+inline cudaLaunchConfig_t cluster_launch_config(int C, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                                bool pdl, cudaLaunchAttribute (&attr)[2]) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = C;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 2 : 1;
+  return cfg;
+}
+
 // The step's kernels ask for the largest shared-memory carveout, so consecutive kernels
 // (scoring uses none, selection and attention ~100-200 KB) run under one SM
 // configuration instead of reconfiguring the SMs between launches.

@@ -451,27 +451,6 @@ bool configure_cluster_kernel(int dev) {
   }) == 2;
 }
 
-// A launch of C-CTA clusters of kCsThreads threads: the one place the config and its
-// cluster attribute are built, for the launcher and for the residency query below.
-// `attr` must outlive the config (it points there); PDL is added when asked for.
-inline cudaLaunchConfig_t cluster_launch_config(int C, dim3 grid, size_t smem, cudaStream_t stream, bool pdl,
-                                                cudaLaunchAttribute (&attr)[2]) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(kCsThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = C;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 2 : 1;
-  return cfg;
-}
-
 template <int D, typename E, bool FROM_SCORES, int C>
 void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int keys_cap, cudaStream_t stream) {
   auto kernel = score_select_cluster_kernel<D, E, FROM_SCORES, C>;
@@ -479,7 +458,7 @@ void launch_cluster_kernel(const ScoreParams& sp, const SelectParams& se, int ke
   const int dev = current_device();
   configure_cluster_kernel<D, E, FROM_SCORES, C>(dev);
   cudaLaunchAttribute attr[2];
-  const cudaLaunchConfig_t cfg = cluster_launch_config(C, dim3(C, se.Hkv, se.B), smem, stream, use_pdl(dev), attr);
+  const cudaLaunchConfig_t cfg = cluster_launch_config(C, dim3(C, se.Hkv, se.B), dim3(kCsThreads), smem, stream, use_pdl(dev), attr);
   cudaLaunchKernelEx(&cfg, kernel, sp, se, keys_cap);
   check_launch("score_select_cluster_kernel");
 }
@@ -501,7 +480,7 @@ int resident_clusters(int dev, int keys) {
       return 1;
     }
     cudaLaunchAttribute attr[2];
-    const cudaLaunchConfig_t cfg = cluster_launch_config(C, dim3(C, 1, 1), smem, nullptr, false, attr);
+    const cudaLaunchConfig_t cfg = cluster_launch_config(C, dim3(C, 1, 1), dim3(kCsThreads), smem, nullptr, false, attr);
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, score_select_cluster_kernel<128, Bf16, FROM_SCORES, C>, &cfg) !=
         cudaSuccess) {

@@ -211,6 +211,82 @@ __device__ __forceinline__ void find_threshold_bin(const int* hist, int remainin
   }
 }
 
+// Shared scratch of block_radix_threshold.
+struct BlockRadixShared {
+  int bin, above, n, need;
+  uint32_t thr;
+  uint32_t list[32];
+};
+
+// The k-th largest (0 < k < n) of n order-preserving keys held in shared memory by one
+// block of THREADS threads, for the fused short-row step (short_step.cuh): 11-bit radix
+// passes from the highest bit where kmin and kmax differ, over a block-wide histogram of
+// 2,048 bins (`hist`, shared memory), until the threshold's bin holds at most 32 keys,
+// which one warp ranks exactly. On return (every thread) `prefix` is the threshold key
+// and `need_eq` how many keys equal to it are taken (the lowest-indexed first), the rule
+// of select_pages_kernel and of the cluster selection.
+template <int THREADS>
+__device__ __forceinline__ void block_radix_threshold(const uint32_t* keys, int n, int k, uint32_t kmin,
+                                                      uint32_t kmax, int* hist, uint64_t* warp_tot,
+                                                      BlockRadixShared& sh, uint32_t& prefix, int& need_eq) {
+  constexpr int kBins = 2048;
+  const int tid = threadIdx.x;
+  prefix = kmin;
+  int remaining = k;
+  if (kmin != kmax) {
+    const int high_bit = 31 - __clz(kmin ^ kmax);
+    uint32_t mask = high_bit == 31 ? 0u : ~((2u << high_bit) - 1u);
+    prefix = kmin & mask;
+    for (int top = high_bit;;) {
+      const int shift = max(top - 10, 0);
+      const uint32_t bmask = (2u << (top - shift)) - 1u;
+      for (int i = tid; i < kBins; i += THREADS) hist[i] = 0;
+      __syncthreads();
+      for (int i = tid; i < n; i += THREADS) {
+        const uint32_t u = keys[i];
+        if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & bmask], 1);
+      }
+      __syncthreads();
+      find_threshold_bin<kBins, THREADS>(hist, remaining, warp_tot, sh.bin, sh.above);
+      __syncthreads();
+      remaining -= sh.above;
+      prefix |= (uint32_t)sh.bin << shift;
+      mask |= bmask << shift;
+      const int bin_count = hist[sh.bin];
+      if (tid == 0) sh.n = 0;
+      __syncthreads();  // the histogram and sh.bin are rewritten below
+      if (shift == 0) break;  // every bit is fixed: the threshold is the prefix itself
+      if (bin_count <= 32) {
+        for (int i = tid; i < n; i += THREADS) {
+          const uint32_t u = keys[i];
+          if ((u & mask) == prefix) {
+            const int slot = atomicAdd(&sh.n, 1);
+            if (slot < 32) sh.list[slot] = u;
+          }
+        }
+        __syncthreads();
+        if (tid < 32) {
+          const int m = min(sh.n, 32);
+          const uint32_t x = tid < m ? sh.list[tid] : 0u;
+          int gt = 0, ge = 0;
+          for (int j = 0; j < m; ++j) {
+            const uint32_t y = __shfl_sync(0xffffffffu, x, j);
+            gt += y > x;
+            ge += y >= x;
+          }
+          if (tid < m && gt < remaining && remaining <= ge) { sh.thr = x; sh.need = remaining - gt; }
+        }
+        __syncthreads();
+        prefix = sh.thr;
+        remaining = sh.need;
+        break;
+      }
+      top = shift - 1;
+    }
+  }
+  need_eq = remaining;
+}
+
 // Ordered compaction, shared by the select kernels: items 0..n-1 in output order, each
 // definite (taken: above the threshold, or forced) or equal to the threshold (taken only
 // while fewer than need_eq equal items precede it) or neither. A taken item's position is

@@ -37,71 +37,30 @@ struct DecodeShape {
                 "the cross-warp merge reuses the pipeline buffers");
 };
 
-template <int D, int STAGES, typename E>
-__global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
+// One split of one (sequence, KV head) row: the tiles of entries [e_first, e_first +
+// n_tiles * ept) stream through the cp.async pipeline, every warp runs QK^T, the online
+// softmax and PV on its 16 rows of each tile, and the warps merge through shared memory.
+// row_token(e0, row) is the token of tile row `row` of the tile starting at entry e0, or
+// -1 (padding, a skipped entry, outside the valid range). kb / vb point at the row's first
+// valid token. emit(j, d, o, lse2) receives, from the thread that owns it, the normalised
+// output of dims d..d+3 of group head j and (the same for every d) its log2-sum-exp.
+// Every thread of the block must call it; smem_raw holds S::kPipeBytes.
+template <int D, int STAGES, typename E, typename RowToken, typename Emit>
+__device__ __forceinline__ void attend_split(const DecodeParams& p, int b, int h, const bf16_t* kb, const bf16_t* vb,
+                                             int e_first, int n_tiles, RowToken&& row_token,
+                                             unsigned char* smem_raw, Emit&& emit) {
   using S = DecodeShape<D, STAGES>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16_t* sk = reinterpret_cast<bf16_t*>(smem_raw);              // [kStages][64][kStride]
   bf16_t* sv = sk + S::kStages * S::kTileElems;                   // [kStages][64][kStride]
-  int* spage = reinterpret_cast<int*>(smem_raw + S::kPipeBytes);  // [1 + entries]: previous entry, then the split's
-  __shared__ int s_last;
-
-  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
-  const int warp = tid / 32, lane = tid % 32;
-  pdl_wait();
-  const bool explicit_pages = p.pages != nullptr;
-  const int split_lo = split * p.entries_per_split;
-  int split_hi = min(split_lo + p.entries_per_split, p.n_entries);
-  // The page list does not depend on the length: stage it first, so that its loads
-  // and the length's are in flight together.
-  if (explicit_pages) {
-    const int* pg = p.pages + b * p.p_batch_stride + h * p.p_head_stride;
-    for (int i = tid; i <= split_hi - split_lo; i += S::kThreads) {
-      spage[i] = i == 0 ? (split_lo > 0 ? pg[split_lo - 1] : -1) : pg[split_lo + i - 1];
-    }
-  }
-  const int L_end = seq_len(p.seqlens, b, p.Tkv);
-  const int start = seq_start(p.leftpad, b, L_end);
-  const int L = L_end - start;  // tokens counted from the first valid one
-  // Fused append: every kernel of the step has read the old lengths; advance them.
-  if (p.lengths_out != nullptr && split == 0 && h == 0 && tid == 0) p.lengths_out[b] = L_end;
-  int lo_tok = 0, first_page = 0;
-  if (!explicit_pages) {
-    if (p.window > 0) lo_tok = max(0, L - p.window);
-    first_page = lo_tok >> p.log2_page;
-    const int needed = ((L + p.page_size - 1) >> p.log2_page) - first_page;
-    split_hi = min(split_hi, needed);
-  }
-  __syncthreads();
-
-  // Token held by tile row `row` of the tile starting at entry e0, or -1 when the
-  // row is padding, a skipped entry, or outside [lo_tok, L).
-  auto row_token = [&](int e0, int row) -> int {
-    const int e = e0 + (row >> p.log2_page);
-    if (e >= split_hi) return -1;
-    int page;
-    if (explicit_pages) {
-      const int i = e - split_lo;
-      page = spage[i + 1];
-      if (page < 0 || page == spage[i]) return -1;
-    } else {
-      page = first_page + e;
-    }
-    const int tok = (page << p.log2_page) + (row & (p.page_size - 1));
-    return (tok < L && tok >= lo_tok) ? tok : -1;
-  };
-
-  const bf16_t* kb = p.k + b * p.k_batch_stride + h * p.k_head_stride + (int64_t)start * p.k_row_stride;
-  const bf16_t* vb = p.v + b * p.v_batch_stride + h * p.v_head_stride + (int64_t)start * p.v_row_stride;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int ept = kTileTokens >> p.log2_page;  // entries per tile
-  const int n_tiles = split_hi > split_lo ? (split_hi - split_lo + ept - 1) / ept : 0;
 
   // Each warp loads, and later computes on, its own 16 rows of every tile, so the
   // tile loop needs warp barriers only. Lane r < 16 resolves the token of row r;
   // a warp-wide load instruction covers 32 / (D / 8) rows (D / 8 lanes x 16 bytes each).
   const int my_row = warp * 16 + lane % 16;
   auto load_tile = [&](int t, int stage) {
-    const int tok_mine = row_token(split_lo + t * ept, my_row);
+    const int tok_mine = row_token(e_first + t * ept, my_row);
     bf16_t* dk = sk + stage * S::kTileElems;
     bf16_t* dv = sv + stage * S::kTileElems;
     const int col = (lane % S::kChunksPerRow) * 8;
@@ -116,7 +75,6 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
       cp_async16(dv + row * S::kStride + col, vb + t64 * p.v_row_stride + col, bytes);
     }
   };
-
 #pragma unroll
   for (int s = 0; s < S::kStages - 1; ++s) {
     if (s < n_tiles) load_tile(s, s);
@@ -158,7 +116,7 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
 
     const bf16_t* ck = sk + (t % S::kStages) * S::kTileElems;
     const bf16_t* cv = sv + (t % S::kStages) * S::kTileElems;
-    const int e0 = split_lo + t * ept;
+    const int e0 = e_first + t * ept;
 
     // S = Q K^T for this warp's 16 tokens: two n-tiles of 8 tokens.
     float s[2][4];
@@ -265,7 +223,6 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   }
   __syncthreads();
 
-  constexpr float kLn2 = 0.6931471805599453f;
   // Four consecutive dims of one head a thread (one pass at group * D <= 512): the warps'
   // running maxima and sums of that head, then their outputs, each one shared-memory read.
   for (int idx = tid; idx < p.group * (D / 4); idx += S::kThreads) {
@@ -289,10 +246,71 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
       acc_l += lw[w] * a;
       acc_o.x += ow[w].x * a; acc_o.y += ow[w].y * a; acc_o.z += ow[w].z * a; acc_o.w += ow[w].w * a;
     }
-    const int hq = h * p.group + j;
     const float inv = acc_l > 0.f ? 1.f / acc_l : 0.f;
-    const float4 o_norm = make_float4(acc_o.x * inv, acc_o.y * inv, acc_o.z * inv, acc_o.w * inv);
     const float lse2 = acc_l > 0.f ? M + log2f(acc_l) : -INFINITY;  // log2 domain
+    emit(j, d, make_float4(acc_o.x * inv, acc_o.y * inv, acc_o.z * inv, acc_o.w * inv), lse2);
+  }
+}
+
+template <int D, int STAGES, typename E>
+__global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
+  using S = DecodeShape<D, STAGES>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  int* spage = reinterpret_cast<int*>(smem_raw + S::kPipeBytes);  // [1 + entries]: previous entry, then the split's
+  __shared__ int s_last;
+
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  pdl_wait();
+  const bool explicit_pages = p.pages != nullptr;
+  const int split_lo = split * p.entries_per_split;
+  int split_hi = min(split_lo + p.entries_per_split, p.n_entries);
+  // The page list does not depend on the length: stage it first, so that its loads
+  // and the length's are in flight together.
+  if (explicit_pages) {
+    const int* pg = p.pages + b * p.p_batch_stride + h * p.p_head_stride;
+    for (int i = tid; i <= split_hi - split_lo; i += S::kThreads) {
+      spage[i] = i == 0 ? (split_lo > 0 ? pg[split_lo - 1] : -1) : pg[split_lo + i - 1];
+    }
+  }
+  const int L_end = seq_len(p.seqlens, b, p.Tkv);
+  const int start = seq_start(p.leftpad, b, L_end);
+  const int L = L_end - start;  // tokens counted from the first valid one
+  // Fused append: every kernel of the step has read the old lengths; advance them.
+  if (p.lengths_out != nullptr && split == 0 && h == 0 && tid == 0) p.lengths_out[b] = L_end;
+  int lo_tok = 0, first_page = 0;
+  if (!explicit_pages) {
+    if (p.window > 0) lo_tok = max(0, L - p.window);
+    first_page = lo_tok >> p.log2_page;
+    const int needed = ((L + p.page_size - 1) >> p.log2_page) - first_page;
+    split_hi = min(split_hi, needed);
+  }
+  __syncthreads();
+
+  // Token held by tile row `row` of the tile starting at entry e0, or -1 when the
+  // row is padding, a skipped entry, or outside [lo_tok, L).
+  auto row_token = [&](int e0, int row) -> int {
+    const int e = e0 + (row >> p.log2_page);
+    if (e >= split_hi) return -1;
+    int page;
+    if (explicit_pages) {
+      const int i = e - split_lo;
+      page = spage[i + 1];
+      if (page < 0 || page == spage[i]) return -1;
+    } else {
+      page = first_page + e;
+    }
+    const int tok = (page << p.log2_page) + (row & (p.page_size - 1));
+    return (tok < L && tok >= lo_tok) ? tok : -1;
+  };
+
+  const bf16_t* kb = p.k + b * p.k_batch_stride + h * p.k_head_stride + (int64_t)start * p.k_row_stride;
+  const bf16_t* vb = p.v + b * p.v_batch_stride + h * p.v_head_stride + (int64_t)start * p.v_row_stride;
+  const int ept = kTileTokens >> p.log2_page;  // entries per tile
+  const int n_tiles = split_hi > split_lo ? (split_hi - split_lo + ept - 1) / ept : 0;
+  constexpr float kLn2 = 0.6931471805599453f;
+  attend_split<D, STAGES, E>(p, b, h, kb, vb, split_lo, n_tiles, row_token, smem_raw,
+                             [&](int j, int d, const float4& o_norm, float lse2) {
+    const int hq = h * p.group + j;
     if (p.n_splits == 1) {
       bf16_t* dst = p.out + b * p.o_batch_stride + hq * p.o_head_stride + d;
       *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<E>(o_norm.x, o_norm.y), pack2<E>(o_norm.z, o_norm.w));
@@ -302,7 +320,7 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
       *reinterpret_cast<float4*>(p.part_o + row * D + d) = o_norm;
       if (d == 0) p.part_lse[row] = lse2;
     }
-  }
+  });
   if (p.n_splits == 1) return;
 
   // The last split of this head to finish merges all splits by their LSE.

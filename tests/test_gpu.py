@@ -478,6 +478,46 @@ def test_cluster_sizes(ctas):
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
 
 
+# (B, Hq, Hkv, D, dtype, T, lens, fused): rows up to the fused short step's 1,024 pages
+# and past it, ragged lengths (one under the budget), GQA groups of 4, 3, 5 and 7, every
+# head dim, fp16. fused: whether the fused step must run on sm_90+ (None: either way).
+SHORT_STEP = [
+    (1, 32, 8, 128, BF16, 8192 + 5, None, True),
+    (1, 32, 8, 128, BF16, 16384, None, True),
+    (1, 32, 8, 128, BF16, 16384 + 1, None, False),
+    (2, 9, 3, 64, BF16, 16001, [16001, 3001], None),
+    (1, 16, 2, 256, torch.float16, 16384, None, True),
+    (3, 15, 3, 128, BF16, 9000, [9000, 4100, 200], None),
+    (1, 14, 2, 128, BF16, 6007, None, True),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SHORT_STEP)))
+def test_short_step_matches_separate_kernels(case):
+    """The fused short-row step (score, select and attend in one cluster launch) gives
+    bitwise the output and LSE of the separate kernels (select_pages + sparse_attention,
+    which use the same split plan), and the reference's pages and attention."""
+    _need_ops()
+    B, Hq, Hkv, D, dtype, T, lens, want_fused = SHORT_STEP[case]
+    q, k, v = make_qkv(B, Hq, Hkv, T, D=D, seed=T + case, dtype=dtype)
+    lens = torch.tensor(lens, dtype=torch.int32, device=DEV) if lens is not None else None
+    if lens is not None:
+        poison_past(k, v, lens)
+    pol = hydra.HydraPolicy()
+    summ = hydra.page_summaries(k, cache_seqlens=lens)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        o, lse = hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=lens, out=nan_like(q), return_lse=True)
+        torch.cuda.synchronize()
+    fused = any("short_step_kernel" in e.name for e in prof.events())
+    if torch.cuda.get_device_capability()[0] >= 9 and want_fused is not None:
+        assert fused == want_fused, f"fused short step ran: {fused}, expected {want_fused}"
+    pages = hydra.select_pages(q, k, page_summaries=summ, cache_seqlens=lens)
+    o2, lse2 = hydra.sparse_attention(q, k, v, pages, cache_seqlens=lens, out=nan_like(q), return_lse=True)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2), "fused step differs from the separate kernels"
+    check_selection(pages, q, k, pol, lens=lens, summaries=summ)
+    check_output(o, q, k, v, mask_from_pages(pages, T, 16, lens))
+
+
 _SMALL_SMEM_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])

@@ -135,14 +135,11 @@ Coarse coarse_args(const std::optional<at::Tensor>& super_summaries, int64_t sup
   return c;
 }
 
-// Fills the score/select parameters and runs the selection into `pages_out`: score and
-// select (flat), or score superpages, shortlist, score their fine pages, select
-// (coarse-to-fine). `work` holds selection_floats() floats.
-void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
-                   const int* seqlens, const int* leftpad, const Shapes& s, int page_size, int sink_tokens,
-                   int recent_tokens, int n_sel, int* pages_out, int* counters, float* work, cudaStream_t stream,
-                   const hydra::CacheWriteParams* append = nullptr, int* lens_out = nullptr,
-                   const Coarse& coarse = Coarse()) {
+// The scoring parameters of a flat selection from `summaries` (or from k when absent):
+// n_sel pages a row, sink and recent pages forced, scores written to `work`.
+hydra::ScoreParams score_params(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
+                                const int* seqlens, const int* leftpad, const Shapes& s, int page_size,
+                                int sink_tokens, int recent_tokens, int n_sel, float* work) {
   const int n_pages = (s.Tkv + page_size - 1) / page_size;
   hydra::ScoreParams sp{};
   sp.dtype = dtype_flag(q, "q");
@@ -173,6 +170,20 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
   sp.sink_pages = (sink_tokens + page_size - 1) / page_size;
   sp.recent_tokens = recent_tokens;
   sp.n_sel = n_sel;
+  return sp;
+}
+
+// Fills the score/select parameters and runs the selection into `pages_out`: score and
+// select (flat), or score superpages, shortlist, score their fine pages, select
+// (coarse-to-fine). `work` holds selection_floats() floats.
+void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
+                   const int* seqlens, const int* leftpad, const Shapes& s, int page_size, int sink_tokens,
+                   int recent_tokens, int n_sel, int* pages_out, int* counters, float* work, cudaStream_t stream,
+                   const hydra::CacheWriteParams* append = nullptr, int* lens_out = nullptr,
+                   const Coarse& coarse = Coarse()) {
+  const int n_pages = (s.Tkv + page_size - 1) / page_size;
+  hydra::ScoreParams sp = score_params(q, k, summaries, seqlens, leftpad, s, page_size, sink_tokens, recent_tokens,
+                                       n_sel, work);
   if (append != nullptr) {
     sp.len_add = 1;
     sp.k_new = append->k_src;
@@ -413,9 +424,45 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (mode != kRange && per_split > hydra::kMaxEntriesPerSplit) per_split = hydra::kMaxEntriesPerSplit / ept * ept;
   splits = (n_entries + per_split - 1) / per_split;
 
-  Workspace ws;
   const Coarse coarse = mode == kSelect ? coarse_args(super_summaries, superpage, shortlist_pages, summaries, s, n_pages)
                                          : Coarse();
+
+  hydra::DecodeParams p{};
+  p.dtype = dtype_flag(q, "q");
+  p.q = bf16_ptr(q);
+  p.q_batch_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.k = bf16_ptr(k);
+  p.v = bf16_ptr(v);
+  p.k_batch_stride = k.stride(0); p.k_head_stride = k.stride(1); p.k_row_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0); p.v_head_stride = v.stride(1); p.v_row_stride = v.stride(2);
+  p.seqlens = seqlens;
+  p.leftpad = leftpad;
+  p.out = reinterpret_cast<bf16_t*>(out.data_ptr());
+  p.o_batch_stride = out.stride(0);
+  p.o_head_stride = out.stride(1);
+  p.lse = lse.data_ptr<float>();
+  p.B = s.B; p.Hq = s.Hq; p.Hkv = s.Hkv; p.group = s.Hq / s.Hkv; p.Tkv = s.Tkv; p.D = s.D;
+  p.page_size = P;
+  p.log2_page = ilog2(P);
+  p.n_entries = n_entries;
+  p.window = mode == kRange ? (int)window : 0;
+  p.n_splits = splits;
+  p.entries_per_split = per_split;
+  p.scale_log2 = (float)(scale * 1.4426950408889634);
+
+  // Short rows of flat selection from 16-bit summaries: the whole step in one cluster
+  // launch, with this split plan (short_step.cuh), where every row's cluster fits at once.
+  if (mode == kSelect && append == nullptr && coarse.summaries == nullptr && summaries.has_value() &&
+      summaries->scalar_type() != at::kFloat8_e4m3fn &&
+      hydra::short_step_fits(s.D, n_pages, s.B * s.Hkv, splits, p.dtype)) {
+    const hydra::ScoreParams sp = score_params(q, k, summaries, seqlens, leftpad, s, P, (int)sink_tokens,
+                                               (int)recent_tokens, n_entries, nullptr);
+    hydra::launch_short_step(sp, p, stream);
+    return;
+  }
+
+  Workspace ws;
   const size_t i_scores = ws.add(mode == kSelect ? sizeof(float) * selection_floats(s, n_pages, coarse) : 0);
   const size_t i_pages = ws.add(mode == kSelect ? sizeof(int) * s.B * s.Hkv * n_entries : 0);
   const size_t i_part_o = ws.add(splits > 1 ? sizeof(float) * s.B * s.Hq * splits * s.D : 0);
@@ -427,8 +474,6 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   auto at_off = [&](size_t i) { return base + ws.offsets[i]; };
   int* counters = splits > 1 ? reinterpret_cast<int*>(at_off(i_counters)) : nullptr;
 
-  hydra::DecodeParams p{};
-  p.dtype = dtype_flag(q, "q");
   if (mode == kSelect) {
     int* sel = reinterpret_cast<int*>(at_off(i_pages));
     int* lens = fused_append ? reinterpret_cast<int*>(at_off(i_lens)) : nullptr;
@@ -451,30 +496,10 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       p.p_head_stride = pages->stride(1);
     }
   }
-  p.q = bf16_ptr(q);
-  p.q_batch_stride = q.stride(0);
-  p.q_head_stride = q.stride(1);
-  p.k = bf16_ptr(k);
-  p.v = bf16_ptr(v);
-  p.k_batch_stride = k.stride(0); p.k_head_stride = k.stride(1); p.k_row_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0); p.v_head_stride = v.stride(1); p.v_row_stride = v.stride(2);
-  p.seqlens = seqlens;
-  p.leftpad = leftpad;
-  p.out = reinterpret_cast<bf16_t*>(out.data_ptr());
-  p.o_batch_stride = out.stride(0);
-  p.o_head_stride = out.stride(1);
-  p.lse = lse.data_ptr<float>();
+  p.seqlens = seqlens;  // the fused append's lengths, when it runs
   p.part_o = splits > 1 ? reinterpret_cast<float*>(at_off(i_part_o)) : nullptr;
   p.part_lse = splits > 1 ? reinterpret_cast<float*>(at_off(i_part_lse)) : nullptr;
   p.counters = counters;
-  p.B = s.B; p.Hq = s.Hq; p.Hkv = s.Hkv; p.group = s.Hq / s.Hkv; p.Tkv = s.Tkv; p.D = s.D;
-  p.page_size = P;
-  p.log2_page = ilog2(P);
-  p.n_entries = n_entries;
-  p.window = mode == kRange ? (int)window : 0;
-  p.n_splits = splits;
-  p.entries_per_split = per_split;
-  p.scale_log2 = (float)(scale * 1.4426950408889634);
   hydra::launch_sparse_decode(p, stream);
 }
 

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""A/B of configurations that differ only in environment variables, on one build.
+
+Each configuration runs in a fresh process, so variables read once per process (the
+launchers' knobs, e.g. HYDRA_CLUSTER_SELECT=0 or HYDRA_CS_CTAS=8) take effect. The
+configurations alternate within each round, so drift of the machine spreads over all of
+them. For each shape and summary type (16-bit, e4m3) a process reports the graph-replay
+median (``triton.testing.do_bench``, as the decode benchmark) of
+
+* ``step``: ``hydra.hydra(q, k, v, page_summaries=...)``, the whole decode step, and
+* ``select``: ``hydra.select_pages(...)``, scoring and selection alone,
+
+and whether the first sequence's pages equal ``hydra.reference.select_pages``.
+It is the committed form of the harness behind benchmarks/NOTES.md's A/B tables
+(v14-v18 ran earlier, uncommitted copies of it).
+
+    python3 benchmarks/ab_env.py --shapes 1x131072,1x131072x16x2x256 \\
+        --configs '{"base": {}, "no_cluster": {"HYDRA_CLUSTER_SELECT": "0"}}' --rounds 2
+
+Shapes are ``BxT`` (Hq = 32, Hkv = 8, D = 128) or ``BxTxHqxHkvxD``; bf16, precision "high".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_shapes(text):
+    shapes = []
+    for item in text.split(","):
+        parts = [int(x) for x in item.lower().split("x")]
+        if len(parts) == 2:
+            parts += [32, 8, 128]
+        if len(parts) != 5:
+            raise SystemExit(f"ab_env: a shape is BxT or BxTxHqxHkvxD, got {item!r}")
+        shapes.append(tuple(parts))
+    return shapes
+
+
+def child(shapes):
+    sys.path.insert(0, str(REPO / "torch-ext"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+    import hydra
+    import hydra.reference as ref
+    from timing import graph_us
+
+    res = {}
+    for B, T, Hq, Hkv, D in shapes:
+        g = torch.Generator(device="cuda").manual_seed(T + B)
+        q = torch.randn(B, Hq, 1, D, device="cuda", generator=g).to(torch.bfloat16)
+        k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
+        v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
+        for name, summ in (("s16", hydra.page_summaries(k)),
+                           ("e4m3", hydra.page_summaries(k, dtype=torch.float8_e4m3fn))):
+            out = torch.full_like(q, float("nan"))
+            step = graph_us(lambda: hydra.hydra(q, k, v, page_summaries=summ, out=out))
+            select = graph_us(lambda: hydra.select_pages(q, k, page_summaries=summ))
+            pages = hydra.select_pages(q, k, page_summaries=summ)[:1]
+            want = ref.select_pages(q[:1].float(), k[:1].float(), page_summaries=summ[:1])
+            same = want.shape == pages.shape and bool(torch.equal(pages.cpu(), want.to(pages.dtype).cpu()))
+            key = f"{name}_{B}x{T}" + ("" if (Hq, Hkv, D) == (32, 8, 128) else f"_{Hq}/{Hkv}/{D}")
+            res[key] = {"step": round(step, 2), "select": round(select, 2), "pages_match_ref": same}
+        q = k = v = summ = out = None  # free this shape's tensors before the next
+        torch.cuda.empty_cache()
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="1x32768,1x131072,1x524288,8x131072")
+    p.add_argument("--configs", default='{"base": {}}', help="JSON: {name: {ENV_VAR: value, ...}, ...}")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default=None, help="also write every result to this JSON file")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    shapes = parse_shapes(args.shapes)
+    if args.child:
+        child(shapes)
+        return
+    configs = json.loads(args.configs)
+    results = []
+    for rnd in range(args.rounds):
+        for name, env_add in configs.items():
+            env = dict(os.environ, **{k: str(v) for k, v in env_add.items()})
+            t0 = time.time()
+            r = subprocess.run([sys.executable, __file__, "--child", "--shapes", args.shapes], env=env,
+                               capture_output=True, text=True)
+            line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                print(f"{name} round {rnd}: FAILED\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}", flush=True)
+                continue
+            d = json.loads(line[0][len("RESULT "):])
+            results.append({"config": name, "round": rnd, **d})
+            print(f"{name} round {rnd} ({time.time() - t0:.0f} s): {json.dumps(d)}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    # One line a (case, config): the range of step and select over the rounds.
+    cases = sorted({k for r in results for k in r if k not in ("config", "round")})
+    print("\n| case | config | step (us) | select (us) | pages match |")
+    print("|---|---|---|---|---|")
+    for case in cases:
+        for name in configs:
+            rs = [r[case] for r in results if r["config"] == name and case in r]
+            if not rs:
+                continue
+            st = sorted(x["step"] for x in rs)
+            se = sorted(x["select"] for x in rs)
+            print(f"| {case} | {name} | {st[0]}-{st[-1]} | {se[0]}-{se[-1]} | "
+                  f"{all(x['pages_match_ref'] is True for x in rs)} |")
+
+
+if __name__ == "__main__":
+    main()
