@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "mma.cuh"
+#include "score_e4m3.cuh"
 #include "select_common.cuh"
 
 namespace hydra {
@@ -147,21 +148,8 @@ __global__ void __launch_bounds__(kScoreThreads, MIN_BLOCKS) score_pages_kernel(
 }
 
 // ---------------------------------------------------------------------------
-// Scoring from e4m3 summaries, on the tensor cores.
-//
-// A page's score is a dot product of its summary row [min (D) | max (D)] with the
-// group's folded query w = [qneg (D) | qpos (D)], so 16 pages are one m16n8k16 GEMV tile
-// per 16 dims: A = 16 summary rows (e4m3 codes converted to fp16, exactly), B = w split
-// into three fp16 parts (columns 0-2: w rounded, then the rounding rests: 33 significant
-// bits, so scores match the fp32 rule to fp32 rounding), fp32 accumulate; score =
-// C[:, 0] + C[:, 1] + C[:, 2]. A thread's A elements come straight from global memory:
-// lane (g, c) of a warp holds dims 8c..8c+7 of every 32-dim segment of rows g and g + 8
-// (one 8-byte load per row and segment). The dot product does not care which fragment
-// slot holds which dim, as long as B's slots hold w's same dims, so the fragments need no
-// shuffles and no shared memory, and unpacking costs one cvt per two codes.
-// Rare rows are rescored exactly in fp32 by their four lanes: the fused append's page
-// (its new key folded in) and rows holding a saturated code (read as +-2^64, which fp16
-// cannot hold).
+// Scoring from e4m3 summaries, on the tensor cores (score_e4m3.cuh: the arithmetic,
+// shared with the fused short step).
 // A CTA scores tiles of kE4m3PagesPerCta pages of one row: one tile, or (few rows) every
 // stride-th tile of its row, so that the query is folded once a CTA.
 // Measured on an H200 (B = 1, 131,072 tokens, benchmarks/NOTES.md v12): 10-11 us against
@@ -178,15 +166,10 @@ constexpr int kE4m3PagesPerCta = kE4m3ScoreWarps * 16 * kE4m3Tiles;
 
 template <int D, typename E>
 __global__ void __launch_bounds__(kE4m3ScoreWarps * 32) score_pages_e4m3_kernel(ScoreParams p) {
-  using MT = F16;  // the MMA's input type
-  constexpr int kSegs = 2 * D / 32;           // 32-dim segments of a summary row
-  constexpr int kTiles = kE4m3Tiles;
-  constexpr int kGroup = kSegs <= 8 ? kSegs : 8;  // segments loaded at once
-  static_assert(kSegs % kGroup == 0, "segment groups");
   constexpr int kPagesPerCta = kE4m3PagesPerCta;
   __shared__ float sw[2 * D];                 // w = [qneg | qpos], fp32
   __shared__ float s_scale;
-  const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x, warp = tid >> 5;
   pdl_wait();
   pdl_launch_dependents();
   const int L_raw = p.seqlens != nullptr ? p.seqlens[b] : p.Tkv;
@@ -201,170 +184,29 @@ __global__ void __launch_bounds__(kE4m3ScoreWarps * 32) score_pages_e4m3_kernel(
   const int n_work = (p.n_pages + kPagesPerCta - 1) / kPagesPerCta;
   const ScoreRow row = score_row(p, b, h, L_raw);
   if (!row.selects || !row.covers(first * kPagesPerCta, (n_work - first) * kPagesPerCta)) return;
-  const bool stage1 = row.stage1, stage2 = row.stage2;
+  const bool stage2 = row.stage2;
 
-  // The group's folded query, fp32, in shared memory (read again only by rare rows).
-  if (tid < D / 8) {
-    float qpos[8], qneg[8];
-    group_query_bounds<E>(p, b, h, tid * 8, qpos, qneg);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) { sw[tid * 8 + i] = qneg[i]; sw[D + tid * 8 + i] = qpos[i]; }
-  }
-  __syncthreads();
-  if (warp == 0) {  // fp16 B: scale w by a power of two so its parts stay finite
-    float m = 0.f;
-    for (int i = lane; i < 2 * D; i += 32) m = fmaxf(m, fabsf(sw[i]));
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    float sc = 1.f;
-    while (m * sc > 16384.f) sc *= 0.0625f;
-    if (lane == 0) s_scale = sc;
-  }
-  __syncthreads();
+  e4m3_fold_query<D, E>(p, b, h, sw, s_scale);
   const float scale = s_scale;
-  const int g = lane >> 2, c = lane & 3;
-  // B fragments: chunk 2s + j of segment s covers dims 32s + 8c + 4j .. +3.
-  uint32_t bfrag[kSegs][2][2];
-#pragma unroll
-  for (int sg = 0; sg < kSegs; ++sg) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int d = 32 * sg + 8 * c + 4 * j;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float w0 = sw[d + 2 * r] * scale, w1 = sw[d + 2 * r + 1] * scale;
-        // Columns 0, 1, 2: w rounded to fp16, then what that left, then what is left.
-        const uint32_t p0 = pack2<MT>(w0, w1);
-        const float r0 = w0 - MT::lo(p0), r1 = w1 - MT::hi(p0);
-        const uint32_t p1 = pack2<MT>(r0, r1);
-        const uint32_t p2 = pack2<MT>(r0 - MT::lo(p1), r1 - MT::hi(p1));
-        bfrag[sg][j][r] = g == 0 ? p0 : g == 1 ? p1 : g == 2 ? p2 : 0u;
-      }
-    }
-  }
-
-  const int64_t s_row = b * p.s_batch_stride + h * p.s_head_stride;
-  auto row_ptr = [&](int page) -> const uint8_t* {
-    return reinterpret_cast<const uint8_t*>(p.summaries) + (s_row + (int64_t)page * p.s_page_stride);  // bytes
-  };
+  uint32_t bfrag[E4m3Shape<D>::kSegs][2][2];
+  e4m3_fragments<D>(sw, scale, bfrag);
   const int append_page = p.k_new != nullptr && L_raw >= 0 && L_raw < p.Tkv
-                              ? L_raw / (p.page_size * (stage1 ? p.superpage : 1)) : -1;
+                              ? L_raw / (p.page_size * (row.stage1 ? p.superpage : 1)) : -1;
   float* scores = p.scores + ((int64_t)b * p.Hkv + h) * p.n_pages;
-
   for (int cta = first; cta < n_work; cta += stride) {
     const int page0 = cta * kPagesPerCta;
     if (!row.covers(page0, kPagesPerCta)) continue;
-    // Every row load of the warp's tiles is issued before the first MMA (kGroup segments
-    // at a time: all of them, except at D = 256, in two halves).
-    int pa[kTiles], pb[kTiles];
-    const uint8_t* ra[kTiles];
-    const uint8_t* rb[kTiles];
-    float acc[kTiles][4];
-    uint32_t sat[kTiles];  // e4m3: a saturated code in row g (bit 0) or g + 8 (bit 1)
-#pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      const int x0 = page0 + (warp * kTiles + t) * 16;
-      pa[t] = row.page_of(x0 + g);
-      pb[t] = row.page_of(x0 + g + 8);
-      ra[t] = pa[t] >= 0 ? row_ptr(pa[t]) : nullptr;
-      rb[t] = pb[t] >= 0 ? row_ptr(pb[t]) : nullptr;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
-      sat[t] = 0u;
-    }
-#pragma unroll
-    for (int s0 = 0; s0 < kSegs; s0 += kGroup) {
-      uint2 ua[kTiles][kGroup], ub[kTiles][kGroup];
-#pragma unroll
-      for (int t = 0; t < kTiles; ++t) {
-#pragma unroll
-        for (int i = 0; i < kGroup; ++i) {
-          const int off = 32 * (s0 + i) + 8 * c;  // bytes
-          // 256-byte DRAM fetches: each load takes one 32-byte sector of 8 rows, and the
-          // warp's next loads take the rest of the rows. H100 A/B (NOTES.md v15): B = 1 131k
-          // step 47.0 -> 44.4 us, B = 8 145.8 -> 140.2, B = 32 at 32k 283.9 -> 277.4.
-          ua[t][i] = ra[t] ? ldg8_hint<LoadHint::kL2Fetch256>(ra[t] + off) : make_uint2(0u, 0u);
-          ub[t][i] = rb[t] ? ldg8_hint<LoadHint::kL2Fetch256>(rb[t] + off) : make_uint2(0u, 0u);
-        }
-      }
-#pragma unroll
-      for (int t = 0; t < kTiles; ++t) {
-#pragma unroll
-        for (int i = 0; i < kGroup; ++i) {
-          const uint32_t pat = 32 * (s0 + i) < D ? 0xfefefefeu : 0x7e7e7e7eu;  // min rows: -448; max rows: 448
-          sat[t] |= (__vcmpeq4(ua[t][i].x, pat) | __vcmpeq4(ua[t][i].y, pat)) ? 1u : 0u;
-          sat[t] |= (__vcmpeq4(ub[t][i].x, pat) | __vcmpeq4(ub[t][i].y, pat)) ? 2u : 0u;
-          uint32_t a[4], a2[4];
-          e4m3x4_to_half2x2(ua[t][i].x, a[0], a[2]);
-          e4m3x4_to_half2x2(ub[t][i].x, a[1], a[3]);
-          e4m3x4_to_half2x2(ua[t][i].y, a2[0], a2[2]);
-          e4m3x4_to_half2x2(ub[t][i].y, a2[1], a2[3]);
-          mma_16816<MT>(acc[t], a, bfrag[s0 + i][0][0], bfrag[s0 + i][0][1]);
-          mma_16816<MT>(acc[t], a2, bfrag[s0 + i][1][0], bfrag[s0 + i][1][1]);
-        }
-      }
-    }
-
-#pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      const int x0 = page0 + (warp * kTiles + t) * 16;
-      // Lane (g, c) holds columns 2c, 2c + 1 of rows g (acc[0..1]) and g + 8 (acc[2..3]):
-      // columns 0-2 sit in lanes c = 0 and 1.
-      float score[2] = {acc[t][0] + acc[t][1], acc[t][2] + acc[t][3]};
-      score[0] += __shfl_xor_sync(0xffffffffu, score[0], 1);
-      score[1] += __shfl_xor_sync(0xffffffffu, score[1], 1);
-      score[0] /= scale;
-      score[1] /= scale;
-      // Rare rows: rescored exactly in fp32 by the row's four lanes (uniform control flow).
-      uint32_t st = sat[t];
-      st |= __shfl_xor_sync(0xffffffffu, st, 1);
-      st |= __shfl_xor_sync(0xffffffffu, st, 2);
-      const bool rare_a = (st & 1u) || (pa[t] >= 0 && pa[t] == append_page);
-      const bool rare_b = (st & 2u) || (pb[t] >= 0 && pb[t] == append_page);
-      if (__any_sync(0xffffffffu, rare_a || rare_b)) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int pg = r == 0 ? pa[t] : pb[t];
-          const bool rare = r == 0 ? rare_a : rare_b;
-          float part = 0.f;
-          if (rare && pg >= 0) {
-            const uint8_t* row = r == 0 ? ra[t] : rb[t];
-            for (int ch = c; ch < D / 8; ch += 4) {  // 8-dim chunk of the min row and of the max row
-              float mn[8], mx[8];
-              load_summary8<E, true>(row + ch * 8, D, mn, mx);
-              if (pg == append_page) {
-                float f[8], lo[8], hi[8];
-                unpack8<E>(ldg16(p.k_new + b * p.kn_batch_stride + h * p.kn_head_stride + ch * 8), f);
-#pragma unroll
-                for (int d = 0; d < 8; ++d) f[d] *= p.fmt.scale;  // the key as the append stores it
-                unpack8_e4m3<false>(pack8_e4m3<false>(f), lo);
-                unpack8_e4m3<true>(pack8_e4m3<true>(f), hi);
-#pragma unroll
-                for (int d = 0; d < 8; ++d) { mn[d] = fminf(mn[d], lo[d]); mx[d] = fmaxf(mx[d], hi[d]); }
-              }
-#pragma unroll
-              for (int d = 0; d < 8; ++d) part += sw[ch * 8 + d] * mn[d] + sw[D + ch * 8 + d] * mx[d];
-            }
-          }
-          part += __shfl_xor_sync(0xffffffffu, part, 1);
-          part += __shfl_xor_sync(0xffffffffu, part, 2);
-          if (rare) score[r] = part;
-        }
-      }
-      if (c == 0) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int x = x0 + g + 8 * r;
-          const int pg = r == 0 ? pa[t] : pb[t];
+    e4m3_score_tiles<D, E, kE4m3Tiles>(
+        p, b, h, sw, scale, bfrag, page0 + warp * kE4m3Tiles * 16, append_page,
+        [&](int x) { return row.page_of(x); },
+        [&](int x, int pg, float s) {
           if (stage2) {
-            if (x < p.n_short * p.superpage) scores[x] = pg >= 0 ? score[r] : -INFINITY;
+            if (x < p.n_short * p.superpage) scores[x] = pg >= 0 ? s : -INFINITY;
           } else if (pg >= 0) {
-            scores[x] = score[r];
+            scores[x] = s;
           }
-        }
-      }
-    }
-  }  // tiles
+        });
+  }
 }
 
 void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
@@ -432,7 +274,7 @@ template <int THREADS>
 __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, int smem_keys) {
   constexpr int kSelectThreads = THREADS, kWarps = THREADS / 32;
   extern __shared__ uint32_t skeys[];  // [smem_keys] candidate keys, when they fit
-  const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid & 31;
+  const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   pdl_wait();
   pdl_launch_dependents();  // the attention's CTAs may be placed while this one selects
   __shared__ int hist[256];
@@ -504,21 +346,8 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
       }
     }
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    kmin = min(kmin, __shfl_xor_sync(0xffffffffu, kmin, off));
-    kmax = max(kmax, __shfl_xor_sync(0xffffffffu, kmax, off));
-  }
-  __shared__ uint32_t s_min[32], s_max[32];
-  if (lane == 0) { s_min[tid >> 5] = kmin; s_max[tid >> 5] = kmax; }
-  __syncthreads();
-  kmin = lane < kWarps ? s_min[lane] : 0xffffffffu;
-  kmax = lane < kWarps ? s_max[lane] : 0u;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    kmin = min(kmin, __shfl_xor_sync(0xffffffffu, kmin, off));
-    kmax = max(kmax, __shfl_xor_sync(0xffffffffu, kmax, off));
-  }
+  __shared__ uint32_t s_min[kWarps], s_max[kWarps];
+  block_min_max<kWarps>(kmin, kmax, s_min, s_max);
   auto key_at = [&](int i) -> uint32_t { return cached ? skeys[i] : order_key(sc[i]); };
 
   // Radix select of the k-th largest key, 8 bits a pass from the highest bit where

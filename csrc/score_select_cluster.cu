@@ -254,18 +254,10 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
       __syncthreads();  // the stage is refilled by a later iteration
     }
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    kmin = min(kmin, __shfl_xor_sync(0xffffffffu, kmin, off));
-    kmax = max(kmax, __shfl_xor_sync(0xffffffffu, kmax, off));
-  }
-  if (lane == 0) { s_wmin[warp] = kmin; s_wmax[warp] = kmax; }
-  __syncthreads();
+  block_min_max<kCsWarps>(kmin, kmax, s_wmin, s_wmax);
   if (tid == 0) {
-    uint32_t mn = 0xffffffffu, mx = 0u;
-    for (int w = 0; w < kCsWarps; ++w) { mn = min(mn, s_wmin[w]); mx = max(mx, s_wmax[w]); }
-    s_mm[0] = mn;
-    s_mm[1] = mx;
+    s_mm[0] = kmin;
+    s_mm[1] = kmax;
   }
   for (int i = tid; i < kCsBins; i += kCsThreads) hist[i] = 0;  // the pipeline is drained
   cluster.sync();  // every CTA's keys, min and max are ready; rank 0's list counter is zero
@@ -276,11 +268,7 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
       mn = r[0];
       mx = r[1];
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      mn = min(mn, __shfl_xor_sync(0xffffffffu, mn, off));
-      mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    }
+    warp_min_max(mn, mx);
     if (lane == 0) { s_wmin[0] = mn; s_wmax[0] = mx; }
   }
   __syncthreads();

@@ -147,6 +147,30 @@ __device__ __forceinline__ void append_one_token(const CacheWriteParams& p, int 
   }
 }
 
+// Min and max of order-preserving keys over a warp; every lane gets both.
+__device__ __forceinline__ void warp_min_max(uint32_t& mn, uint32_t& mx) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    mn = min(mn, __shfl_xor_sync(0xffffffffu, mn, off));
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  }
+}
+
+// ... over a block of WARPS warps, through one shared slot a warp (s_min and s_max hold
+// WARPS values each); every thread gets both. One block barrier; the slots are read after
+// it, so the caller syncs again before rewriting them.
+template <int WARPS>
+__device__ __forceinline__ void block_min_max(uint32_t& mn, uint32_t& mx, uint32_t* s_min, uint32_t* s_max) {
+  static_assert(WARPS >= 1 && WARPS <= 32, "one slot a warp, folded by one warp");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  warp_min_max(mn, mx);
+  if (lane == 0) { s_min[warp] = mn; s_max[warp] = mx; }
+  __syncthreads();
+  mn = lane < WARPS ? s_min[lane] : 0xffffffffu;
+  mx = lane < WARPS ? s_max[lane] : 0u;
+  warp_min_max(mn, mx);
+}
+
 constexpr int kSelectItems = 8;  // rounds of 32 items per warp in a chunk of the ordered compaction
 
 // Order-preserving map from fp32 to uint32: a > b  <=>  key(a) > key(b).

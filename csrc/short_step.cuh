@@ -1,5 +1,6 @@
 // A whole decode step in one launch, for short rows on sm_90+: page scoring, top-k
-// selection and the split-KV attention of flat selection from cached 16-bit summaries.
+// selection and the split-KV attention of flat selection from cached summaries (16-bit
+// or e4m3).
 //
 // Why: a B = 1 step through the separate kernels is three dependent launches (score on
 // every SM, select on one CTA a row, attend), and at 8k-64k tokens each phase is mostly
@@ -10,7 +11,9 @@
 // How: one thread-block cluster per (sequence, KV head), one CTA per attention split
 // (the split plan of the separate path, so the two paths give bitwise the same output).
 //   1. CTA r scores the r-th slice of the row's candidate pages into order-preserving
-//      keys in its shared memory (the score kernel's arithmetic, so the same scores).
+//      keys in its shared memory (the score kernels' arithmetic, so the same scores:
+//      score_pages_kernel's for 16-bit summaries, score_e4m3.cuh's tensor-core tiles
+//      for e4m3 ones).
 //   2. After one cluster barrier every CTA copies the other slices' keys over
 //      distributed shared memory and runs the radix select itself (block_radix_threshold
 //      and ordered_compact: the selection rules of select_pages_kernel), keeping only
@@ -25,6 +28,7 @@
 
 #include <cooperative_groups.h>
 
+#include "score_e4m3.cuh"
 #include "select_common.cuh"
 #include "sparse_decode.cuh"
 
@@ -67,11 +71,13 @@ __global__ void __launch_bounds__(kShortThreads) short_step_kernel(ScoreParams s
   __shared__ uint64_t warp_tot[32];  // block scans write all 32 (block_exclusive_scan)
   __shared__ BlockRadixShared rs;
   __shared__ uint32_t s_wmin[kWarps], s_wmax[kWarps];
+  __shared__ float sw[2 * D];  // e4m3 scoring: the group's folded query [qneg | qpos]
+  __shared__ float s_scale;
 
   cg::cluster_group cluster = cg::this_cluster();
   const int C = static_cast<int>(cluster.num_blocks());
   const int rank = static_cast<int>(cluster.block_rank());
-  const int h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x, warp = tid >> 5;
   pdl_wait();
   const int P = sp.page_size;
   const int L_end = seq_len(sp.seqlens, b, sp.Tkv);
@@ -90,12 +96,28 @@ __global__ void __launch_bounds__(kShortThreads) short_step_kernel(ScoreParams s
   const int split_hi = min(split_lo + p.entries_per_split, p.n_entries);
   for (int i = tid; i <= split_hi - split_lo; i += kShortThreads) spage[i] = -1;
 
-  // ---- 1. Score this CTA's slice of the candidates (as score_pages_kernel: D / 8
-  // threads a page, 8 dims each, so the scores are the same floats).
+  // ---- 1. Score this CTA's slice of the candidates.
   const int per = (n_cand + C - 1) / C;
-  if (ranked) {
+  const int my_lo = min(rank * per, n_cand), my_hi = min(my_lo + per, n_cand);
+  if (ranked && sp.fmt.fp8) {
+    // e4m3 summaries: score_pages_e4m3_kernel's tensor-core tiles (score_e4m3.cuh), one
+    // 16-page tile a warp at a time (a page's score does not depend on its tile).
+    e4m3_fold_query<D, E>(sp, b, h, sw, s_scale);
+    const float scale = s_scale;
+    uint32_t bfrag[E4m3Shape<D>::kSegs][2][2];
+    e4m3_fragments<D>(sw, scale, bfrag);
+    const int lo = cand_lo + my_lo, hi = cand_lo + my_hi;
+    for (int x0 = lo + warp * 16; x0 < hi; x0 += kWarps * 16) {
+      e4m3_score_tiles<D, E, 1>(
+          sp, b, h, sw, scale, bfrag, x0, -1, [&](int x) { return x < hi ? x : -1; },
+          [&](int, int pg, float s) {
+            if (pg >= 0) keys[pg - cand_lo] = order_key(s);
+          });
+    }
+  } else if (ranked) {
+    // 16-bit summaries, as score_pages_kernel: D / 8 threads a page, 8 dims each, so the
+    // scores are the same floats.
     constexpr int kTpp = D / 8, kPpp = kShortThreads / kTpp, kRounds = 8;
-    const int my_lo = min(rank * per, n_cand), my_hi = min(my_lo + per, n_cand);
     const int d0 = (tid % kTpp) * 8, grp = tid / kTpp;
     const bf16_t* srow = sp.summaries + b * sp.s_batch_stride + h * sp.s_head_stride + d0;
     float qpos[8], qneg[8];
@@ -154,15 +176,7 @@ __global__ void __launch_bounds__(kShortThreads) short_step_kernel(ScoreParams s
         }
       }
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      kmin = min(kmin, __shfl_xor_sync(0xffffffffu, kmin, off));
-      kmax = max(kmax, __shfl_xor_sync(0xffffffffu, kmax, off));
-    }
-    if (lane == 0) { s_wmin[warp] = kmin; s_wmax[warp] = kmax; }
-    __syncthreads();
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) { kmin = min(kmin, s_wmin[w]); kmax = max(kmax, s_wmax[w]); }
+    block_min_max<kWarps>(kmin, kmax, s_wmin, s_wmax);
     block_radix_threshold<kShortThreads>(keys, n_cand, k, kmin, kmax, hist, warp_tot, rs, prefix, need_eq);
   }
   if (selects) {
@@ -219,13 +233,13 @@ __global__ void __launch_bounds__(kShortThreads) short_step_kernel(ScoreParams s
   cluster.sync();  // every split's partial is ready
 
   // Item idx = (head j, dims d..d+3), spread over the cluster's CTAs. The fold is the
-  // separate path's last-CTA merge (splits in order, one batch), so the floats agree.
-  constexpr float kLn2 = 0.6931471805599453f;
+  // separate path's last-CTA merge (merge_fold: splits in order, one batch), so the floats agree.
+  static_assert(kShortMaxCtas == kMergeBatch, "a cluster's partials are one merge batch");
   const int items = p.group * (D / 4);
   for (int idx = tid * C + rank; idx < items; idx += kShortThreads * C) {
     const int j = idx / (D / 4), d = (idx % (D / 4)) * 4;
-    float lv[kShortMaxCtas];
-    float4 ov[kShortMaxCtas];
+    float lv[kMergeBatch];
+    float4 ov[kMergeBatch];
 #pragma unroll
     for (int r = 0; r < kShortMaxCtas; ++r) {
       if (r < C) {
@@ -237,22 +251,10 @@ __global__ void __launch_bounds__(kShortThreads) short_step_kernel(ScoreParams s
         ov[r] = make_float4(0.f, 0.f, 0.f, 0.f);
       }
     }
-    float M = -INFINITY;
-#pragma unroll
-    for (int r = 0; r < kShortMaxCtas; ++r) M = fmaxf(M, lv[r]);
-    float sum = 0.f;
+    float M = -INFINITY, sum = 0.f;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-    for (int r = 0; r < kShortMaxCtas; ++r) {
-      const float x = safe_exp2_diff(lv[r], M);
-      sum += x;
-      acc.x += x * ov[r].x; acc.y += x * ov[r].y; acc.z += x * ov[r].z; acc.w += x * ov[r].w;
-    }
-    const int hq = h * p.group + j;
-    if (d == 0) p.lse[(int64_t)b * p.Hq + hq] = sum > 0.f ? (M + log2f(sum)) * kLn2 : -INFINITY;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    bf16_t* dst = p.out + b * p.o_batch_stride + hq * p.o_head_stride + d;
-    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<E>(acc.x * inv, acc.y * inv), pack2<E>(acc.z * inv, acc.w * inv));
+    merge_fold(lv, ov, M, sum, acc);
+    store_merged<E>(p, b, h * p.group + j, d, M, sum, acc);
   }
   cluster.sync();  // no CTA leaves while another may still read its partial
 #endif

@@ -252,6 +252,40 @@ __device__ __forceinline__ void attend_split(const DecodeParams& p, int b, int h
   }
 }
 
+// The split merge, shared by the attention kernel's last CTA and the fused short step
+// (short_step.cuh), so that both give the same floats: batches of kMergeBatch splits,
+// each a (log2-sum-exp, normalised partial of 4 dims) pair, folded in split order into a
+// running max M, sum and output.
+constexpr int kMergeBatch = 16;
+
+__device__ __forceinline__ void merge_fold(const float (&lv)[kMergeBatch], const float4 (&ov)[kMergeBatch], float& M,
+                                           float& sum, float4& acc) {
+  float m8 = M;
+#pragma unroll
+  for (int u = 0; u < kMergeBatch; ++u) m8 = fmaxf(m8, lv[u]);
+  const float r = safe_exp2_diff(M, m8);  // rescale what was summed so far
+  sum *= r;
+  acc.x *= r; acc.y *= r; acc.z *= r; acc.w *= r;
+#pragma unroll
+  for (int u = 0; u < kMergeBatch; ++u) {
+    const float x = safe_exp2_diff(lv[u], m8);
+    sum += x;
+    acc.x += x * ov[u].x; acc.y += x * ov[u].y; acc.z += x * ov[u].z; acc.w += x * ov[u].w;
+  }
+  M = m8;
+}
+
+// Writes the merged dims d..d+3 of query head hq (and its natural-log LSE when d == 0).
+template <typename E>
+__device__ __forceinline__ void store_merged(const DecodeParams& p, int b, int hq, int d, float M, float sum,
+                                             const float4& acc) {
+  constexpr float kLn2 = 0.6931471805599453f;
+  if (d == 0) p.lse[(int64_t)b * p.Hq + hq] = sum > 0.f ? (M + log2f(sum)) * kLn2 : -INFINITY;
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  bf16_t* dst = p.out + b * p.o_batch_stride + hq * p.o_head_stride + d;
+  *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<E>(acc.x * inv, acc.y * inv), pack2<E>(acc.z * inv, acc.w * inv));
+}
+
 template <int D, int STAGES, typename E>
 __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   using S = DecodeShape<D, STAGES>;
@@ -330,7 +364,6 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  constexpr int kMergeBatch = 16;
   // Each thread merges four consecutive dims of one head: the splits' LSEs and partial
   // outputs are loaded together (16 splits at a time: one L2 round trip at B = 1, where
   // a head has 16 splits), and folded online (running max).
@@ -349,25 +382,9 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
         ov[u] = live ? __ldcg(reinterpret_cast<const float4*>(p.part_o + (row0 + sp0 + u) * D + d))
                      : make_float4(0.f, 0.f, 0.f, 0.f);
       }
-      float m8 = M;
-#pragma unroll
-      for (int u = 0; u < kMergeBatch; ++u) m8 = fmaxf(m8, lv[u]);
-      const float r = safe_exp2_diff(M, m8);  // rescale what was summed so far
-      sum *= r;
-      acc.x *= r; acc.y *= r; acc.z *= r; acc.w *= r;
-#pragma unroll
-      for (int u = 0; u < kMergeBatch; ++u) {
-        const float x = safe_exp2_diff(lv[u], m8);
-        sum += x;
-        acc.x += x * ov[u].x; acc.y += x * ov[u].y; acc.z += x * ov[u].z; acc.w += x * ov[u].w;
-      }
-      M = m8;
+      merge_fold(lv, ov, M, sum, acc);
     }
-    const int hq = h * p.group + j;
-    if (d == 0) p.lse[(int64_t)b * p.Hq + hq] = sum > 0.f ? (M + log2f(sum)) * kLn2 : -INFINITY;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    bf16_t* dst = p.out + b * p.o_batch_stride + hq * p.o_head_stride + d;
-    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<E>(acc.x * inv, acc.y * inv), pack2<E>(acc.z * inv, acc.w * inv));
+    store_merged<E>(p, b, h * p.group + j, d, M, sum, acc);
   }
   if (tid == 0) p.counters[b * p.Hkv + h] = 0;  // ready for the next step (and graph replay)
 }

@@ -478,17 +478,24 @@ def test_cluster_sizes(ctas):
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
 
 
-# (B, Hq, Hkv, D, dtype, T, lens, fused): rows up to the fused short step's 1,024 pages
-# and past it, ragged lengths (one under the budget), GQA groups of 4, 3, 5 and 7, every
-# head dim, fp16. fused: whether the fused step must run on sm_90+ (None: either way).
+# (B, Hq, Hkv, D, dtype, T, lens, fused, summaries): rows up to the fused short step's
+# 1,024 pages and past it, ragged lengths (one under the budget), GQA groups of 4, 3, 5
+# and 7, every head dim, fp16; 16-bit and e4m3 summaries ("e4m3_sat": scale 2^7, so that
+# codes saturate and the e4m3 scorer rescores those rows in fp32). fused: whether the
+# fused step must run on sm_90+ (None: either way).
 SHORT_STEP = [
-    (1, 32, 8, 128, BF16, 8192 + 5, None, True),
-    (1, 32, 8, 128, BF16, 16384, None, True),
-    (1, 32, 8, 128, BF16, 16384 + 1, None, False),
-    (2, 9, 3, 64, BF16, 16001, [16001, 3001], None),
-    (1, 16, 2, 256, torch.float16, 16384, None, True),
-    (3, 15, 3, 128, BF16, 9000, [9000, 4100, 200], None),
-    (1, 14, 2, 128, BF16, 6007, None, True),
+    (1, 32, 8, 128, BF16, 8192 + 5, None, True, None),
+    (1, 32, 8, 128, BF16, 16384, None, True, None),
+    (1, 32, 8, 128, BF16, 16384 + 1, None, False, None),
+    (2, 9, 3, 64, BF16, 16001, [16001, 3001], None, None),
+    (1, 16, 2, 256, torch.float16, 16384, None, True, None),
+    (3, 15, 3, 128, BF16, 9000, [9000, 4100, 200], None, None),
+    (1, 14, 2, 128, BF16, 6007, None, True, None),
+    (1, 32, 8, 128, BF16, 8192 + 5, None, True, "e4m3"),
+    (1, 32, 8, 128, BF16, 16384 + 1, None, False, "e4m3"),
+    (2, 9, 3, 64, BF16, 16001, [16001, 3001], None, "e4m3"),
+    (1, 16, 2, 256, torch.float16, 16384, None, True, "e4m3"),
+    (3, 15, 3, 128, BF16, 9000, [9000, 4100, 200], None, "e4m3_sat"),
 ]
 
 
@@ -498,13 +505,21 @@ def test_short_step_matches_separate_kernels(case):
     bitwise the output and LSE of the separate kernels (select_pages + sparse_attention,
     which use the same split plan), and the reference's pages and attention."""
     _need_ops()
-    B, Hq, Hkv, D, dtype, T, lens, want_fused = SHORT_STEP[case]
+    B, Hq, Hkv, D, dtype, T, lens, want_fused, fmt = SHORT_STEP[case]
     q, k, v = make_qkv(B, Hq, Hkv, T, D=D, seed=T + case, dtype=dtype)
     lens = torch.tensor(lens, dtype=torch.int32, device=DEV) if lens is not None else None
     if lens is not None:
         poison_past(k, v, lens)
     pol = hydra.HydraPolicy()
-    summ = hydra.page_summaries(k, cache_seqlens=lens)
+    if fmt is None:
+        summ = hydra.page_summaries(k, cache_seqlens=lens)
+    else:
+        summ = hydra.page_summaries(k, cache_seqlens=lens, dtype=torch.float8_e4m3fn,
+                                    scale=128.0 if fmt == "e4m3_sat" else 1.0)
+        if fmt == "e4m3_sat":
+            full = int(lens[0]) // 16 if lens is not None else T // 16  # pages of real keys (empty ones hold 448 too)
+            codes = summ[0, :, :full].view(torch.uint8) & 0x7F
+            assert bool((codes == 0x7E).any()), "no saturated code: the rare-row path is not exercised"
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         o, lse = hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=lens, out=nan_like(q), return_lse=True)
         torch.cuda.synchronize()

@@ -451,10 +451,10 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   p.entries_per_split = per_split;
   p.scale_log2 = (float)(scale * 1.4426950408889634);
 
-  // Short rows of flat selection from 16-bit summaries: the whole step in one cluster
-  // launch, with this split plan (short_step.cuh), where every row's cluster fits at once.
+  // Short rows of flat selection from cached summaries (16-bit or e4m3): the whole step
+  // in one cluster launch, with this split plan (short_step.cuh), where every row's
+  // cluster fits at once.
   if (mode == kSelect && append == nullptr && coarse.summaries == nullptr && summaries.has_value() &&
-      summaries->scalar_type() != at::kFloat8_e4m3fn &&
       hydra::short_step_fits(s.D, n_pages, s.B * s.Hkv, splits, p.dtype)) {
     const hydra::ScoreParams sp = score_params(q, k, summaries, seqlens, leftpad, s, P, (int)sink_tokens,
                                                (int)recent_tokens, n_entries, nullptr);
