@@ -289,6 +289,17 @@ inline int device_attribute(int dev, int fallback) {
   });
 }
 
+// Environment switches, read by the callers once a process. A switch is on unless its
+// variable starts with '0'; an integer falls back when its variable is unset or empty.
+inline bool env_enabled(const char* name) {
+  const char* env = std::getenv(name);
+  return !(env != nullptr && env[0] == '0');
+}
+inline int env_int(const char* name, int fallback) {
+  const char* env = std::getenv(name);
+  return env != nullptr && env[0] != '\0' ? std::atoi(env) : fallback;
+}
+
 // The device's multiprocessor count.
 inline int sm_count(int dev = current_device()) { return device_attribute<cudaDevAttrMultiProcessorCount>(dev, 1); }
 
@@ -332,10 +343,7 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 // Whether launches use programmatic dependent launch: sm_90+ unless HYDRA_PDL=0.
 inline bool use_pdl(int dev = current_device()) {
   static int cache[kMaxDevices] = {};  // 1 no, 2 yes
-  return per_device(cache, dev, [](int d) {
-    const char* env = std::getenv("HYDRA_PDL");
-    return cc_major(d) >= 9 && !(env != nullptr && env[0] == '0') ? 2 : 1;
-  }) == 2;
+  return per_device(cache, dev, [](int d) { return cc_major(d) >= 9 && env_enabled("HYDRA_PDL") ? 2 : 1; }) == 2;
 }
 
 // Launch with the programmatic-dependent-launch attribute where use_pdl().

@@ -197,11 +197,11 @@ ClusterPlan plan_score_select_cluster(int n_pages, int rows, int page_bytes, boo
 void launch_score_select_cluster(const ScoreParams& sp, const SelectParams& se, const ClusterPlan& plan,
                                  cudaStream_t stream);
 void launch_sparse_decode(const DecodeParams& p, cudaStream_t stream);
-// The whole flat step from cached 16-bit summaries in one cluster launch (short_step.cuh),
-// for rows of up to 1,024 pages: whether it runs `rows` rows in clusters of `splits` CTAs
-// on the current device (sm_90+, every cluster resident at once; HYDRA_SHORT_STEP=0 turns
-// it off), and the launch (sp: the selection's parameters, p: the attention's, with
-// n_splits CTAs a cluster).
+// The whole flat step from cached summaries (16-bit or e4m3) in one cluster launch
+// (short_step.cuh), for rows of up to 1,024 pages: whether it runs `rows` rows in clusters
+// of `splits` CTAs on the current device (sm_90+, every cluster resident at once;
+// HYDRA_SHORT_STEP=0 turns it off), and the launch (sp: the selection's parameters, p:
+// the attention's, with n_splits CTAs a cluster).
 bool short_step_fits(int D, int n_pages, int rows, int splits, int dtype);
 void launch_short_step(const ScoreParams& sp, const DecodeParams& p, cudaStream_t stream);
 

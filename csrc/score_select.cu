@@ -373,17 +373,7 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
         }
       }
       __syncthreads();
-      if (tid < 32) {
-        const int n = min(s_n, 32);
-        const uint32_t x = tid < n ? s_list[tid] : 0u;
-        int gt = 0, ge = 0;
-        for (int j = 0; j < n; ++j) {
-          const uint32_t y = __shfl_sync(0xffffffffu, x, j);
-          gt += y > x;
-          ge += y >= x;
-        }
-        if (tid < n && gt < remaining && remaining <= ge) { s_thr = x; s_need = remaining - gt; }
-      }
+      if (tid < 32) warp_rank_threshold(s_list, s_n, remaining, s_thr, s_need);
       __syncthreads();
       prefix = s_thr;
       mask = 0xffffffffu;

@@ -340,17 +340,7 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
           }
         }
         cluster.sync();  // the list is complete
-        if (warp == 0) {
-          const int n = min(*n0, 32);
-          const uint32_t x = lane < n ? list0[lane] : 0u;
-          int gt = 0, ge = 0;
-          for (int j = 0; j < n; ++j) {
-            const uint32_t y = __shfl_sync(0xffffffffu, x, j);
-            gt += y > x;
-            ge += y >= x;
-          }
-          if (lane < n && gt < remaining && remaining <= ge) { s_thr = x; s_need = remaining - gt; }
-        }
+        if (warp == 0) warp_rank_threshold(list0, *n0, remaining, s_thr, s_need);
         __syncthreads();
         prefix = s_thr;
         mask = 0xffffffffu;
@@ -492,11 +482,6 @@ struct ClusterTag {
   static constexpr bool kFromScores = FROM_SCORES;
 };
 
-int env_int(const char* name, int fallback) {
-  const char* env = std::getenv(name);
-  return env != nullptr && env[0] != '\0' ? std::atoi(env) : fallback;
-}
-
 }  // namespace
 
 // The selection alone (e4m3 scores) keeps 8 CTAs a row under kCs16MinPages pages: H100,
@@ -523,35 +508,28 @@ bool fused_pays(int n_pages, int rows, int page_bytes, int C) {
 // The cluster size: the largest of 16, 12, 10 and 8 CTAs a row whose clusters all run at
 // once (one wave), so that more SMs score and select a row.
 ClusterPlan plan_score_select_cluster(int n_pages, int rows, int page_bytes, bool fp8) {
-  static const bool allowed = [] {
-    const char* env = std::getenv("HYDRA_CLUSTER_SELECT");
-    return !(env != nullptr && env[0] == '0');
-  }();
+  static const bool allowed = env_enabled("HYDRA_CLUSTER_SELECT");
   ClusterPlan plan;
   if (!allowed) return plan;
   const int dev = current_device();
   static const int force = env_int("HYDRA_CS_CTAS", 0);  // tests: run a cluster size this GPU would not pick
   if (cc_major(dev) < 9 || n_pages < kClusterMinPages || rows * kClusterCtas > sm_count(dev)) return plan;
-  auto pick = [&](bool from_scores) {
+  // The first size of 16, 12, 10, 8 whose clusters all run at once (16 for the selection
+  // alone only from kCs16MinPages pages).
+  auto pick = [&](auto from_scores) {
+    constexpr bool kFromScores = decltype(from_scores)::value;
     if (force == 8 || force == 10 || force == 12 || force == 16) return force;
-    if (from_scores) {
-      return n_pages >= kCs16MinPages && cluster_fits<true, 16>(dev, n_pages, rows) ? 16
-             : cluster_fits<true, 12>(dev, n_pages, rows)                           ? 12
-             : cluster_fits<true, 10>(dev, n_pages, rows)                           ? 10
-             : cluster_fits<true, 8>(dev, n_pages, rows)                            ? 8
-                                                                                    : 0;
-    }
-    return cluster_fits<false, 16>(dev, n_pages, rows)   ? 16
-           : cluster_fits<false, 12>(dev, n_pages, rows) ? 12
-           : cluster_fits<false, 10>(dev, n_pages, rows) ? 10
-           : cluster_fits<false, 8>(dev, n_pages, rows)  ? 8
-                                                         : 0;
+    return (!kFromScores || n_pages >= kCs16MinPages) && cluster_fits<kFromScores, 16>(dev, n_pages, rows) ? 16
+           : cluster_fits<kFromScores, 12>(dev, n_pages, rows)                                            ? 12
+           : cluster_fits<kFromScores, 10>(dev, n_pages, rows)                                            ? 10
+           : cluster_fits<kFromScores, 8>(dev, n_pages, rows)                                             ? 8
+                                                                                                          : 0;
   };
   bool fused = !fp8;
-  int C = pick(!fused);
+  int C = fused ? pick(std::false_type{}) : pick(std::true_type{});
   if (fused && (C == 0 || (force == 0 && !fused_pays(n_pages, rows, page_bytes, C)))) {
     fused = false;
-    C = pick(true);
+    C = pick(std::true_type{});
   }
   if (C == 0) return plan;  // not one wave of clusters: the separate kernels
   const int keys = (n_pages + C - 1) / C;

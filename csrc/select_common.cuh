@@ -235,6 +235,28 @@ __device__ __forceinline__ void find_threshold_bin(const int* hist, int remainin
   }
 }
 
+// The exact rank that ends every radix select here: once the threshold's bin holds at
+// most 32 keys, one whole warp loads them (list[0..min(n, 32)), any order) and finds the
+// remaining-th largest. The lanes holding it write the threshold to thr and how many keys
+// equal to it are taken to need (equal lanes write equal values). list may point into
+// another CTA's shared memory (the cluster kernel gathers the bin in CTA 0).
+__device__ __forceinline__ void warp_rank_threshold(const uint32_t* list, int n, int remaining, uint32_t& thr,
+                                                    int& need) {
+  const int lane = threadIdx.x & 31;
+  const int m = min(n, 32);
+  const uint32_t x = lane < m ? list[lane] : 0u;
+  int gt = 0, ge = 0;
+  for (int j = 0; j < m; ++j) {
+    const uint32_t y = __shfl_sync(0xffffffffu, x, j);
+    gt += y > x;
+    ge += y >= x;
+  }
+  if (lane < m && gt < remaining && remaining <= ge) {
+    thr = x;
+    need = remaining - gt;
+  }
+}
+
 // Shared scratch of block_radix_threshold.
 struct BlockRadixShared {
   int bin, above, n, need;
@@ -289,17 +311,7 @@ __device__ __forceinline__ void block_radix_threshold(const uint32_t* keys, int 
           }
         }
         __syncthreads();
-        if (tid < 32) {
-          const int m = min(sh.n, 32);
-          const uint32_t x = tid < m ? sh.list[tid] : 0u;
-          int gt = 0, ge = 0;
-          for (int j = 0; j < m; ++j) {
-            const uint32_t y = __shfl_sync(0xffffffffu, x, j);
-            gt += y > x;
-            ge += y >= x;
-          }
-          if (tid < m && gt < remaining && remaining <= ge) { sh.thr = x; sh.need = remaining - gt; }
-        }
+        if (tid < 32) warp_rank_threshold(sh.list, sh.n, remaining, sh.thr, sh.need);
         __syncthreads();
         prefix = sh.thr;
         remaining = sh.need;

@@ -25,10 +25,7 @@ void launch_sparse_decode(const DecodeParams& p, cudaStream_t stream) {
 }
 
 bool short_step_fits(int D, int n_pages, int rows, int splits, int dtype) {
-  static const bool allowed = [] {
-    const char* env = std::getenv("HYDRA_SHORT_STEP");
-    return !(env != nullptr && env[0] == '0');
-  }();
+  static const bool allowed = env_enabled("HYDRA_SHORT_STEP");
   if (!allowed) return false;
   switch (D) {
     case 64: return short_step_fits_d64(n_pages, rows, splits, dtype);
