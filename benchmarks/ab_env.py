@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
-"""A/B of configurations that differ only in environment variables, on one build.
+"""A/B of configurations that differ in environment variables or in the source tree.
 
 Each configuration runs in a fresh process, so variables read once per process (the
-launchers' knobs, e.g. HYDRA_CLUSTER_SELECT=0 or HYDRA_CS_CTAS=8) take effect. The
+launchers' knobs, e.g. HYDRA_CLUSTER_SELECT=0 or HYDRA_CS_CTAS=8) take effect. A
+configuration's reserved key ``"tree"`` names another source tree to import hydra from
+(its own just-in-time build, cached by its sources), so two revisions compare in one
+run: ``git archive REV csrc torch-ext | tar -x -C /tmp/old`` and then
+``--configs '{"new": {}, "old": {"tree": "/tmp/old"}}'``. The
 configurations alternate within each round, so drift of the machine spreads over all of
 them. For each shape and summary type (16-bit, e4m3) a process reports the graph-replay
 median (``triton.testing.do_bench``, as the decode benchmark) of
@@ -44,13 +48,17 @@ def parse_shapes(text):
     return shapes
 
 
-def child(shapes):
-    sys.path.insert(0, str(REPO / "torch-ext"))
+def child(shapes, tree):
     sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(Path(tree) / "torch-ext"))
     import torch
     import hydra
     import hydra.reference as ref
     from timing import graph_us
+
+    here = Path(hydra.__file__).resolve().parents[1]
+    if here != (Path(tree) / "torch-ext").resolve():
+        raise SystemExit(f"ab_env: imported hydra from {here}, not from the tree {tree}")
 
     res = {}
     for B, T, Hq, Hkv, D in shapes:
@@ -80,19 +88,25 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=None, help="also write every result to this JSON file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tree", default=str(REPO), help=argparse.SUPPRESS)
     args = p.parse_args()
     shapes = parse_shapes(args.shapes)
     if args.child:
-        child(shapes)
+        child(shapes, args.tree)
         return
     configs = json.loads(args.configs)
+    for name, env_add in configs.items():
+        tree = env_add.get("tree")
+        if tree is not None and not (Path(tree) / "torch-ext" / "hydra" / "__init__.py").is_file():
+            raise SystemExit(f"ab_env: config {name!r}: tree {tree!r} has no torch-ext/hydra/__init__.py")
     results = []
     for rnd in range(args.rounds):
         for name, env_add in configs.items():
-            env = dict(os.environ, **{k: str(v) for k, v in env_add.items()})
+            env = dict(os.environ, **{k: str(v) for k, v in env_add.items() if k != "tree"})
+            tree = str(Path(env_add.get("tree", REPO)).resolve())
             t0 = time.time()
-            r = subprocess.run([sys.executable, __file__, "--child", "--shapes", args.shapes], env=env,
-                               capture_output=True, text=True)
+            r = subprocess.run([sys.executable, __file__, "--child", "--shapes", args.shapes, "--tree", tree],
+                               env=env, capture_output=True, text=True)
             line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
                 print(f"{name} round {rnd}: FAILED\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}", flush=True)
