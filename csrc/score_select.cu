@@ -365,13 +365,7 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
     auto resolve_small_bin = [&]() {
       if (tid == 0) s_n = 0;
       __syncthreads();
-      for (int i = tid; i < n_cand; i += kSelectThreads) {
-        const uint32_t u = key_at(i);
-        if ((u & mask) == prefix) {
-          const int slot = atomicAdd(&s_n, 1);
-          if (slot < 32) s_list[slot] = u;
-        }
-      }
+      gather_bin<kSelectThreads>(n_cand, key_at, mask, prefix, &s_n, s_list);
       __syncthreads();
       if (tid < 32) warp_rank_threshold(s_list, s_n, remaining, s_thr, s_need);
       __syncthreads();

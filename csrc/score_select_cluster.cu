@@ -332,13 +332,7 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
         // Gather the threshold bin's keys (at most 32 in the cluster) in CTA 0; rank them.
         int* n0 = cluster.map_shared_rank(&s_list_n, 0);
         uint32_t* list0 = cluster.map_shared_rank(s_list, 0);
-        for (int i = tid; i < n_mine; i += kCsThreads) {
-          const uint32_t u = skeys[i];
-          if ((u & mask) == prefix) {
-            const int slot = atomicAdd(n0, 1);
-            if (slot < 32) list0[slot] = u;
-          }
-        }
+        gather_bin<kCsThreads>(n_mine, [&](int i) { return skeys[i]; }, mask, prefix, n0, list0);
         cluster.sync();  // the list is complete
         if (warp == 0) warp_rank_threshold(list0, *n0, remaining, s_thr, s_need);
         __syncthreads();

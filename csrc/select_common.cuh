@@ -257,6 +257,23 @@ __device__ __forceinline__ void warp_rank_threshold(const uint32_t* list, int n,
   }
 }
 
+// Gathers the keys of [0, n) whose bits under `mask` equal `prefix` (a threshold bin
+// known to hold at most 32 of them) into list[0..32), counting them in *count; THREADS
+// threads of the block share the loop. count and list may sit in another CTA's shared
+// memory (the cluster kernel gathers in CTA 0). The caller zeroes *count before and
+// syncs after.
+template <int THREADS, typename KeyAt>
+__device__ __forceinline__ void gather_bin(int n, KeyAt&& key_at, uint32_t mask, uint32_t prefix, int* count,
+                                           uint32_t* list) {
+  for (int i = threadIdx.x; i < n; i += THREADS) {
+    const uint32_t u = key_at(i);
+    if ((u & mask) == prefix) {
+      const int slot = atomicAdd(count, 1);
+      if (slot < 32) list[slot] = u;
+    }
+  }
+}
+
 // Shared scratch of block_radix_threshold.
 struct BlockRadixShared {
   int bin, above, n, need;
@@ -303,13 +320,7 @@ __device__ __forceinline__ void block_radix_threshold(const uint32_t* keys, int 
       __syncthreads();  // the histogram and sh.bin are rewritten below
       if (shift == 0) break;  // every bit is fixed: the threshold is the prefix itself
       if (bin_count <= 32) {
-        for (int i = tid; i < n; i += THREADS) {
-          const uint32_t u = keys[i];
-          if ((u & mask) == prefix) {
-            const int slot = atomicAdd(&sh.n, 1);
-            if (slot < 32) sh.list[slot] = u;
-          }
-        }
+        gather_bin<THREADS>(n, [&](int i) { return keys[i]; }, mask, prefix, &sh.n, sh.list);
         __syncthreads();
         if (tid < 32) warp_rank_threshold(sh.list, sh.n, remaining, sh.thr, sh.need);
         __syncthreads();

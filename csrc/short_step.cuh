@@ -212,12 +212,7 @@ __global__ void __launch_bounds__(kShortThreads) short_step_kernel(ScoreParams s
 
   // ---- 3. Attend this split; merge the cluster's partials over distributed shared memory.
   auto row_token = [&](int e0, int row) -> int {
-    const int e = e0 + (row >> p.log2_page);
-    if (e >= split_hi) return -1;
-    const int i = e - split_lo;
-    const int page = spage[i + 1];
-    if (page < 0 || page == spage[i]) return -1;
-    const int tok = (page << p.log2_page) + (row & (P - 1));
+    const int tok = explicit_row_token(spage, split_lo, split_hi, p.log2_page, P, e0, row);
     return tok < L ? tok : -1;
   };
   const bf16_t* kb = p.k + b * p.k_batch_stride + h * p.k_head_stride + (int64_t)start * p.k_row_stride;

@@ -286,6 +286,21 @@ __device__ __forceinline__ void store_merged(const DecodeParams& p, int b, int h
   *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<E>(acc.x * inv, acc.y * inv), pack2<E>(acc.z * inv, acc.w * inv));
 }
 
+// The token of tile row `row` of the tile starting at entry e0, for a split of an
+// explicit page list staged as spage[0] = the entry before the split, spage[1 + i] =
+// entry split_lo + i; -1 for rows past the split, for unused entries (-1) and for an
+// entry repeating the previous one's page (padding of a short list). The caller checks
+// the token against the row's valid range.
+__device__ __forceinline__ int explicit_row_token(const int* spage, int split_lo, int split_hi, int log2_page,
+                                                  int page_size, int e0, int row) {
+  const int e = e0 + (row >> log2_page);
+  if (e >= split_hi) return -1;
+  const int i = e - split_lo;
+  const int page = spage[i + 1];
+  if (page < 0 || page == spage[i]) return -1;
+  return (page << log2_page) + (row & (page_size - 1));
+}
+
 template <int D, int STAGES, typename E>
 __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   using S = DecodeShape<D, STAGES>;
@@ -323,18 +338,15 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   // Token held by tile row `row` of the tile starting at entry e0, or -1 when the
   // row is padding, a skipped entry, or outside [lo_tok, L).
   auto row_token = [&](int e0, int row) -> int {
-    const int e = e0 + (row >> p.log2_page);
-    if (e >= split_hi) return -1;
-    int page;
+    int tok;
     if (explicit_pages) {
-      const int i = e - split_lo;
-      page = spage[i + 1];
-      if (page < 0 || page == spage[i]) return -1;
+      tok = explicit_row_token(spage, split_lo, split_hi, p.log2_page, p.page_size, e0, row);
     } else {
-      page = first_page + e;
+      const int e = e0 + (row >> p.log2_page);
+      if (e >= split_hi) return -1;
+      tok = ((first_page + e) << p.log2_page) + (row & (p.page_size - 1));
     }
-    const int tok = (page << p.log2_page) + (row & (p.page_size - 1));
-    return (tok < L && tok >= lo_tok) ? tok : -1;
+    return (tok >= lo_tok && tok < L) ? tok : -1;  // lo_tok >= 0, so -1 stays -1
   };
 
   const bf16_t* kb = p.k + b * p.k_batch_stride + h * p.k_head_stride + (int64_t)start * p.k_row_stride;

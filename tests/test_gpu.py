@@ -533,6 +533,45 @@ def test_short_step_matches_separate_kernels(case):
     check_output(o, q, k, v, mask_from_pages(pages, T, 16, lens))
 
 
+@pytest.mark.parametrize("group", [2, 40, 1024])
+def test_short_step_ties(group):
+    """Tied page scores through the fused step's selection. Each page's keys are copied
+    from the first page of its group of `group` pages, so whole groups score the same and
+    the threshold falls inside a tie: groups of 2 leave a short list to rank, groups of 40
+    more tied keys than that list holds (the search runs to the last bit), and 1,024 ties
+    every candidate. The fused step must take the pages select_pages takes (the
+    lowest-indexed of the tied ones); V differs between tied pages, so any other choice
+    changes the output, which must be bitwise that of the separate kernels."""
+    _need_ops()
+    T, P = 8192 + 5, 16
+    q, k, v = make_qkv(1, 32, 8, T, seed=100 + group)
+    n_full = T // P
+    kp = k[:, :, : n_full * P].view(1, 8, n_full, P, 128)
+    src = (torch.arange(n_full, device=DEV) // group) * group
+    kp.copy_(kp[:, :, src].clone())
+    summ = hydra.page_summaries(k)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        o, lse = hydra.hydra(q, k, v, page_summaries=summ, out=nan_like(q), return_lse=True)
+        torch.cuda.synchronize()
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert any("short_step_kernel" in e.name for e in prof.events()), "the fused step did not run"
+    pages = hydra.select_pages(q, k, page_summaries=summ)
+    scores = ref.page_scores(q, summ, page_size=P)
+    pol = hydra.HydraPolicy()
+    n_head = pol.sink_tokens // P
+    cand_hi = (T - pol.recent_tokens) // P  # the first recent page
+    ties = 0
+    for h in range(8):
+        chosen = [x for x in pages[0, h].tolist() if n_head <= x < cand_hi]
+        thr = min(scores[0, h, x].item() for x in chosen)
+        ties += sum(scores[0, h, x].item() == thr and x not in chosen for x in range(n_head, cand_hi))
+    assert ties > 0, "no tie was split by the threshold: the case tests nothing"
+    o2, lse2 = hydra.sparse_attention(q, k, v, pages, out=nan_like(q), return_lse=True)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2), "fused step differs from the separate kernels"
+    check_selection(pages, q, k, pol, summaries=summ)
+    check_output(o, q, k, v, mask_from_pages(pages, T, P, None))
+
+
 _SWITCH_SCRIPT = r"""
 import os, sys, torch
 sys.path.insert(0, sys.argv[1])
