@@ -499,6 +499,22 @@ SHORT_STEP = [
 ]
 
 
+def step_matches_separate_kernels(q, k, v, summ, lens, want_fused):
+    """The decode step (profiled) and the separate kernels on the same inputs: on sm_90+
+    the fused short step ran iff want_fused (None: either way), and the step's output and
+    LSE are bitwise those of select_pages + sparse_attention. Returns (output, pages)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        o, lse = hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=lens, out=nan_like(q), return_lse=True)
+        torch.cuda.synchronize()
+    fused = any("short_step_kernel" in e.name for e in prof.events())
+    if torch.cuda.get_device_capability()[0] >= 9 and want_fused is not None:
+        assert fused == want_fused, f"fused short step ran: {fused}, expected {want_fused}"
+    pages = hydra.select_pages(q, k, page_summaries=summ, cache_seqlens=lens)
+    o2, lse2 = hydra.sparse_attention(q, k, v, pages, cache_seqlens=lens, out=nan_like(q), return_lse=True)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2), "fused step differs from the separate kernels"
+    return o, pages
+
+
 @pytest.mark.parametrize("case", range(len(SHORT_STEP)))
 def test_short_step_matches_separate_kernels(case):
     """The fused short-row step (score, select and attend in one cluster launch) gives
@@ -520,15 +536,7 @@ def test_short_step_matches_separate_kernels(case):
             full = int(lens[0]) // 16 if lens is not None else T // 16  # pages of real keys (empty ones hold 448 too)
             codes = summ[0, :, :full].view(torch.uint8) & 0x7F
             assert bool((codes == 0x7E).any()), "no saturated code: the rare-row path is not exercised"
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        o, lse = hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=lens, out=nan_like(q), return_lse=True)
-        torch.cuda.synchronize()
-    fused = any("short_step_kernel" in e.name for e in prof.events())
-    if torch.cuda.get_device_capability()[0] >= 9 and want_fused is not None:
-        assert fused == want_fused, f"fused short step ran: {fused}, expected {want_fused}"
-    pages = hydra.select_pages(q, k, page_summaries=summ, cache_seqlens=lens)
-    o2, lse2 = hydra.sparse_attention(q, k, v, pages, cache_seqlens=lens, out=nan_like(q), return_lse=True)
-    assert torch.equal(o, o2) and torch.equal(lse, lse2), "fused step differs from the separate kernels"
+    o, pages = step_matches_separate_kernels(q, k, v, summ, lens, want_fused)
     check_selection(pages, q, k, pol, lens=lens, summaries=summ)
     check_output(o, q, k, v, mask_from_pages(pages, T, 16, lens))
 
@@ -550,12 +558,7 @@ def test_short_step_ties(group):
     src = (torch.arange(n_full, device=DEV) // group) * group
     kp.copy_(kp[:, :, src].clone())
     summ = hydra.page_summaries(k)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        o, lse = hydra.hydra(q, k, v, page_summaries=summ, out=nan_like(q), return_lse=True)
-        torch.cuda.synchronize()
-    if torch.cuda.get_device_capability()[0] >= 9:
-        assert any("short_step_kernel" in e.name for e in prof.events()), "the fused step did not run"
-    pages = hydra.select_pages(q, k, page_summaries=summ)
+    o, pages = step_matches_separate_kernels(q, k, v, summ, None, True)
     scores = ref.page_scores(q, summ, page_size=P)
     pol = hydra.HydraPolicy()
     n_head = pol.sink_tokens // P
@@ -566,8 +569,6 @@ def test_short_step_ties(group):
         thr = min(scores[0, h, x].item() for x in chosen)
         ties += sum(scores[0, h, x].item() == thr and x not in chosen for x in range(n_head, cand_hi))
     assert ties > 0, "no tie was split by the threshold: the case tests nothing"
-    o2, lse2 = hydra.sparse_attention(q, k, v, pages, out=nan_like(q), return_lse=True)
-    assert torch.equal(o, o2) and torch.equal(lse, lse2), "fused step differs from the separate kernels"
     check_selection(pages, q, k, pol, summaries=summ)
     check_output(o, q, k, v, mask_from_pages(pages, T, P, None))
 
@@ -577,7 +578,6 @@ import os, sys, torch
 sys.path.insert(0, sys.argv[1])
 import hydra
 from test_gpu import make_qkv, poison_past, nan_like
-out = {}
 # (B, Hq, Hkv, T, lens): a short row (the fused step, sm_90+) and long ragged rows (the
 # cluster selection, sm_90+); cached 16-bit summaries.
 for B, Hq, Hkv, T, lens in ((1, 32, 8, 8192 + 5, None), (2, 8, 2, 300007, [300007, 123457])):
