@@ -48,7 +48,7 @@ def parse_shapes(text):
     return shapes
 
 
-def child(shapes, tree):
+def child(shapes, tree, stateless=False):
     sys.path.insert(0, str(REPO / "benchmarks"))
     sys.path.insert(0, str(Path(tree) / "torch-ext"))
     import torch
@@ -76,6 +76,8 @@ def child(shapes, tree):
             same = want.shape == pages.shape and bool(torch.equal(pages.cpu(), want.to(pages.dtype).cpu()))
             key = f"{name}_{B}x{T}" + ("" if (Hq, Hkv, D) == (32, 8, 128) else f"_{Hq}/{Hkv}/{D}")
             res[key] = {"step": round(step, 2), "select": round(select, 2), "pages_match_ref": same}
+            if stateless and name == "s16":  # page_summaries=None: scores straight from K
+                res[key]["stateless"] = round(graph_us(lambda: hydra.hydra(q, k, v, out=out)), 2)
         q = k = v = summ = out = None  # free this shape's tensors before the next
         torch.cuda.empty_cache()
     print("RESULT " + json.dumps(res), flush=True)
@@ -86,13 +88,14 @@ def main():
     p.add_argument("--shapes", default="1x32768,1x131072,1x524288,8x131072")
     p.add_argument("--configs", default='{"base": {}}', help="JSON: {name: {ENV_VAR: value, ...}, ...}")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--stateless", action="store_true", help="also time the stateless step (16-bit rows)")
     p.add_argument("--out", default=None, help="also write every result to this JSON file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tree", default=str(REPO), help=argparse.SUPPRESS)
     args = p.parse_args()
     shapes = parse_shapes(args.shapes)
     if args.child:
-        child(shapes, args.tree)
+        child(shapes, args.tree, args.stateless)
         return
     configs = json.loads(args.configs)
     for name, env_add in configs.items():
@@ -105,8 +108,8 @@ def main():
             env = dict(os.environ, **{k: str(v) for k, v in env_add.items() if k != "tree"})
             tree = str(Path(env_add.get("tree", REPO)).resolve())
             t0 = time.time()
-            r = subprocess.run([sys.executable, __file__, "--child", "--shapes", args.shapes, "--tree", tree],
-                               env=env, capture_output=True, text=True)
+            r = subprocess.run([sys.executable, __file__, "--child", "--shapes", args.shapes, "--tree", tree]
+                               + (["--stateless"] if args.stateless else []), env=env, capture_output=True, text=True)
             line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
                 print(f"{name} round {rnd}: FAILED\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}", flush=True)
@@ -118,8 +121,8 @@ def main():
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     # One line a (case, config): the range of step and select over the rounds.
     cases = sorted({k for r in results for k in r if k not in ("config", "round")})
-    print("\n| case | config | step (us) | select (us) | pages match |")
-    print("|---|---|---|---|---|")
+    print("\n| case | config | step (us) | select (us) | stateless step (us) | pages match |")
+    print("|---|---|---|---|---|---|")
     for case in cases:
         for name in configs:
             rs = [r[case] for r in results if r["config"] == name and case in r]
@@ -127,7 +130,9 @@ def main():
                 continue
             st = sorted(x["step"] for x in rs)
             se = sorted(x["select"] for x in rs)
+            sl = sorted(x["stateless"] for x in rs if "stateless" in x)
             print(f"| {case} | {name} | {st[0]}-{st[-1]} | {se[0]}-{se[-1]} | "
+                  f"{f'{sl[0]}-{sl[-1]}' if sl else '-'} | "
                   f"{all(x['pages_match_ref'] is True for x in rs)} |")
 
 

@@ -231,6 +231,13 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src
   uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
+// The same through L1 (cp.async.ca): L1 gathers the 16-byte pieces of a sector that one
+// instruction spreads over several shared-memory wavefronts, so L2 serves each sector
+// once (the .cg form above fetches it once per piece). It adds latency per copy.
+__device__ __forceinline__ void cp_async16_l1(void* smem, const void* gmem, int src_bytes) {
+  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

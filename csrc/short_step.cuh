@@ -47,7 +47,7 @@ inline constexpr int kShortMaxCtas = 16;     // the largest (non-portable) clust
 
 template <int D>
 struct ShortStepShape {
-  using A = DecodeShape<D, kShortStages>;
+  using A = DecodeShape<D, kShortStages, true>;
   static constexpr size_t kKeysOffset = A::kPipeBytes;
   static constexpr size_t kPageOffset = kKeysOffset + size_t(kShortMaxPages) * sizeof(uint32_t);
   static constexpr size_t kPartOffset = (kPageOffset + (kMaxEntriesPerSplit + 1) * sizeof(int) + 15) / 16 * 16;
@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kShortThreads) short_step_kernel(ScoreParams s
   const int ept = kTileTokens >> p.log2_page;
   const int n_tiles = split_hi > split_lo ? (split_hi - split_lo + ept - 1) / ept : 0;
   float* part_lse = part + 16 * D;
-  attend_split<D, kShortStages, E>(p, b, h, kb, vb, split_lo, n_tiles, row_token, smem_raw,
+  attend_split<D, kShortStages, true, false, E>(p, b, h, kb, vb, split_lo, n_tiles, row_token, smem_raw,
                                    [&](int j, int d, const float4& o_norm, float lse2) {
     *reinterpret_cast<float4*>(part + j * D + d) = o_norm;
     if (d == 0) part_lse[j] = lse2;

@@ -16,25 +16,46 @@
 
 namespace hydra {
 
-template <int D, int STAGES>
+template <int D, int STAGES, bool SWIZZLE = false>
 struct DecodeShape {
   static constexpr int kThreads = 128;
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kRows = 16;                   // MMA rows: query heads of the group
-  static constexpr int kStride = D + 8;              // smem row pitch: a 16-byte skew keeps ldmatrix conflict-free
   static constexpr int kStages = STAGES;  // 3, or 2 where shared memory is ~100 KB a block
   static constexpr int kChunksPerRow = D / 8;
-  static constexpr int kTileElems = kTileTokens * kStride;
+  // Shared-memory layout of a K or V tile (off()): rows of kPitch elements. Both keep
+  // ldmatrix's 8 row addresses in 8 different bank groups.
+  //  - padded (SWIZZLE false): a pitch of D + 8, each row 16 bytes further round the banks;
+  //  - swizzled: a pitch of D, and the row's 16-byte chunk c at chunk c ^ (row % 8).
+  // Measured on an H100 (NOTES.md v23): the swizzled layout took the fused short step
+  // (2 stages, few tiles) 1.1 us faster at 8k, and the separate kernel 0.9 us slower at
+  // 131k and 3 us slower at B = 32, so each kernel keeps the layout that measured best.
+  static constexpr bool kSwizzle = SWIZZLE;
+  static constexpr int kPitch = SWIZZLE ? D : D + 8;
+  static constexpr int kTileElems = kTileTokens * kPitch;
   static constexpr int kKSteps = D / 16;             // k-steps of QK^T
   static constexpr int kDTiles = D / 8;              // n-tiles of PV
-  static constexpr size_t kPipeBytes = size_t(kStages) * 2 * kTileElems * sizeof(bf16_t);
+  // The K/V stages; the cross-warp merge reuses them (a little more than one stage).
+  static constexpr size_t kMergeBytes = size_t(kWarps) * kRows * (D + 2) * sizeof(float);
+  static constexpr size_t kStageBytes = size_t(kStages) * 2 * kTileElems * sizeof(bf16_t);
+  static constexpr size_t kPipeBytes = kStageBytes > kMergeBytes ? kStageBytes : kMergeBytes;
   static constexpr size_t kSmemBytes = kPipeBytes + (kMaxEntriesPerSplit + 1) * sizeof(int);
   static_assert(kTileTokens == kWarps * 16, "each warp owns 16 tokens of a tile");
   static_assert(D % 16 == 0 && kKSteps % 2 == 0, "ldmatrix.x4 covers two k-steps");
   static_assert(kChunksPerRow <= 32 && 32 % kChunksPerRow == 0, "a row's 16-byte vectors fit one warp");
   static constexpr int kRowsPerLoad = 32 / kChunksPerRow;  // rows one warp-wide load instruction covers
-  static_assert(size_t(kWarps) * kRows * (D + 2) * sizeof(float) <= kPipeBytes,
-                "the cross-warp merge reuses the pipeline buffers");
+  static_assert(kChunksPerRow >= 8, "the swizzle permutes 8 chunks of a row");
+  // Element (row, col) of a tile; col is a multiple of 8 wherever a chunk is addressed.
+  __device__ static __forceinline__ int off(int row, int col) {
+    if constexpr (SWIZZLE) return row * D + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7));
+    return row * kPitch + col;
+  }
+  // The chunk index of row `row` at c0 + x, where c0 has no bit of x set (c0 from the
+  // unrolled loops, x < 4 from the lane): (c0 | x) ^ (row % 8) swizzled, c0 + x padded.
+  __device__ static __forceinline__ int chunk(int c0, int x, int row) {
+    if constexpr (SWIZZLE) return c0 ^ (x ^ (row & 7));
+    return c0 + x;
+  }
 };
 
 // One split of one (sequence, KV head) row: the tiles of entries [e_first, e_first +
@@ -45,13 +66,13 @@ struct DecodeShape {
 // valid token. emit(j, d, o, lse2) receives, from the thread that owns it, the normalised
 // output of dims d..d+3 of group head j and (the same for every d) its log2-sum-exp.
 // Every thread of the block must call it; smem_raw holds S::kPipeBytes.
-template <int D, int STAGES, typename E, typename RowToken, typename Emit>
+template <int D, int STAGES, bool SWIZZLE, bool L1, typename E, typename RowToken, typename Emit>
 __device__ __forceinline__ void attend_split(const DecodeParams& p, int b, int h, const bf16_t* kb, const bf16_t* vb,
                                              int e_first, int n_tiles, RowToken&& row_token,
                                              unsigned char* smem_raw, Emit&& emit) {
-  using S = DecodeShape<D, STAGES>;
-  bf16_t* sk = reinterpret_cast<bf16_t*>(smem_raw);              // [kStages][64][kStride]
-  bf16_t* sv = sk + S::kStages * S::kTileElems;                   // [kStages][64][kStride]
+  using S = DecodeShape<D, STAGES, SWIZZLE>;
+  bf16_t* sk = reinterpret_cast<bf16_t*>(smem_raw);              // [kStages][64][kPitch] (S::off)
+  bf16_t* sv = sk + S::kStages * S::kTileElems;                   // [kStages][64][kPitch]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int ept = kTileTokens >> p.log2_page;  // entries per tile
 
@@ -71,8 +92,13 @@ __device__ __forceinline__ void attend_split(const DecodeParams& p, int b, int h
       const int row = warp * 16 + r;
       const int64_t t64 = tok >= 0 ? tok : 0;
       const int bytes = tok >= 0 ? 16 : 0;  // zero-fill rows that are not attended
-      cp_async16(dk + row * S::kStride + col, kb + t64 * p.k_row_stride + col, bytes);
-      cp_async16(dv + row * S::kStride + col, vb + t64 * p.v_row_stride + col, bytes);
+      if constexpr (L1) {
+        cp_async16_l1(dk + S::off(row, col), kb + t64 * p.k_row_stride + col, bytes);
+        cp_async16_l1(dv + S::off(row, col), vb + t64 * p.v_row_stride + col, bytes);
+      } else {
+        cp_async16(dk + S::off(row, col), kb + t64 * p.k_row_stride + col, bytes);
+        cp_async16(dv + S::off(row, col), vb + t64 * p.v_row_stride + col, bytes);
+      }
     }
   };
 #pragma unroll
@@ -103,10 +129,12 @@ __device__ __forceinline__ void attend_split(const DecodeParams& p, int b, int h
   for (int n = 0; n < S::kDTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows r0 and r1; l is this lane's share
 
-  // ldmatrix row addresses: lane i addresses row i % 8 of matrix i / 8.
+  // ldmatrix row addresses: lane i addresses row i % 8 of matrix i / 8, so row % 8 == mr.
   const int mi = lane / 8, mr = lane % 8;
-  const int k_row = warp * 16, k_col = mi * 8;                     // K: [tokens][dims] matrices along dims
-  const int v_row = warp * 16 + (mi % 2) * 8 + mr, v_col = (mi / 2) * 8;  // V: transposed, 2x2 matrices
+  // K, [tokens][dims] matrices along dims: row warp*16 + nt*8 + mr, chunk 2ks + mi (4 | 2ks).
+  const int k_base = (warp * 16 + mr) * S::kPitch;
+  // V, transposed 2x2 matrices: row warp*16 + (mi%2)*8 + mr, chunk nd + mi/2 (nd even).
+  const int v_base = (warp * 16 + (mi % 2) * 8 + mr) * S::kPitch;
 
   for (int t = 0; t < n_tiles; ++t) {
     if (t + S::kStages - 1 < n_tiles) load_tile(t + S::kStages - 1, (t + S::kStages - 1) % S::kStages);
@@ -126,7 +154,7 @@ __device__ __forceinline__ void attend_split(const DecodeParams& p, int b, int h
 #pragma unroll
       for (int ks = 0; ks < S::kKSteps; ks += 2) {
         uint32_t kf[4];
-        ldmatrix_x4(kf, ck + (k_row + nt * 8 + mr) * S::kStride + ks * 16 + k_col);
+        ldmatrix_x4(kf, ck + k_base + nt * 8 * S::kPitch + S::chunk(2 * ks, mi, mr) * 8);
         mma_16816<E>(s[nt], qa[ks], kf[0], kf[1]);
         mma_16816<E>(s[nt], qa[ks + 1], kf[2], kf[3]);
       }
@@ -185,7 +213,7 @@ __device__ __forceinline__ void attend_split(const DecodeParams& p, int b, int h
 #pragma unroll
     for (int nd = 0; nd < S::kDTiles; nd += 2) {
       uint32_t vf[4];
-      ldmatrix_x4_trans(vf, cv + v_row * S::kStride + nd * 8 + v_col);
+      ldmatrix_x4_trans(vf, cv + v_base + S::chunk(nd, mi / 2, mr) * 8);
       mma_16816<E>(o[nd], pa, vf[0], vf[1]);
       mma_16816<E>(o[nd + 1], pa, vf[2], vf[3]);
     }
@@ -301,7 +329,8 @@ __device__ __forceinline__ int explicit_row_token(const int* spage, int split_lo
   return (page << log2_page) + (row & (page_size - 1));
 }
 
-template <int D, int STAGES, typename E>
+// L1: the K/V copies go through L1 (launch_decode_stages picks it for long splits).
+template <int D, int STAGES, typename E, bool L1>
 __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   using S = DecodeShape<D, STAGES>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -354,7 +383,7 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   const int ept = kTileTokens >> p.log2_page;  // entries per tile
   const int n_tiles = split_hi > split_lo ? (split_hi - split_lo + ept - 1) / ept : 0;
   constexpr float kLn2 = 0.6931471805599453f;
-  attend_split<D, STAGES, E>(p, b, h, kb, vb, split_lo, n_tiles, row_token, smem_raw,
+  attend_split<D, STAGES, false, L1, E>(p, b, h, kb, vb, split_lo, n_tiles, row_token, smem_raw,
                              [&](int j, int d, const float4& o_norm, float lse2) {
     const int hq = h * p.group + j;
     if (p.n_splits == 1) {
@@ -401,18 +430,19 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   if (tid == 0) p.counters[b * p.Hkv + h] = 0;  // ready for the next step (and graph replay)
 }
 
-template <int D, int STAGES, typename E>
-inline void launch_decode_stages(const DecodeParams& p, cudaStream_t stream) {
+// Splits of at least this many tiles copy K/V through L1 (sparse_decode_kernel's L1).
+// Long splits are bandwidth-bound, and L1 lets the L2 serve each sector once; short ones
+// are latency-bound, and L1 adds latency to every copy. H100, graph step (NOTES.md v23):
+// B = 32 at 32k (64 tiles a split) 307 -> 302 us, B = 8 at 131k (16 tiles) 170.1 -> 168.8,
+// B = 4 at 131k (8 tiles) 101.5 -> 100.9, but B = 1 at 131k (4 tiles) 44.1 -> 46.2.
+constexpr int kL1CopyTiles = 8;
+
+template <int D, int STAGES, typename E, bool L1>
+inline void launch_decode_kernel(const DecodeParams& p, cudaStream_t stream) {
   using S = DecodeShape<D, STAGES>;
-  const int dev = current_device();
-  if (S::kSmemBytes > size_t(max_smem_per_block(dev))) {
-    throw std::runtime_error("hydra: the decode kernel needs " + std::to_string(S::kSmemBytes) +
-                             " bytes of shared memory per block; this GPU allows " +
-                             std::to_string(max_smem_per_block(dev)));
-  }
-  auto kernel = sparse_decode_kernel<D, STAGES, E>;
+  auto kernel = sparse_decode_kernel<D, STAGES, E, L1>;
   static int smem_raised[kMaxDevices] = {};  // raising the limit once per device is enough
-  per_device(smem_raised, dev, [&](int) {
+  per_device(smem_raised, current_device(), [&](int) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)S::kSmemBytes);
     prefer_max_shared(kernel);
     return 1;
@@ -420,6 +450,24 @@ inline void launch_decode_stages(const DecodeParams& p, cudaStream_t stream) {
   dim3 grid(p.n_splits, p.Hkv, p.B);
   launch_maybe_pdl(kernel, grid, dim3(S::kThreads), S::kSmemBytes, stream, p);
   check_launch("sparse_decode_kernel");
+}
+
+template <int D, int STAGES, typename E>
+inline void launch_decode_stages(const DecodeParams& p, cudaStream_t stream) {
+  using S = DecodeShape<D, STAGES>;
+  if (S::kSmemBytes > size_t(max_smem_per_block())) {
+    throw std::runtime_error("hydra: the decode kernel needs " + std::to_string(S::kSmemBytes) +
+                             " bytes of shared memory per block; this GPU allows " +
+                             std::to_string(max_smem_per_block()));
+  }
+  // HYDRA_L1_COPY=0 / 1 sends every split's copies through L2 only / through L1.
+  static const int forced = env_int("HYDRA_L1_COPY", -1);
+  const int tiles = p.entries_per_split / (kTileTokens >> p.log2_page);
+  if (forced >= 0 ? forced != 0 : tiles >= kL1CopyTiles) {
+    launch_decode_kernel<D, STAGES, E, true>(p, stream);
+  } else {
+    launch_decode_kernel<D, STAGES, E, false>(p, stream);
+  }
 }
 
 // The deepest pipeline a block may hold on this device: 3 stages where they fit

@@ -578,9 +578,11 @@ import os, sys, torch
 sys.path.insert(0, sys.argv[1])
 import hydra
 from test_gpu import make_qkv, poison_past, nan_like
-# (B, Hq, Hkv, T, lens): a short row (the fused step, sm_90+) and long ragged rows (the
-# cluster selection, sm_90+); cached 16-bit summaries.
-for B, Hq, Hkv, T, lens in ((1, 32, 8, 8192 + 5, None), (2, 8, 2, 300007, [300007, 123457])):
+# (B, Hq, Hkv, T, lens): a short row (the fused step, sm_90+), long ragged rows (the
+# cluster selection, sm_90+) and a batch whose attention splits are long enough for the
+# copies through L1; cached 16-bit summaries.
+for B, Hq, Hkv, T, lens in ((1, 32, 8, 8192 + 5, None), (2, 8, 2, 300007, [300007, 123457]),
+                            (9, 16, 8, 20003, [20003, 20003, 17001, 9000, 20003, 5003, 20003, 12345, 19999])):
     q, k, v = make_qkv(B, Hq, Hkv, T, seed=T)
     lens = torch.tensor(lens, dtype=torch.int32, device="cuda") if lens is not None else None
     if lens is not None:
@@ -596,10 +598,12 @@ print("ok")
 
 
 def test_environment_switches(tmp_path):
-    """HYDRA_SHORT_STEP=0, HYDRA_CLUSTER_SELECT=0 and HYDRA_PDL=0 (each read once a
-    process) turn off the fused short step, the cluster selection and programmatic
-    dependent launch, and the step's output and LSE stay bitwise the same: the separate
-    kernels use the same split plan and select the same pages."""
+    """HYDRA_SHORT_STEP=0, HYDRA_CLUSTER_SELECT=0, HYDRA_PDL=0 and HYDRA_L1_COPY=0 (each
+    read once a process) turn off the fused short step, the cluster selection,
+    programmatic dependent launch and the attention's copies through L1, and the step's
+    output and LSE stay bitwise the same: the separate kernels use the same split plan and
+    select the same pages. (The third case's splits hold 22 tiles of the 16 from which
+    the launcher sends the copies through L1.)"""
     _need_ops()
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the fused step, clusters and PDL need sm_90+")
@@ -610,19 +614,20 @@ def test_environment_switches(tmp_path):
     hydra_dir = os.path.dirname(os.path.dirname(os.path.abspath(hydra.__file__)))  # the package's parent
     runs = {}
     for name, switches in (("default", {}), ("off", {"HYDRA_SHORT_STEP": "0", "HYDRA_CLUSTER_SELECT": "0",
-                                                        "HYDRA_PDL": "0"})):
+                                                        "HYDRA_PDL": "0", "HYDRA_L1_COPY": "0"})):
         d = tmp_path / name
         d.mkdir()
-        env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_SHORT_STEP", "HYDRA_CLUSTER_SELECT", "HYDRA_PDL")}
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("HYDRA_SHORT_STEP", "HYDRA_CLUSTER_SELECT", "HYDRA_PDL", "HYDRA_L1_COPY")}
         env.update(switches, PYTHONPATH=os.pathsep.join([hydra_dir, os.environ.get("PYTHONPATH", "")]))
         r = subprocess.run([sys.executable, "-c", _SWITCH_SCRIPT, here, str(d)], env=env, capture_output=True,
                            text=True, timeout=600)
         assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
-        runs[name] = {T: torch.load(d / f"{T}.pt") for T in (8192 + 5, 300007)}
+        runs[name] = {T: torch.load(d / f"{T}.pt") for T in (8192 + 5, 300007, 20003)}
     on, off = runs["default"], runs["off"]
     assert any("short_step_kernel" in n for n in on[8192 + 5]["names"]), on[8192 + 5]["names"]
     assert any("score_select_cluster_kernel" in n for n in on[300007]["names"]), on[300007]["names"]
-    for T in (8192 + 5, 300007):
+    for T in (8192 + 5, 300007, 20003):
         assert not any("short_step_kernel" in n or "score_select_cluster_kernel" in n for n in off[T]["names"]), \
             off[T]["names"]
         assert any("sparse_decode_kernel" in n for n in off[T]["names"]), off[T]["names"]
