@@ -231,9 +231,10 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src
   uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
-// The same through L1 (cp.async.ca): L1 gathers the 16-byte pieces of a sector that one
-// instruction spreads over several shared-memory wavefronts, so L2 serves each sector
-// once (the .cg form above fetches it once per piece). It adds latency per copy.
+// The same through L1 (cp.async.ca). Measured with ncu on an H100 (NOTES.md v23): the
+// attention's .cg copies made the L2 serve 1.5 times the sectors they copy into its
+// padded tiles (2 times into swizzled ones); through L1 it serves each sector once. L1
+// adds latency to every copy.
 __device__ __forceinline__ void cp_async16_l1(void* smem, const void* gmem, int src_bytes) {
   uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
