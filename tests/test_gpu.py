@@ -602,8 +602,8 @@ def test_environment_switches(tmp_path):
     read once a process) turn off the fused short step, the cluster selection,
     programmatic dependent launch and the attention's copies through L1, and the step's
     output and LSE stay bitwise the same: the separate kernels use the same split plan and
-    select the same pages. (The third case's splits hold 22 tiles of the 16 from which
-    the launcher sends the copies through L1.)"""
+    select the same pages. (The third case's splits hold 22 tiles, past the 8 from which
+    the launcher sends the copies through L1: the kernel's last template argument.)"""
     _need_ops()
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the fused step, clusters and PDL need sm_90+")
@@ -627,6 +627,10 @@ def test_environment_switches(tmp_path):
     on, off = runs["default"], runs["off"]
     assert any("short_step_kernel" in n for n in on[8192 + 5]["names"]), on[8192 + 5]["names"]
     assert any("score_select_cluster_kernel" in n for n in on[300007]["names"]), on[300007]["names"]
+    l1 = [n for n in on[20003]["names"] if "sparse_decode_kernel<" in n]
+    assert l1 and all(", true>(" in n for n in l1), on[20003]["names"]
+    assert not any("sparse_decode_kernel<" in n and ", true>(" in n for T in off for n in off[T]["names"]), \
+        off[20003]["names"]
     for T in (8192 + 5, 300007, 20003):
         assert not any("short_step_kernel" in n or "score_select_cluster_kernel" in n for n in off[T]["names"]), \
             off[T]["names"]
