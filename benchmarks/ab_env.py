@@ -13,6 +13,8 @@ median (``triton.testing.do_bench``, as the decode benchmark) of
 
 * ``step``: ``hydra.hydra(q, k, v, page_summaries=...)``, the whole decode step, and
 * ``select``: ``hydra.select_pages(...)``, scoring and selection alone,
+* ``stateless`` (with ``--stateless``, 16-bit rows): ``hydra.hydra(q, k, v)`` without
+  summaries, scores straight from K,
 
 and whether the first sequence's pages equal ``hydra.reference.select_pages``.
 It is the committed form of the harness behind benchmarks/NOTES.md's A/B tables
