@@ -239,6 +239,32 @@ __device__ __forceinline__ void cp_async16_l1(void* smem, const void* gmem, int 
   uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
+// The same two with an L2 cache policy (an l2_evict_first_policy()).
+__device__ __forceinline__ void cp_async16_hint(void* smem, const void* gmem, int src_bytes, uint64_t pol) {
+  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(s), "l"(gmem),
+               "r"(src_bytes), "l"(pol));
+}
+__device__ __forceinline__ void cp_async16_l1_hint(void* smem, const void* gmem, int src_bytes, uint64_t pol) {
+  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(s), "l"(gmem),
+               "r"(src_bytes), "l"(pol));
+}
+// An L2 policy under which the lines an access brings in are the first to be evicted:
+// for data read once, so that it does not push out lines that are still to be read.
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+  return pol;
+}
+// Starts pulling `bytes` (a multiple of 16) at the 16-byte aligned global address gmem
+// into L2, without waiting (sm_90+: cp.async.bulk.prefetch; a no-op on older GPUs).
+__device__ __forceinline__ void prefetch_l2_bulk(const void* gmem, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(__cvta_generic_to_global(gmem)), "r"(bytes)
+               : "memory");
+#endif
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -354,10 +380,10 @@ inline bool use_pdl(int dev = current_device()) {
   return per_device(cache, dev, [](int d) { return cc_major(d) >= 9 && env_enabled("HYDRA_PDL") ? 2 : 1; }) == 2;
 }
 
-// Launch with the programmatic-dependent-launch attribute where use_pdl().
+// Launch with the programmatic-dependent-launch attribute where `pdl` (use_pdl()).
 template <typename... Params, typename... Args>
-inline cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                                    cudaStream_t stream, Args&&... args) {
+inline cudaError_t launch_with_pdl(bool pdl, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                   cudaStream_t stream, Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -367,8 +393,13 @@ inline cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 b
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = use_pdl() ? 1 : 0;
+  cfg.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+template <typename... Params, typename... Args>
+inline cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                    cudaStream_t stream, Args&&... args) {
+  return launch_with_pdl(use_pdl(), kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 // A launch of C-CTA thread-block clusters: the one place a cluster launch config and

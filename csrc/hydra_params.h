@@ -144,6 +144,17 @@ struct DecodeParams {
   int B, Hq, Hkv, group, Tkv, D, page_size, log2_page;
   int n_entries, window, n_splits, entries_per_split;
   float scale_log2;      // softmax scale * log2(e)
+  // Set after a selection launch: the rows every selected list holds (sink pages, the
+  // recent window) go to L2 before the CTAs wait on the selection. l2_prefetch: 0 off,
+  // 1 on (the launcher keeps it only with programmatic dependent launch, sm_90+, and
+  // unless HYDRA_L2_PREFETCH=0). Lengths: seq_len(prefetch_seqlens, b, Tkv,
+  // prefetch_len_add), the selection's own (the attention's may not be written yet).
+  int l2_prefetch;
+  const int* prefetch_seqlens;
+  int prefetch_len_add, prefetch_sink_tokens, prefetch_recent_tokens;
+  // Set by the launcher: 1 unless HYDRA_L2_PREFETCH=0. The K/V copies are evict_first in
+  // L2 (each byte is read once a step), so that the prefetched rows stay until read.
+  int l2_evict_first;
 };
 
 // Causal prefill over key blocks of 64 tokens (Tq <= Tkv; query t sits at key position
@@ -180,8 +191,9 @@ void launch_cache_prefill(const CacheWriteParams& p, cudaStream_t stream);
 void launch_cache_append(const CacheWriteParams& p, cudaStream_t stream);
 void launch_score_pages(const ScoreParams& p, cudaStream_t stream);
 void launch_select_pages(const SelectParams& p, cudaStream_t stream);
-// The current device's SM count (cached per device).
+// The current device's SM count and L2 size in bytes (cached per device).
 int device_sm_count();
+int64_t device_l2_bytes();
 // Flat selection from cached summaries over a thread-block cluster (score_select_cluster.cu),
 // for `rows` (sequence, KV head) rows of n_pages pages of page_bytes summary bytes each:
 // CTAs a cluster, keys each CTA holds, and whether the cluster also scores (fused: 16-bit

@@ -517,5 +517,6 @@ void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
 }
 
 int device_sm_count() { return sm_count(); }
+int64_t device_l2_bytes() { return device_attribute<cudaDevAttrL2CacheSize>(current_device(), 1); }
 
 }  // namespace hydra

@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(kShortThreads) short_step_kernel(ScoreParams s
                                    [&](int j, int d, const float4& o_norm, float lse2) {
     *reinterpret_cast<float4*>(part + j * D + d) = o_norm;
     if (d == 0) part_lse[j] = lse2;
-  });
+  }, false);
   cluster.sync();  // every split's partial is ready
 
   // Item idx = (head j, dims d..d+3), spread over the cluster's CTAs. The fold is the

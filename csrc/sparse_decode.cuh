@@ -9,6 +9,8 @@
 // every group size up to 16. The online softmax is fp32. Each split writes a
 // normalised partial output and its log-sum-exp; the last CTA of a head to
 // finish merges the splits (a counter per head), so the step needs no extra launch.
+// After a selection, the CTAs start pulling the sink and recent rows (which every
+// selected list holds) into L2 before they wait for the selection to finish.
 #pragma once
 
 #include "common.cuh"
@@ -30,7 +32,6 @@ struct DecodeShape {
   // Measured on an H100 (NOTES.md v23): the swizzled layout took the fused short step
   // (2 stages, few tiles) 1.1 us faster at 8k, and the separate kernel 0.9 us slower at
   // 131k and 3 us slower at B = 32, so each kernel keeps the layout that measured best.
-  static constexpr bool kSwizzle = SWIZZLE;
   static constexpr int kPitch = SWIZZLE ? D : D + 8;
   static constexpr int kTileElems = kTileTokens * kPitch;
   static constexpr int kKSteps = D / 16;             // k-steps of QK^T
@@ -47,7 +48,7 @@ struct DecodeShape {
   static_assert(kChunksPerRow >= 8, "the swizzle permutes 8 chunks of a row");
   // Element (row, col) of a tile; col is a multiple of 8 wherever a chunk is addressed.
   __device__ static __forceinline__ int off(int row, int col) {
-    if constexpr (SWIZZLE) return row * D + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7));
+    if constexpr (SWIZZLE) return row * D + (((col >> 3) ^ (row & 7)) << 3);
     return row * kPitch + col;
   }
   // The chunk index of row `row` at c0 + x, where c0 has no bit of x set (c0 from the
@@ -65,11 +66,15 @@ struct DecodeShape {
 // -1 (padding, a skipped entry, outside the valid range). kb / vb point at the row's first
 // valid token. emit(j, d, o, lse2) receives, from the thread that owns it, the normalised
 // output of dims d..d+3 of group head j and (the same for every d) its log2-sum-exp.
-// Every thread of the block must call it; smem_raw holds S::kPipeBytes.
+// Every thread of the block must call it; smem_raw holds S::kPipeBytes. L1: the copies go
+// through L1. evict_first: they carry an L2 evict_first policy (a step reads each K/V byte
+// once), so that they push out their own lines before rows prefetched into L2. It is a
+// run-time flag on purpose: as a template constant, ptxas of CUDA 13.0 mis-encoded the
+// hinted copies of the tile loop (an illegal instruction on the H100; NOTES.md v24).
 template <int D, int STAGES, bool SWIZZLE, bool L1, typename E, typename RowToken, typename Emit>
 __device__ __forceinline__ void attend_split(const DecodeParams& p, int b, int h, const bf16_t* kb, const bf16_t* vb,
                                              int e_first, int n_tiles, RowToken&& row_token,
-                                             unsigned char* smem_raw, Emit&& emit) {
+                                             unsigned char* smem_raw, Emit&& emit, bool evict_first) {
   using S = DecodeShape<D, STAGES, SWIZZLE>;
   bf16_t* sk = reinterpret_cast<bf16_t*>(smem_raw);              // [kStages][64][kPitch] (S::off)
   bf16_t* sv = sk + S::kStages * S::kTileElems;                   // [kStages][64][kPitch]
@@ -80,6 +85,7 @@ __device__ __forceinline__ void attend_split(const DecodeParams& p, int b, int h
   // tile loop needs warp barriers only. Lane r < 16 resolves the token of row r;
   // a warp-wide load instruction covers 32 / (D / 8) rows (D / 8 lanes x 16 bytes each).
   const int my_row = warp * 16 + lane % 16;
+  const uint64_t pol = evict_first ? l2_evict_first_policy() : 0;
   auto load_tile = [&](int t, int stage) {
     const int tok_mine = row_token(e_first + t * ept, my_row);
     bf16_t* dk = sk + stage * S::kTileElems;
@@ -92,7 +98,15 @@ __device__ __forceinline__ void attend_split(const DecodeParams& p, int b, int h
       const int row = warp * 16 + r;
       const int64_t t64 = tok >= 0 ? tok : 0;
       const int bytes = tok >= 0 ? 16 : 0;  // zero-fill rows that are not attended
-      if constexpr (L1) {
+      if (evict_first) {
+        if constexpr (L1) {
+          cp_async16_l1_hint(dk + S::off(row, col), kb + t64 * p.k_row_stride + col, bytes, pol);
+          cp_async16_l1_hint(dv + S::off(row, col), vb + t64 * p.v_row_stride + col, bytes, pol);
+        } else {
+          cp_async16_hint(dk + S::off(row, col), kb + t64 * p.k_row_stride + col, bytes, pol);
+          cp_async16_hint(dv + S::off(row, col), vb + t64 * p.v_row_stride + col, bytes, pol);
+        }
+      } else if constexpr (L1) {
         cp_async16_l1(dk + S::off(row, col), kb + t64 * p.k_row_stride + col, bytes);
         cp_async16_l1(dv + S::off(row, col), vb + t64 * p.v_row_stride + col, bytes);
       } else {
@@ -329,6 +343,28 @@ __device__ __forceinline__ int explicit_row_token(const int* spage, int split_lo
   return (page << log2_page) + (row & (page_size - 1));
 }
 
+// The rows every selected page list holds, the sink pages and the recent window, into L2
+// (the attention kernel's l2_prefetch): thread `index` of `count` takes every count-th row.
+// Called before pdl_wait(), while the selection still runs: lengths come from the
+// selection's inputs (prefetch_seqlens), and nothing read here decides a result, so a
+// row prefetched in vain costs only its bytes.
+template <int D>
+__device__ __forceinline__ void prefetch_forced_rows(const DecodeParams& p, int b, int h, int index, int count) {
+  const int L_end = seq_len(p.prefetch_seqlens, b, p.Tkv, p.prefetch_len_add);
+  const int start = seq_start(p.leftpad, b, L_end);
+  const int L = L_end - start;
+  const int sink_hi = min(L, p.prefetch_sink_tokens);
+  const int recent_lo = max(sink_hi, first_recent_page(L, p.prefetch_recent_tokens, p.page_size) << p.log2_page);
+  const int n_rows = sink_hi + max(0, L - recent_lo);  // no recent window: recent_lo > L
+  const bf16_t* k0 = p.k + b * p.k_batch_stride + h * p.k_head_stride + (int64_t)start * p.k_row_stride;
+  const bf16_t* v0 = p.v + b * p.v_batch_stride + h * p.v_head_stride + (int64_t)start * p.v_row_stride;
+  for (int i = index; i < n_rows; i += count) {
+    const int64_t tok = i < sink_hi ? i : recent_lo + (i - sink_hi);
+    prefetch_l2_bulk(k0 + tok * p.k_row_stride, D * sizeof(bf16_t));
+    prefetch_l2_bulk(v0 + tok * p.v_row_stride, D * sizeof(bf16_t));
+  }
+}
+
 // L1: the K/V copies go through L1 (launch_decode_stages picks it for long splits).
 template <int D, int STAGES, typename E, bool L1>
 __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
@@ -338,6 +374,7 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
   __shared__ int s_last;
 
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+  if (p.l2_prefetch) prefetch_forced_rows<D>(p, b, h, split * S::kThreads + tid, p.n_splits * S::kThreads);
   pdl_wait();
   const bool explicit_pages = p.pages != nullptr;
   const int split_lo = split * p.entries_per_split;
@@ -395,7 +432,7 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
       *reinterpret_cast<float4*>(p.part_o + row * D + d) = o_norm;
       if (d == 0) p.part_lse[row] = lse2;
     }
-  });
+  }, p.l2_evict_first != 0);
   if (p.n_splits == 1) return;
 
   // The last split of this head to finish merges all splits by their LSE.
@@ -438,35 +475,40 @@ __global__ void __launch_bounds__(128) sparse_decode_kernel(DecodeParams p) {
 constexpr int kL1CopyTiles = 8;
 
 template <int D, int STAGES, typename E, bool L1>
-inline void launch_decode_kernel(const DecodeParams& p, cudaStream_t stream) {
+inline void launch_decode_kernel(const DecodeParams& p, cudaStream_t stream, int dev) {
   using S = DecodeShape<D, STAGES>;
   auto kernel = sparse_decode_kernel<D, STAGES, E, L1>;
   static int smem_raised[kMaxDevices] = {};  // raising the limit once per device is enough
-  per_device(smem_raised, current_device(), [&](int) {
+  per_device(smem_raised, dev, [&](int) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)S::kSmemBytes);
     prefer_max_shared(kernel);
     return 1;
   });
   dim3 grid(p.n_splits, p.Hkv, p.B);
-  launch_maybe_pdl(kernel, grid, dim3(S::kThreads), S::kSmemBytes, stream, p);
+  // Every copy is evict_first in L2. The L2 prefetch overlaps the selection only where
+  // this launch may start before the selection ends (programmatic dependent launch).
+  // H100, graph step (NOTES.md v24): B = 8 at 131k 168.8 -> 165.3 us (e4m3 summaries
+  // 137.6 -> 134.2), B = 4 at 131k 101.7 -> 98.9, B = 32 at 32k 302.8 -> 301.0, B = 1 at
+  // 131k 43.6 -> 42.5; without the prefetch (B = 1 at 262k and 524k, 16-bit summaries)
+  // the run-time flag costs 0.3-0.8 us. HYDRA_L2_PREFETCH=0 turns both off.
+  static const bool hints = env_enabled("HYDRA_L2_PREFETCH");
+  const bool pdl = use_pdl(dev);
+  DecodeParams q = p;
+  q.l2_evict_first = hints ? 1 : 0;
+  if (!(pdl && hints)) q.l2_prefetch = 0;
+  launch_with_pdl(pdl, kernel, grid, dim3(S::kThreads), S::kSmemBytes, stream, q);
   check_launch("sparse_decode_kernel");
 }
 
 template <int D, int STAGES, typename E>
-inline void launch_decode_stages(const DecodeParams& p, cudaStream_t stream) {
-  using S = DecodeShape<D, STAGES>;
-  if (S::kSmemBytes > size_t(max_smem_per_block())) {
-    throw std::runtime_error("hydra: the decode kernel needs " + std::to_string(S::kSmemBytes) +
-                             " bytes of shared memory per block; this GPU allows " +
-                             std::to_string(max_smem_per_block()));
-  }
+inline void launch_decode_stages(const DecodeParams& p, cudaStream_t stream, int dev) {
   // HYDRA_L1_COPY=0 / 1 sends every split's copies through L2 only / through L1.
   static const int forced = env_int("HYDRA_L1_COPY", -1);
   const int tiles = p.entries_per_split / (kTileTokens >> p.log2_page);
   if (forced >= 0 ? forced != 0 : tiles >= kL1CopyTiles) {
-    launch_decode_kernel<D, STAGES, E, true>(p, stream);
+    launch_decode_kernel<D, STAGES, E, true>(p, stream, dev);
   } else {
-    launch_decode_kernel<D, STAGES, E, false>(p, stream);
+    launch_decode_kernel<D, STAGES, E, false>(p, stream, dev);
   }
 }
 
@@ -474,14 +516,19 @@ inline void launch_decode_stages(const DecodeParams& p, cudaStream_t stream) {
 // (A100, H100, H200 at D <= 128; H100/H200 at D = 256), else 2, else 1.
 template <int D>
 inline void launch_sparse_decode_dim(const DecodeParams& p, cudaStream_t stream) {
-  const size_t limit = size_t(max_smem_per_block());
+  const int dev = current_device();
+  const size_t limit = size_t(max_smem_per_block(dev));
+  if (limit < DecodeShape<D, 1>::kSmemBytes) {
+    throw std::runtime_error("hydra: the decode kernel needs " + std::to_string(DecodeShape<D, 1>::kSmemBytes) +
+                             " bytes of shared memory per block; this GPU allows " + std::to_string(limit));
+  }
   HYDRA_DISPATCH_DTYPE(p.dtype, E, [&] {
     if (limit >= DecodeShape<D, 3>::kSmemBytes) {
-      launch_decode_stages<D, 3, E>(p, stream);
+      launch_decode_stages<D, 3, E>(p, stream, dev);
     } else if (limit >= DecodeShape<D, 2>::kSmemBytes) {
-      launch_decode_stages<D, 2, E>(p, stream);
+      launch_decode_stages<D, 2, E>(p, stream, dev);
     } else {
-      launch_decode_stages<D, 1, E>(p, stream);
+      launch_decode_stages<D, 1, E>(p, stream, dev);
     }
   });
 }

@@ -598,12 +598,13 @@ print("ok")
 
 
 def test_environment_switches(tmp_path):
-    """HYDRA_SHORT_STEP=0, HYDRA_CLUSTER_SELECT=0, HYDRA_PDL=0 and HYDRA_L1_COPY=0 (each
-    read once a process) turn off the fused short step, the cluster selection,
-    programmatic dependent launch and the attention's copies through L1, and the step's
-    output and LSE stay bitwise the same: the separate kernels use the same split plan and
-    select the same pages. (The third case's splits hold 22 tiles, past the 8 from which
-    the launcher sends the copies through L1: the kernel's last template argument.)"""
+    """HYDRA_SHORT_STEP=0, HYDRA_CLUSTER_SELECT=0, HYDRA_PDL=0, HYDRA_L1_COPY=0 and
+    HYDRA_L2_PREFETCH=0 (each read once a process) turn off the fused short step, the
+    cluster selection, programmatic dependent launch, the attention's copies through L1
+    and its L2 prefetch of the sink and recent rows, and the step's output and LSE stay
+    bitwise the same: the separate kernels use the same split plan and select the same
+    pages. (The third case's splits hold 22 tiles, past the 8 from which the launcher
+    sends the copies through L1: the kernel's last template argument.)"""
     _need_ops()
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the fused step, clusters and PDL need sm_90+")
@@ -614,11 +615,13 @@ def test_environment_switches(tmp_path):
     hydra_dir = os.path.dirname(os.path.dirname(os.path.abspath(hydra.__file__)))  # the package's parent
     runs = {}
     for name, switches in (("default", {}), ("off", {"HYDRA_SHORT_STEP": "0", "HYDRA_CLUSTER_SELECT": "0",
-                                                        "HYDRA_PDL": "0", "HYDRA_L1_COPY": "0"})):
+                                                        "HYDRA_PDL": "0", "HYDRA_L1_COPY": "0",
+                                                        "HYDRA_L2_PREFETCH": "0"})):
         d = tmp_path / name
         d.mkdir()
         env = {k: v for k, v in os.environ.items()
-               if k not in ("HYDRA_SHORT_STEP", "HYDRA_CLUSTER_SELECT", "HYDRA_PDL", "HYDRA_L1_COPY")}
+               if k not in ("HYDRA_SHORT_STEP", "HYDRA_CLUSTER_SELECT", "HYDRA_PDL", "HYDRA_L1_COPY",
+                            "HYDRA_L2_PREFETCH")}
         env.update(switches, PYTHONPATH=os.pathsep.join([hydra_dir, os.environ.get("PYTHONPATH", "")]))
         r = subprocess.run([sys.executable, "-c", _SWITCH_SCRIPT, here, str(d)], env=env, capture_output=True,
                            text=True, timeout=600)

@@ -175,8 +175,10 @@ hydra::ScoreParams score_params(const at::Tensor& q, const at::Tensor& k, const 
 
 // Fills the score/select parameters and runs the selection into `pages_out`: score and
 // select (flat), or score superpages, shortlist, score their fine pages, select
-// (coarse-to-fine). `work` holds selection_floats() floats.
-void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
+// (coarse-to-fine). `work` holds selection_floats() floats. Returns the summary bytes
+// its last launch reads (0 unless that launch scores: the fused cluster kernel), which
+// stream through L2 while the attention's first CTAs may already run.
+int64_t run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
                    const int* seqlens, const int* leftpad, const Shapes& s, int page_size, int sink_tokens,
                    int recent_tokens, int n_sel, int* pages_out, int* counters, float* work, cudaStream_t stream,
                    const hydra::CacheWriteParams* append = nullptr, int* lens_out = nullptr,
@@ -220,17 +222,17 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
             : hydra::ClusterPlan{};
     if (plan.fused) {  // sm_90+: scoring and selection in one cluster launch
       hydra::launch_score_select_cluster(sp, se, plan, stream);
-      return;
+      return int64_t(n_pages) * summaries->element_size() * 2 * s.D * s.B * s.Hkv;
     }
     hydra::launch_score_pages(sp, stream);
     if (plan.ctas > 0) {  // the scores above, selected over a cluster
       hydra::ScoreParams sel = sp;
       sel.append = hydra::CacheWriteParams{};  // the score kernel wrote the token
       hydra::launch_score_select_cluster(sel, se, plan, stream);
-      return;
+      return 0;
     }
     hydra::launch_select_pages(se, stream);
-    return;
+    return 0;
   }
   // Coarse-to-fine: workspace = superpage scores | shortlist (int) | compact fine scores.
   const int S = coarse.superpage, n_super = ceil_div(n_pages, S), n_short = coarse.n_short;
@@ -279,6 +281,7 @@ void run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional
   e2.shortlist = shortlist;
   e2.n_short = n_short;
   hydra::launch_select_pages(e2, stream);
+  return 0;
 }
 
 // Carves one byte buffer into aligned pieces: one allocator call per step.
@@ -477,8 +480,19 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (mode == kSelect) {
     int* sel = reinterpret_cast<int*>(at_off(i_pages));
     int* lens = fused_append ? reinterpret_cast<int*>(at_off(i_lens)) : nullptr;
-    run_selection(q, k, summaries, seqlens, leftpad, s, P, (int)sink_tokens, (int)recent_tokens, n_entries, sel, counters,
-                  reinterpret_cast<float*>(at_off(i_scores)), stream, fused_append ? append : nullptr, lens, coarse);
+    const int64_t streamed =
+        run_selection(q, k, summaries, seqlens, leftpad, s, P, (int)sink_tokens, (int)recent_tokens, n_entries, sel,
+                      counters, reinterpret_cast<float*>(at_off(i_scores)), stream, fused_append ? append : nullptr,
+                      lens, coarse);
+    // The attention may prefetch the sink and recent rows while the selection runs, unless
+    // the selection's launch then streams more summary bytes than L2 holds, which would
+    // push those rows out before they are read (H100, NOTES.md v24: B = 1 at 524k, 134 MB
+    // of 16-bit summaries through the fused cluster kernel, lost 1.1 us with the prefetch).
+    p.l2_prefetch = streamed <= hydra::device_l2_bytes() ? 1 : 0;
+    p.prefetch_seqlens = seqlens;  // the selection's lengths: the cache's, before the fused append
+    p.prefetch_len_add = fused_append ? 1 : 0;
+    p.prefetch_sink_tokens = ((int)sink_tokens + P - 1) / P * P;  // whole sink pages
+    p.prefetch_recent_tokens = (int)recent_tokens;
     if (fused_append) {  // the attention reads the step's lengths; it writes them to the cache
       seqlens = lens;
       p.lengths_out = append->lengths;
