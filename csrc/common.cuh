@@ -225,30 +225,26 @@ __device__ __forceinline__ void store_summary8_at(void* base, int64_t at, int D,
   }
 }
 
-
 // 16-byte asynchronous copy global -> shared; src_bytes == 0 zero-fills and reads nothing.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+// L1: the copy goes through L1 (cp.async.ca) rather than L2 only (.cg). Measured with ncu
+// on an H100 (NOTES.md v23): the attention's .cg copies made the L2 serve 1.5 times the
+// sectors they copy into its padded tiles (2 times into swizzled ones); through L1 it
+// serves each sector once. L1 adds latency to every copy.
+// HINT: the copy carries the L2 cache policy `pol` (an l2_evict_first_policy()).
+template <bool L1 = false, bool HINT = false>
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes, uint64_t pol = 0) {
   uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-}
-// The same through L1 (cp.async.ca). Measured with ncu on an H100 (NOTES.md v23): the
-// attention's .cg copies made the L2 serve 1.5 times the sectors they copy into its
-// padded tiles (2 times into swizzled ones); through L1 it serves each sector once. L1
-// adds latency to every copy.
-__device__ __forceinline__ void cp_async16_l1(void* smem, const void* gmem, int src_bytes) {
-  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-}
-// The same two with an L2 cache policy (an l2_evict_first_policy()).
-__device__ __forceinline__ void cp_async16_hint(void* smem, const void* gmem, int src_bytes, uint64_t pol) {
-  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(s), "l"(gmem),
-               "r"(src_bytes), "l"(pol));
-}
-__device__ __forceinline__ void cp_async16_l1_hint(void* smem, const void* gmem, int src_bytes, uint64_t pol) {
-  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(s), "l"(gmem),
-               "r"(src_bytes), "l"(pol));
+  if constexpr (HINT && L1) {
+    asm volatile("cp.async.ca.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(s), "l"(gmem),
+                 "r"(src_bytes), "l"(pol));
+  } else if constexpr (HINT) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(s), "l"(gmem),
+                 "r"(src_bytes), "l"(pol));
+  } else if constexpr (L1) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+  }
 }
 // An L2 policy under which the lines an access brings in are the first to be evicted:
 // for data read once, so that it does not push out lines that are still to be read.

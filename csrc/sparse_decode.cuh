@@ -70,7 +70,8 @@ struct DecodeShape {
 // through L1. evict_first: they carry an L2 evict_first policy (a step reads each K/V byte
 // once), so that they push out their own lines before rows prefetched into L2. It is a
 // run-time flag on purpose: as a template constant, ptxas of CUDA 13.0 mis-encoded the
-// hinted copies of the tile loop (an illegal instruction on the H100; NOTES.md v24).
+// hinted copies of the tile loop (an illegal instruction on the H100; NOTES.md v24), and
+// the forms that avoid that measured no better (v25).
 template <int D, int STAGES, bool SWIZZLE, bool L1, typename E, typename RowToken, typename Emit>
 __device__ __forceinline__ void attend_split(const DecodeParams& p, int b, int h, const bf16_t* kb, const bf16_t* vb,
                                              int e_first, int n_tiles, RowToken&& row_token,
@@ -99,19 +100,11 @@ __device__ __forceinline__ void attend_split(const DecodeParams& p, int b, int h
       const int64_t t64 = tok >= 0 ? tok : 0;
       const int bytes = tok >= 0 ? 16 : 0;  // zero-fill rows that are not attended
       if (evict_first) {
-        if constexpr (L1) {
-          cp_async16_l1_hint(dk + S::off(row, col), kb + t64 * p.k_row_stride + col, bytes, pol);
-          cp_async16_l1_hint(dv + S::off(row, col), vb + t64 * p.v_row_stride + col, bytes, pol);
-        } else {
-          cp_async16_hint(dk + S::off(row, col), kb + t64 * p.k_row_stride + col, bytes, pol);
-          cp_async16_hint(dv + S::off(row, col), vb + t64 * p.v_row_stride + col, bytes, pol);
-        }
-      } else if constexpr (L1) {
-        cp_async16_l1(dk + S::off(row, col), kb + t64 * p.k_row_stride + col, bytes);
-        cp_async16_l1(dv + S::off(row, col), vb + t64 * p.v_row_stride + col, bytes);
+        cp_async16<L1, true>(dk + S::off(row, col), kb + t64 * p.k_row_stride + col, bytes, pol);
+        cp_async16<L1, true>(dv + S::off(row, col), vb + t64 * p.v_row_stride + col, bytes, pol);
       } else {
-        cp_async16(dk + S::off(row, col), kb + t64 * p.k_row_stride + col, bytes);
-        cp_async16(dv + S::off(row, col), vb + t64 * p.v_row_stride + col, bytes);
+        cp_async16<L1, false>(dk + S::off(row, col), kb + t64 * p.k_row_stride + col, bytes);
+        cp_async16<L1, false>(dv + S::off(row, col), vb + t64 * p.v_row_stride + col, bytes);
       }
     }
   };
@@ -490,7 +483,9 @@ inline void launch_decode_kernel(const DecodeParams& p, cudaStream_t stream, int
   // H100, graph step (NOTES.md v24): B = 8 at 131k 168.8 -> 165.3 us (e4m3 summaries
   // 137.6 -> 134.2), B = 4 at 131k 101.7 -> 98.9, B = 32 at 32k 302.8 -> 301.0, B = 1 at
   // 131k 43.6 -> 42.5; without the prefetch (B = 1 at 262k and 524k, 16-bit summaries)
-  // the run-time flag costs 0.3-0.8 us. HYDRA_L2_PREFETCH=0 turns both off.
+  // the new sources cost 0.3-0.8 us (2.2 us at 262k after a read-only L2 flush). A single
+  // hinted copy path (the choice a template constant, NOTES.md v25) took back at most
+  // 0.5 us there and lost 0.5-1.6 us at B = 8 and 32. HYDRA_L2_PREFETCH=0 turns both off.
   static const bool hints = env_enabled("HYDRA_L2_PREFETCH");
   const bool pdl = use_pdl(dev);
   DecodeParams q = p;

@@ -179,10 +179,10 @@ hydra::ScoreParams score_params(const at::Tensor& q, const at::Tensor& k, const 
 // its last launch reads (0 unless that launch scores: the fused cluster kernel), which
 // stream through L2 while the attention's first CTAs may already run.
 int64_t run_selection(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
-                   const int* seqlens, const int* leftpad, const Shapes& s, int page_size, int sink_tokens,
-                   int recent_tokens, int n_sel, int* pages_out, int* counters, float* work, cudaStream_t stream,
-                   const hydra::CacheWriteParams* append = nullptr, int* lens_out = nullptr,
-                   const Coarse& coarse = Coarse()) {
+                      const int* seqlens, const int* leftpad, const Shapes& s, int page_size, int sink_tokens,
+                      int recent_tokens, int n_sel, int* pages_out, int* counters, float* work, cudaStream_t stream,
+                      const hydra::CacheWriteParams* append = nullptr, int* lens_out = nullptr,
+                      const Coarse& coarse = Coarse()) {
   const int n_pages = (s.Tkv + page_size - 1) / page_size;
   hydra::ScoreParams sp = score_params(q, k, summaries, seqlens, leftpad, s, page_size, sink_tokens, recent_tokens,
                                        n_sel, work);
@@ -488,7 +488,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     // the selection's launch then streams more summary bytes than L2 holds, which would
     // push those rows out before they are read (H100, NOTES.md v24: B = 1 at 524k, 134 MB
     // of 16-bit summaries through the fused cluster kernel, lost 1.1 us with the prefetch).
-    p.l2_prefetch = streamed <= hydra::device_l2_bytes() ? 1 : 0;
+    p.l2_prefetch = streamed == 0 || streamed <= hydra::device_l2_bytes() ? 1 : 0;
     p.prefetch_seqlens = seqlens;  // the selection's lengths: the cache's, before the fused append
     p.prefetch_len_add = fused_append ? 1 : 0;
     p.prefetch_sink_tokens = ((int)sink_tokens + P - 1) / P * P;  // whole sink pages
