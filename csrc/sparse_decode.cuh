@@ -482,10 +482,9 @@ inline void launch_decode_kernel(const DecodeParams& p, cudaStream_t stream, int
   // this launch may start before the selection ends (programmatic dependent launch).
   // H100, graph step (NOTES.md v24): B = 8 at 131k 168.8 -> 165.3 us (e4m3 summaries
   // 137.6 -> 134.2), B = 4 at 131k 101.7 -> 98.9, B = 32 at 32k 302.8 -> 301.0, B = 1 at
-  // 131k 43.6 -> 42.5; without the prefetch (B = 1 at 262k and 524k, 16-bit summaries)
-  // the new sources cost 0.3-0.8 us (2.2 us at 262k after a read-only L2 flush). A single
-  // hinted copy path (the choice a template constant, NOTES.md v25) took back 0.4-0.7 us
-  // at 262k but lost 0.5-1.6 us at B = 8 and 32, or 0.7-1.1 us at D = 64 in another form.
+  // 131k 43.6 -> 42.5. Where nothing is prefetched (B = 1 at 262k and 524k, 16-bit
+  // summaries) the run-time hint flag costs 0.3-0.8 us (2.2 us at 262k after a read-only
+  // L2 flush); the single-path forms of v25 did not do better overall.
   // HYDRA_L2_PREFETCH=0 turns both off.
   static const bool hints = env_enabled("HYDRA_L2_PREFETCH");
   const bool pdl = use_pdl(dev);

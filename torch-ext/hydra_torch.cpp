@@ -488,7 +488,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     // the selection's launch then streams more summary bytes than L2 holds, which would
     // push those rows out before they are read (H100, NOTES.md v24: B = 1 at 524k, 134 MB
     // of 16-bit summaries through the fused cluster kernel, lost 1.1 us with the prefetch).
-    p.l2_prefetch = streamed == 0 || streamed <= hydra::device_l2_bytes() ? 1 : 0;
+    p.l2_prefetch = streamed == 0 || streamed <= hydra::device_l2_bytes() ? 1 : 0;  // 0: no device query
     p.prefetch_seqlens = seqlens;  // the selection's lengths: the cache's, before the fused append
     p.prefetch_len_add = fused_append ? 1 : 0;
     p.prefetch_sink_tokens = ((int)sink_tokens + P - 1) / P * P;  // whole sink pages
