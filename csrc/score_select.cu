@@ -270,11 +270,27 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
 
 // THREADS: 1024 for long score rows, 256 for short ones (fewer warps make every
 // block barrier and the per-warp histogram reduction cheaper).
-template <int THREADS>
+//
+// REG (1,024 threads): every row holds at most kSelectRegKeys candidates, which stay in
+// registers.
+// Warp w holds the w-th run of 32 R' consecutive candidates (R' = ceil(n / THREADS) <= R
+// rounds, so that every warp has some), lane l candidates w * 32 R' + 32 r + l (r < R'):
+// the order the ordered output walks them in. So the first radix pass, the threshold
+// bin's gather and the output read no key from shared memory, and the whole row is one
+// chunk of the output: one block barrier exchanges the warps' counts. The sink and recent
+// pages, which are always taken, are written by index arithmetic around the chosen
+// candidates. Without REG the keys go through shared memory (or L2, past its capacity)
+// and the output is compacted in chunks (ordered_compact).
+constexpr int kSelectRegKeys = 8192;
+
+template <int THREADS, bool REG>
 __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, int smem_keys) {
   constexpr int kSelectThreads = THREADS, kWarps = THREADS / 32;
-  extern __shared__ uint32_t skeys[];  // [smem_keys] candidate keys, when they fit
+  static_assert(!REG || THREADS == 1024, "the register path is the 1,024-thread select's");
+  constexpr int kR = REG ? kSelectRegKeys / THREADS : 1;  // keys a thread holds (REG)
+  extern __shared__ uint32_t skeys[];  // [smem_keys] candidate keys, when they fit (not REG)
   const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
   pdl_wait();
   pdl_launch_dependents();  // the attention's CTAs may be placed while this one selects
   __shared__ int hist[256];
@@ -322,10 +338,35 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
   };
   const float* sc = p.scores + ((int64_t)b * p.Hkv + h) * p.n_scores + score_off;
   const bool cached = n_cand <= smem_keys;
-  // Read the candidate keys once (into shared memory when they fit) and find their
-  // min and max: the radix passes start below the bits that all keys share.
+  int* whist = reinterpret_cast<int*>(hist_all);  // [kWarps][256] private histograms, or one of 2,048 bins
+  constexpr int kBins = 2048;                      // the first radix pass's bins
+  static_assert(kBins <= kWarps * 256, "the first pass's histogram reuses the per-warp histograms");
+  // Zeroed before the barrier of the min / max below, which orders them before any use.
+  for (int i = tid; i < kBins; i += kSelectThreads) whist[i] = 0;
+  if (tid == 0) s_n = 0;
+  // Read the candidate keys once (into registers, or shared memory when they fit) and find
+  // their min and max: the radix passes start below the bits that all keys share.
   uint32_t kmin = 0xffffffffu, kmax = 0u;
-  {
+  uint32_t kr[kR];
+  // REG: rounds a warp holds (uniform), this thread's first candidate, and whether round
+  // r holds one of this thread's (c0 + 32 r < the warp's run end and < n_cand).
+  const int rounds = (n_cand + kSelectThreads - 1) / kSelectThreads;
+  const int c0 = warp * 32 * rounds + lane;
+  auto holds = [&](int r) { return r < rounds && c0 + 32 * r < n_cand; };
+  if constexpr (REG) {
+    if (rounds > kR) __trap();  // the launcher sends only rows of at most THREADS * kR scores
+    float v[kR];
+#pragma unroll
+    for (int r = 0; r < kR; ++r) v[r] = holds(r) ? sc[c0 + 32 * r] : 0.f;
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      kr[r] = order_key(v[r]);
+      if (holds(r)) {
+        kmin = min(kmin, kr[r]);
+        kmax = max(kmax, kr[r]);
+      }
+    }
+  } else {
     constexpr int kU = (kSelectThreads >= 1024 ? 8192 : 4096) / kSelectThreads;  // loads in flight per thread: one batch up to 8,192 keys
     for (int base = 0; base < n_cand; base += kSelectThreads * kU) {
       float v[kU];
@@ -349,10 +390,21 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
   __shared__ uint32_t s_min[kWarps], s_max[kWarps];
   block_min_max<kWarps>(kmin, kmax, s_min, s_max);
   auto key_at = [&](int i) -> uint32_t { return cached ? skeys[i] : order_key(sc[i]); };
+  // f(key) for each of this thread's candidates.
+  auto for_keys = [&](auto&& f) {
+    if constexpr (REG) {
+#pragma unroll
+      for (int r = 0; r < kR; ++r) {
+        if (holds(r)) f(kr[r]);
+      }
+    } else {
+      for (int i = tid; i < n_cand; i += kSelectThreads) f(key_at(i));
+    }
+  };
 
-  // Radix select of the k-th largest key, 8 bits a pass from the highest bit where
-  // min and max differ (scores share sign and most exponent bits, so a pass over
-  // the top byte would put every key in one bin). A final pass may overlap bits
+  // Radix select of the k-th largest key from the highest bit where min and max differ
+  // (scores share sign and most exponent bits, so a pass over the top bits would put
+  // every key in one bin): 11 bits, then 8 bits a pass. A final pass may overlap bits
   // already fixed; the prefix test keeps that correct.
   uint32_t prefix = kmin, mask = 0xffffffffu;
   int remaining = k;  // after the passes: how many candidates equal to the threshold to take
@@ -360,12 +412,10 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
     const int high_bit = 31 - __clz(kmin ^ kmax);
     mask = high_bit == 31 ? 0u : ~((2u << high_bit) - 1u);
     prefix = kmin & mask;
-    int* whist = reinterpret_cast<int*>(hist_all);  // [kWarps][256] private histograms
-    // The threshold's bin holds few keys: gather them and let one warp rank them.
+    // The threshold's bin holds few keys: gather them and let one warp rank them
+    // (s_n was zeroed at the start; this runs once at most).
     auto resolve_small_bin = [&]() {
-      if (tid == 0) s_n = 0;
-      __syncthreads();
-      gather_bin<kSelectThreads>(n_cand, key_at, mask, prefix, &s_n, s_list);
+      gather_bin_of(for_keys, mask, prefix, &s_n, s_list);
       __syncthreads();
       if (tid < 32) warp_rank_threshold(s_list, s_n, remaining, s_thr, s_need);
       __syncthreads();
@@ -380,16 +430,10 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
     bool done = false;
     int next_top;
     {
-      constexpr int kBins = 2048;
-      static_assert(kBins <= kWarps * 256, "the first pass's histogram reuses the per-warp histograms");
       const int shift = max(high_bit - 10, 0);
       const uint32_t bmask = (2u << (high_bit - shift)) - 1u;  // high_bit - shift + 1 bits
-      for (int i = tid; i < kBins; i += kSelectThreads) whist[i] = 0;
-      __syncthreads();
-      for (int i = tid; i < n_cand; i += kSelectThreads) {
-        const uint32_t u = key_at(i);  // every key shares the prefix above high_bit
-        atomicAdd(&whist[(u >> shift) & bmask], 1);
-      }
+      // Every key shares the prefix above high_bit.
+      for_keys([&](uint32_t u) { atomicAdd(&whist[(u >> shift) & bmask], 1); });
       __syncthreads();
       find_threshold_bin<kBins, kSelectThreads>(whist, remaining, warp_tot, s_bin, s_above);
       __syncthreads();
@@ -397,7 +441,6 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
       prefix |= (uint32_t)s_bin << shift;
       mask |= bmask << shift;
       const int bin_count = whist[s_bin];
-      __syncthreads();  // s_bin / s_above / the histogram are rewritten below
       if (shift == 0) {
         done = true;  // every bit is fixed: the threshold is the prefix itself
       } else if (bin_count <= 32) {
@@ -405,16 +448,16 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
         done = true;
       }
       next_top = shift - 1;
+      if (!done) __syncthreads();  // s_bin / s_above / the histogram are rewritten below
     }
     for (int top = next_top; !done && top >= 0; top -= 8) {
       const int shift = max(top - 7, 0);
       for (int i = tid; i < kWarps * 256; i += kSelectThreads) whist[i] = 0;
       __syncthreads();
       int* my_hist = whist + (tid >> 5) * 256;
-      for (int i = tid; i < n_cand; i += kSelectThreads) {
-        const uint32_t u = key_at(i);
+      for_keys([&](uint32_t u) {
         if ((u & mask) == prefix) atomicAdd(&my_hist[(u >> shift) & 255], 1);
-      }
+      });
       __syncthreads();
       if (tid < 256) {
         int c = 0;
@@ -458,39 +501,94 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
   }
   const int need_eq = k > 0 ? remaining : 0;
 
-  // Ordered compaction over the output order (head, candidates, tail): sinks and recent
-  // pages are definite, a candidate is definite above the threshold and equal at it
-  // (ordered_compact). A candidate scored -inf (mode 2: a slot that is no candidate page)
-  // is never taken.
+  // Ordered output (head, candidates, tail): sinks and recent pages are always taken, a
+  // candidate is definite above the threshold and equal at it (taken while fewer than
+  // need_eq equal candidates precede it). A candidate scored -inf (mode 2: a slot that is
+  // no candidate page) is never taken.
   constexpr uint32_t kNegInfKey = 0x007fffffu;  // order_key(-inf)
-  const int n_items = n_head + n_cand + n_tail;
-  int base_def = 0, base_eq = 0;
-  ordered_compact<kWarps, kSelectItems, true>(
-      n_items, need_eq, base_def, base_eq, warp_tot,
-      [&](int i, bool& def, bool& eq) {
-        if (i < n_head || i >= n_head + n_cand) {
-          def = true;
-          return;
-        }
-        if (k <= 0) return;
-        const uint32_t u = key_at(i - n_head);
-        if (p.mode == 2 && u == kNegInfKey) return;
-        def = take_all || u > prefix;
-        eq = !def && u == prefix;
-      },
-      [&](int i, int pos) {
-        if (pos >= p.n_out) return;
-        out[pos] = i < n_head ? i : i >= n_head + n_cand ? cand_hi + (i - n_head - n_cand) : page_of_cand(i - n_head);
-      });
-  for (int i = base_def + min(base_eq, need_eq) + tid; i < p.n_out; i += kSelectThreads) out[i] = -1;
+  if constexpr (REG) {
+    // Definite / equal flags of this thread's candidates, as ballots a round.
+    uint32_t dm[kR], em[kR];
+    int wd = 0, we = 0;
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      bool d = false, e = false;
+      if (holds(r) && k > 0 && !(p.mode == 2 && kr[r] == kNegInfKey)) {
+        d = take_all || kr[r] > prefix;
+        e = !d && kr[r] == prefix;
+      }
+      dm[r] = __ballot_sync(0xffffffffu, d);
+      em[r] = __ballot_sync(0xffffffffu, e);
+      wd += __popc(dm[r]);
+      we += __popc(em[r]);
+    }
+    // The warps' counts, equal ones in the high 16 bits (a row has at most 8,192).
+    if (lane == 0) warp_tot[warp] = (uint64_t)((we << 16) | wd);
+    __syncthreads();
+    const uint32_t x = lane < kWarps ? (uint32_t)warp_tot[lane] : 0u;
+    uint32_t incl = x;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const uint32_t y = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += y;
+    }
+    const uint32_t excl = __shfl_sync(0xffffffffu, incl - x, warp);
+    const uint32_t total = __shfl_sync(0xffffffffu, incl, 31);
+    int def_before = (int)(excl & 0xffffu), eq_before = (int)(excl >> 16);
+    const uint32_t lt = (1u << lane) - 1u;  // lanes below this one
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      if ((dm[r] | em[r]) == 0u) continue;  // most rounds take nothing (and those past the run)
+      const int d_lane = def_before + __popc(dm[r] & lt), e_lane = eq_before + __popc(em[r] & lt);
+      int pos = -1;
+      if (dm[r] >> lane & 1u) {
+        pos = d_lane + min(e_lane, need_eq);
+      } else if ((em[r] >> lane & 1u) && e_lane < need_eq) {
+        pos = d_lane + e_lane;
+      }
+      if (pos >= 0 && n_head + pos < p.n_out) out[n_head + pos] = page_of_cand(c0 + 32 * r);
+      def_before += __popc(dm[r]);
+      eq_before += __popc(em[r]);
+    }
+    const int taken = n_head + (int)(total & 0xffffu) + min((int)(total >> 16), need_eq);
+    for (int i = tid; i < n_head && i < p.n_out; i += kSelectThreads) out[i] = i;
+    for (int j = tid; j < n_tail && taken + j < p.n_out; j += kSelectThreads) out[taken + j] = cand_hi + j;
+    for (int i = taken + n_tail + tid; i < p.n_out; i += kSelectThreads) out[i] = -1;
+  } else {
+    const int n_items = n_head + n_cand + n_tail;
+    int base_def = 0, base_eq = 0;
+    ordered_compact<kWarps, kSelectItems, true>(
+        n_items, need_eq, base_def, base_eq, warp_tot,
+        [&](int i, bool& def, bool& eq) {
+          if (i < n_head || i >= n_head + n_cand) {
+            def = true;
+            return;
+          }
+          if (k <= 0) return;
+          const uint32_t u = key_at(i - n_head);
+          if (p.mode == 2 && u == kNegInfKey) return;
+          def = take_all || u > prefix;
+          eq = !def && u == prefix;
+        },
+        [&](int i, int pos) {
+          if (pos >= p.n_out) return;
+          out[pos] = i < n_head ? i : i >= n_head + n_cand ? cand_hi + (i - n_head - n_cand) : page_of_cand(i - n_head);
+        });
+    for (int i = base_def + min(base_eq, need_eq) + tid; i < p.n_out; i += kSelectThreads) out[i] = -1;
+  }
 }
 
-template <int THREADS>
+template <int THREADS, bool REG>
 void launch_select_threads(const SelectParams& p, cudaStream_t stream) {
+  auto kernel = select_pages_kernel<THREADS, REG>;
+  if constexpr (REG) {  // the keys stay in registers: no dynamic shared memory
+    launch_maybe_pdl(kernel, dim3(p.Hkv, p.B), dim3(THREADS), 0, stream, p, 0);
+    check_launch("select_pages_kernel");
+    return;
+  }
   // Cache up to 40,960 candidate keys (160 KB, 640k tokens at 16-token pages) in shared
   // memory, fewer where the GPU allows less per block (~16k keys on ~100 KB GPUs); longer
   // rows read their keys from L2 on each pass instead.
-  auto kernel = select_pages_kernel<THREADS>;
   static int max_keys[kMaxDevices] = {};
   const int cap = per_device(max_keys, current_device(), [&](int dev) {
     cudaFuncAttributes attr{};
@@ -508,11 +606,18 @@ void launch_select_threads(const SelectParams& p, cudaStream_t stream) {
   check_launch("select_pages_kernel");
 }
 
+// A row's candidates never outnumber its scores (n_scores), so rows of 4,097-8,192 scores
+// take the register path: against keys in shared memory, the B = 1 steps at 98k-131k
+// (D = 64, 128, 256) took 0.2-1.5 us less in three H100 A/B runs (NOTES.md v26). The
+// 256-thread select's rows (up to 4,096 scores) lost with it (B = 1 and 32 at 32k), so
+// they keep shared memory.
 void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
   if (p.n_scores <= 4096) {
-    launch_select_threads<256>(p, stream);
+    launch_select_threads<256, false>(p, stream);
+  } else if (p.n_scores <= kSelectRegKeys) {
+    launch_select_threads<1024, true>(p, stream);
   } else {
-    launch_select_threads<1024>(p, stream);
+    launch_select_threads<1024, false>(p, stream);
   }
 }
 

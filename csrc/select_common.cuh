@@ -211,21 +211,38 @@ __device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* w
 // bin where the count of keys from the highest bin down first reaches `remaining`.
 // Thread t owns BINS / THREADS consecutive bins from the top; the one whose range holds
 // the threshold writes the bin to s_bin and the count of keys in higher bins to
-// s_above. The caller syncs the block before reading them.
+// s_above. One block barrier: each warp scans its own bins, then every warp scans the
+// warps' totals (warp_tot, one slot a warp) itself. The caller syncs the block before
+// reading s_bin / s_above, and before warp_tot is written again.
 template <int BINS, int THREADS>
 __device__ __forceinline__ void find_threshold_bin(const int* hist, int remaining, uint64_t* warp_tot, int& s_bin,
                                                    int& s_above) {
-  constexpr int kPer = BINS / THREADS;
+  constexpr int kPer = BINS / THREADS, kWarps = THREADS / 32;
   static_assert(kPer * THREADS == BINS, "every thread owns the same number of bins");
-  const int tid = threadIdx.x;
+  static_assert(kWarps >= 1 && kWarps <= 32, "one warp scans the warps' totals");
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int c[kPer], sum = 0;
 #pragma unroll
   for (int j = 0; j < kPer; ++j) {
     c[j] = hist[BINS - 1 - (tid * kPer + j)];
     sum += c[j];
   }
-  uint64_t total;
-  int acc = (int)block_exclusive_scan<THREADS / 32>((uint64_t)sum, warp_tot, total);  // keys in higher bins
+  int incl = sum;  // keys in this warp's bins down to this thread's last (< 2^31: counts of keys)
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += y;
+  }
+  if (lane == 31) warp_tot[warp] = (uint64_t)incl;
+  __syncthreads();
+  const int wt = lane < kWarps ? (int)warp_tot[lane] : 0;
+  int wincl = wt;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, wincl, off);
+    if (lane >= off) wincl += y;
+  }
+  int acc = __shfl_sync(0xffffffffu, wincl - wt, warp) + incl - sum;  // keys in higher bins
   if (acc < remaining && remaining <= acc + sum) {
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
@@ -257,21 +274,29 @@ __device__ __forceinline__ void warp_rank_threshold(const uint32_t* list, int n,
   }
 }
 
-// Gathers the keys of [0, n) whose bits under `mask` equal `prefix` (a threshold bin
-// known to hold at most 32 of them) into list[0..32), counting them in *count; THREADS
-// threads of the block share the loop. count and list may sit in another CTA's shared
+// Gathers the keys whose bits under `mask` equal `prefix` (a threshold bin known to hold
+// at most 32 of them) into list[0..32), counting them in *count. for_keys(f) calls f(key)
+// for this thread's share of the keys. count and list may sit in another CTA's shared
 // memory (the cluster kernel gathers in CTA 0). The caller zeroes *count before and
 // syncs after.
-template <int THREADS, typename KeyAt>
-__device__ __forceinline__ void gather_bin(int n, KeyAt&& key_at, uint32_t mask, uint32_t prefix, int* count,
-                                           uint32_t* list) {
-  for (int i = threadIdx.x; i < n; i += THREADS) {
-    const uint32_t u = key_at(i);
+template <typename ForKeys>
+__device__ __forceinline__ void gather_bin_of(ForKeys&& for_keys, uint32_t mask, uint32_t prefix, int* count,
+                                              uint32_t* list) {
+  for_keys([&](uint32_t u) {
     if ((u & mask) == prefix) {
       const int slot = atomicAdd(count, 1);
       if (slot < 32) list[slot] = u;
     }
-  }
+  });
+}
+
+// ... over the keys key_at(i) of [0, n), THREADS threads of the block sharing the loop.
+template <int THREADS, typename KeyAt>
+__device__ __forceinline__ void gather_bin(int n, KeyAt&& key_at, uint32_t mask, uint32_t prefix, int* count,
+                                           uint32_t* list) {
+  gather_bin_of([&](auto&& f) {
+    for (int i = threadIdx.x; i < n; i += THREADS) f(key_at(i));
+  }, mask, prefix, count, list);
 }
 
 // Shared scratch of block_radix_threshold.

@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kShortThreads) short_step_kernel(ScoreParams s
   int* spage = reinterpret_cast<int*>(smem_raw + SS::kPageOffset);            // [1 + entries] as the attention's
   float* part = reinterpret_cast<float*>(smem_raw + SS::kPartOffset);         // [16][D] outputs, [16] lse2
   int* hist = reinterpret_cast<int*>(smem_raw);                               // the select's, in the pipeline
-  __shared__ uint64_t warp_tot[32];  // block scans write all 32 (block_exclusive_scan)
+  __shared__ uint64_t warp_tot[32];  // find_threshold_bin: one a warp; ordered_compact: two a warp
   __shared__ BlockRadixShared rs;
   __shared__ uint32_t s_wmin[kWarps], s_wmax[kWarps];
   __shared__ float sw[2 * D];  // e4m3 scoring: the group's folded query [qneg | qpos]

@@ -366,13 +366,16 @@ def test_opcheck_every_op():
     assert add_op_namespace_prefix("decode").endswith("::decode")
 
 
+@pytest.mark.parametrize("n_pages", [9000, 8191, 3001])
 @pytest.mark.parametrize("dist", ["outliers", "normal", "ties"])
-def test_selection_score_distributions(dist):
+def test_selection_score_distributions(dist, n_pages):
     """Top-k selection on skewed score distributions: a few far outliers, a normal
     spread, and a handful of distinct values (ties at the threshold). Scores are set
-    directly through crafted summaries (kmin = kmax = alpha * q / |q|^2)."""
+    directly through crafted summaries (kmin = kmax = alpha * q / |q|^2). Rows of more
+    than 8,192 scores (and the 256-thread select's, up to 4,096: 3,001) keep their keys in
+    shared memory; 4,097-8,192 (8,191) in registers."""
     _need_ops()
-    P, n_pages = 16, 9000
+    P = 16
     T = n_pages * P
     g = torch.Generator(device=DEV).manual_seed(21)
     q = torch.randn(1, 1, 1, 128, device=DEV, generator=g).to(BF16)
