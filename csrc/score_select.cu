@@ -608,9 +608,9 @@ void launch_select_threads(const SelectParams& p, cudaStream_t stream) {
 
 // A row's candidates never outnumber its scores (n_scores), so rows of 4,097-8,192 scores
 // take the register path: against keys in shared memory, the B = 1 steps at 98k-131k
-// (D = 64, 128, 256) took 0.2-1.5 us less in three H100 A/B runs (NOTES.md v26). The
-// 256-thread select's rows (up to 4,096 scores) lost with it (B = 1 and 32 at 32k), so
-// they keep shared memory.
+// (D = 64, 128, 256) took up to 1.5 us less in three H100 A/B runs, none more than 0.1 us
+// more; B = 8 at 131k moved by -1.4 to +1.0 us (NOTES.md v26). The 256-thread select's
+// rows (up to 4,096 scores) lost with it (B = 1 and 32 at 32k), so they keep shared memory.
 void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
   if (p.n_scores <= 4096) {
     launch_select_threads<256, false>(p, stream);
