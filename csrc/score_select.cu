@@ -272,10 +272,9 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
 // block barrier and the per-warp histogram reduction cheaper).
 //
 // REG (1,024 threads): every row holds at most kSelectRegKeys candidates, which stay in
-// registers.
-// Warp w holds the w-th run of 32 R' consecutive candidates (R' = ceil(n / THREADS) <= R
-// rounds, so that every warp has some), lane l candidates w * 32 R' + 32 r + l (r < R'):
-// the order the ordered output walks them in. So the first radix pass, the threshold
+// registers. Warp w holds the w-th run of 32 R' consecutive candidates (R' = ceil(n /
+// THREADS) <= R rounds, so that every warp has some), lane l candidates w * 32 R' + 32 r +
+// l (r < R'): the order the ordered output walks them in. So the first radix pass, the threshold
 // bin's gather and the output read no key from shared memory, and the whole row is one
 // chunk of the output: one block barrier exchanges the warps' counts. The sink and recent
 // pages, which are always taken, are written by index arithmetic around the chosen
@@ -608,9 +607,10 @@ void launch_select_threads(const SelectParams& p, cudaStream_t stream) {
 
 // A row's candidates never outnumber its scores (n_scores), so rows of 4,097-8,192 scores
 // take the register path: against keys in shared memory, the B = 1 steps at 98k-131k
-// (D = 64, 128, 256) took up to 1.5 us less in three H100 A/B runs, none more than 0.1 us
-// more; B = 8 at 131k moved by -1.4 to +1.0 us (NOTES.md v26). The 256-thread select's
-// rows (up to 4,096 scores) lost with it (B = 1 and 32 at 32k), so they keep shared memory.
+// (D = 64, 128, 256) took 0.1-1.6 us less in three H100 A/B runs (one row, D = 64 with
+// 16-bit summaries, +0.04 us in one run); B = 8 at 131k moved by -1.4 to +1.1 us
+// (NOTES.md v26). The 256-thread select's rows (up to 4,096 scores) lost with it (B = 1
+// and 32 at 32k), so they keep shared memory.
 void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
   if (p.n_scores <= 4096) {
     launch_select_threads<256, false>(p, stream);
