@@ -271,22 +271,25 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
 // THREADS: 1024 for long score rows, 256 for short ones (fewer warps make every
 // block barrier and the per-warp histogram reduction cheaper).
 //
-// REG (1,024 threads): every row holds at most kSelectRegKeys candidates, which stay in
-// registers. Warp w holds the w-th run of 32 R' consecutive candidates (R' = ceil(n /
-// THREADS) <= R rounds, so that every warp has some), lane l candidates w * 32 R' + 32 r +
-// l (r < R'): the order the ordered output walks them in. So the first radix pass, the threshold
-// bin's gather and the output read no key from shared memory, and the whole row is one
-// chunk of the output: one block barrier exchanges the warps' counts. The sink and recent
-// pages, which are always taken, are written by index arithmetic around the chosen
-// candidates. Without REG the keys go through shared memory (or L2, past its capacity)
-// and the output is compacted in chunks (ordered_compact).
-constexpr int kSelectRegKeys = 8192;
+// REG: every row holds at most kSelectRegKeys candidates (8,192 for 1,024 threads, 4,096
+// for 256), which stay in registers, 8 or 16 a thread. Warp w holds the w-th run of 32 R'
+// consecutive candidates (R' = ceil(n / THREADS) <= R rounds, so that every warp has
+// some), lane l candidates w * 32 R' + 32 r + l (r < R'): the order the ordered output
+// walks them in. The unrolled loops over R stop at R', so a short row does a short row's
+// work. The first radix pass, the threshold bin's gather and the output read no key from
+// shared memory, and the whole row is one chunk of the output: one block barrier
+// exchanges the warps' counts (select_common.cuh's ballot_rounds, scan_warp_counts and
+// emit_taken, as ordered_compact). The sink and recent pages, which are always taken, are
+// written by index arithmetic around the chosen candidates. Without REG the keys go
+// through shared memory (or L2, past its capacity) and the output is compacted in chunks
+// (ordered_compact).
+template <int THREADS>
+constexpr int kSelectRegKeys = THREADS >= 1024 ? 8192 : 4096;
 
 template <int THREADS, bool REG>
 __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, int smem_keys) {
   constexpr int kSelectThreads = THREADS, kWarps = THREADS / 32;
-  static_assert(!REG || THREADS == 1024, "the register path is the 1,024-thread select's");
-  constexpr int kR = REG ? kSelectRegKeys / THREADS : 1;  // keys a thread holds (REG)
+  constexpr int kR = REG ? kSelectRegKeys<THREADS> / THREADS : 1;  // keys a thread holds (REG)
   extern __shared__ uint32_t skeys[];  // [smem_keys] candidate keys, when they fit (not REG)
   const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
@@ -347,18 +350,22 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
   // their min and max: the radix passes start below the bits that all keys share.
   uint32_t kmin = 0xffffffffu, kmax = 0u;
   uint32_t kr[kR];
-  // REG: rounds a warp holds (uniform), this thread's first candidate, and whether round
-  // r holds one of this thread's (c0 + 32 r < the warp's run end and < n_cand).
+  // REG: rounds a warp holds (block-uniform: the unrolled loops over kR stop there), this
+  // thread's first candidate, and whether round r < rounds holds one of its candidates.
   const int rounds = (n_cand + kSelectThreads - 1) / kSelectThreads;
   const int c0 = warp * 32 * rounds + lane;
-  auto holds = [&](int r) { return r < rounds && c0 + 32 * r < n_cand; };
+  auto holds = [&](int r) { return c0 + 32 * r < n_cand; };
   if constexpr (REG) {
     if (rounds > kR) __trap();  // the launcher sends only rows of at most THREADS * kR scores
     float v[kR];
 #pragma unroll
-    for (int r = 0; r < kR; ++r) v[r] = holds(r) ? sc[c0 + 32 * r] : 0.f;
+    for (int r = 0; r < kR; ++r) {
+      if (r >= rounds) break;
+      v[r] = holds(r) ? sc[c0 + 32 * r] : 0.f;
+    }
 #pragma unroll
     for (int r = 0; r < kR; ++r) {
+      if (r >= rounds) break;
       kr[r] = order_key(v[r]);
       if (holds(r)) {
         kmin = min(kmin, kr[r]);
@@ -394,6 +401,7 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
     if constexpr (REG) {
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
+        if (r >= rounds) break;
         if (holds(r)) f(kr[r]);
       }
     } else {
@@ -506,50 +514,21 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
   // no candidate page) is never taken.
   constexpr uint32_t kNegInfKey = 0x007fffffu;  // order_key(-inf)
   if constexpr (REG) {
-    // Definite / equal flags of this thread's candidates, as ballots a round.
+    // The whole row is one run a warp (at most 8,192 candidates: 16-bit counts).
     uint32_t dm[kR], em[kR];
-    int wd = 0, we = 0;
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-      bool d = false, e = false;
+    int wd, we;
+    ballot_rounds<kR>(rounds, dm, em, wd, we, [&](int r, bool& d, bool& e) {
       if (holds(r) && k > 0 && !(p.mode == 2 && kr[r] == kNegInfKey)) {
         d = take_all || kr[r] > prefix;
         e = !d && kr[r] == prefix;
       }
-      dm[r] = __ballot_sync(0xffffffffu, d);
-      em[r] = __ballot_sync(0xffffffffu, e);
-      wd += __popc(dm[r]);
-      we += __popc(em[r]);
-    }
-    // The warps' counts, equal ones in the high 16 bits (a row has at most 8,192).
-    if (lane == 0) warp_tot[warp] = (uint64_t)((we << 16) | wd);
-    __syncthreads();
-    const uint32_t x = lane < kWarps ? (uint32_t)warp_tot[lane] : 0u;
-    uint32_t incl = x;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const uint32_t y = __shfl_up_sync(0xffffffffu, incl, off);
-      if (lane >= off) incl += y;
-    }
-    const uint32_t excl = __shfl_sync(0xffffffffu, incl - x, warp);
-    const uint32_t total = __shfl_sync(0xffffffffu, incl, 31);
-    int def_before = (int)(excl & 0xffffu), eq_before = (int)(excl >> 16);
-    const uint32_t lt = (1u << lane) - 1u;  // lanes below this one
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-      if ((dm[r] | em[r]) == 0u) continue;  // most rounds take nothing (and those past the run)
-      const int d_lane = def_before + __popc(dm[r] & lt), e_lane = eq_before + __popc(em[r] & lt);
-      int pos = -1;
-      if (dm[r] >> lane & 1u) {
-        pos = d_lane + min(e_lane, need_eq);
-      } else if ((em[r] >> lane & 1u) && e_lane < need_eq) {
-        pos = d_lane + e_lane;
-      }
-      if (pos >= 0 && n_head + pos < p.n_out) out[n_head + pos] = page_of_cand(c0 + 32 * r);
-      def_before += __popc(dm[r]);
-      eq_before += __popc(em[r]);
-    }
-    const int taken = n_head + (int)(total & 0xffffu) + min((int)(total >> 16), need_eq);
+    });
+    int def_before, eq_before, def_total, eq_total;
+    scan_warp_counts<kWarps, uint32_t>(wd, we, warp_tot, def_before, eq_before, def_total, eq_total);
+    emit_taken<kR, true>(rounds, dm, em, def_before, eq_before, need_eq, [&](int r, int pos) {
+      if (n_head + pos < p.n_out) out[n_head + pos] = page_of_cand(c0 + 32 * r);
+    });
+    const int taken = n_head + def_total + min(eq_total, need_eq);
     for (int i = tid; i < n_head && i < p.n_out; i += kSelectThreads) out[i] = i;
     for (int j = tid; j < n_tail && taken + j < p.n_out; j += kSelectThreads) out[taken + j] = cand_hi + j;
     for (int i = taken + n_tail + tid; i < p.n_out; i += kSelectThreads) out[i] = -1;
@@ -605,16 +584,17 @@ void launch_select_threads(const SelectParams& p, cudaStream_t stream) {
   check_launch("select_pages_kernel");
 }
 
-// A row's candidates never outnumber its scores (n_scores), so rows of 4,097-8,192 scores
-// take the register path: against keys in shared memory, the B = 1 steps at 98k-131k
-// (D = 64, 128, 256) took 0.1-1.6 us less in three H100 A/B runs (one row, D = 64 with
-// 16-bit summaries, +0.04 us in one run); B = 8 at 131k moved by -1.4 to +1.1 us
-// (NOTES.md v26). The 256-thread select's rows (up to 4,096 scores) lost with it (B = 1
-// and 32 at 32k), so they keep shared memory.
+// A row's candidates never outnumber its scores (n_scores), so every row of up to 8,192
+// scores keeps its keys in registers. H100 A/B, graph step, means of three rounds
+// (NOTES.md v27), against the form before (shared memory up to 4,096 scores; registers
+// above, without the loops' stop at the row's rounds), 16-bit / e4m3 summaries: B = 1 at
+// 32k 30.2 -> 28.8 / 31.9 -> 31.2 us, 65k 37.1 -> 33.7 / 37.1 -> 34.9, 131k 42.6 -> 41.5
+// / 41.5 -> 39.9 (D = 64 and 256: -1.1 to -1.6), B = 8 at 131k -2.4; B = 32 at 32k and
+// B = 1 at 8k within +-0.3.
 void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
-  if (p.n_scores <= 4096) {
-    launch_select_threads<256, false>(p, stream);
-  } else if (p.n_scores <= kSelectRegKeys) {
+  if (p.n_scores <= kSelectRegKeys<256>) {
+    launch_select_threads<256, true>(p, stream);
+  } else if (p.n_scores <= kSelectRegKeys<1024>) {
     launch_select_threads<1024, true>(p, stream);
   } else {
     launch_select_threads<1024, false>(p, stream);

@@ -363,70 +363,112 @@ __device__ __forceinline__ void block_radix_threshold(const uint32_t* keys, int 
 // definite (taken: above the threshold, or forced) or equal to the threshold (taken only
 // while fewer than need_eq equal items precede it) or neither. A taken item's position is
 // (#definite before) + min(#equal before, need_eq) if definite, and (#definite before) +
-// (#equal before) if equal. classify(i, def, eq) flags item i; emit(i, pos) receives each
-// taken item. base_def / base_eq: the definite and equal items before item 0 (the
-// cluster kernel's earlier slices); on return, those counts past the last item.
+// (#equal before) if equal.
 //
-// Warp w of a chunk takes R rounds of 32 consecutive items (lane l: item 32 r + l), so
-// shared-memory keys are read without bank conflicts, and its counts come from ballots;
-// one block barrier a chunk exchanges the warps' totals (double-buffered in warp_tot,
-// which must hold 2 * WARPS values).
+// A warp walks its items in rounds of 32 (lane l: item 32 r + l of its run) and counts
+// them with ballots; the three steps below are shared by ordered_compact and the register
+// select (select_pages_kernel), which holds its whole row as one such run a warp.
+
+// Step 1: the definite / equal ballots of rounds 0..n_rounds-1 (n_rounds warp-uniform;
+// the unrolled loop stops there) and this warp's counts. classify(r, def, eq) flags this
+// lane's item of round r.
+template <int R, typename Classify>
+__device__ __forceinline__ void ballot_rounds(int n_rounds, uint32_t (&dm)[R], uint32_t (&em)[R], int& wd, int& we,
+                                              Classify&& classify) {
+  wd = 0;
+  we = 0;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r >= n_rounds) break;
+    bool d = false, e = false;
+    classify(r, d, e);
+    dm[r] = __ballot_sync(0xffffffffu, d);
+    em[r] = __ballot_sync(0xffffffffu, e);
+    wd += __popc(dm[r]);
+    we += __popc(em[r]);
+  }
+}
+
+// Step 2: one block barrier exchanges the warps' (definite, equal) counts, packed in one
+// Word (uint32_t: 16 bits each, for at most 65,535 items; uint64_t: 32 bits each) through
+// tot[WARPS]; every warp then scans them itself for its own offsets and the total.
+template <int WARPS, typename Word>
+__device__ __forceinline__ void scan_warp_counts(int wd, int we, uint64_t* tot, int& def_before, int& eq_before,
+                                                 int& def_total, int& eq_total) {
+  constexpr int kShift = int(sizeof(Word)) * 4;
+  constexpr Word kLow = (Word(1) << kShift) - 1;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) tot[warp] = (uint64_t)(((Word)we << kShift) | (Word)wd);
+  __syncthreads();
+  const Word x = lane < WARPS ? (Word)tot[lane] : Word(0);
+  Word incl = x;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const Word y = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += y;
+  }
+  const Word excl = __shfl_sync(0xffffffffu, incl - x, warp);
+  const Word total = __shfl_sync(0xffffffffu, incl, 31);
+  def_before = (int)(excl & kLow);
+  eq_before = (int)(excl >> kShift);
+  def_total = (int)(total & kLow);
+  eq_total = (int)(total >> kShift);
+}
+
+// Step 3: emit(r, pos) for this lane's taken item of each round r < n_rounds, given the
+// definite / equal items before the warp's first. SKIP_EMPTY: most rounds take nothing (a
+// row keeps a few percent of its candidates), so skip their bookkeeping (the test is
+// uniform across the warp, and their counts add nothing). Measured (NOTES.md v16): the
+// select kernel at 32k keys 24.0 -> 21.6 us (ncu, H200); the cluster kernel ran 1 us
+// slower with it (H100), so it does not.
+template <int R, bool SKIP_EMPTY, typename Emit>
+__device__ __forceinline__ void emit_taken(int n_rounds, const uint32_t (&dm)[R], const uint32_t (&em)[R], int def_before,
+                                           int eq_before, int need_eq, Emit&& emit) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t lt = (1u << lane) - 1u;  // lanes below this one
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r >= n_rounds) break;
+    if (SKIP_EMPTY && (dm[r] | em[r]) == 0u) continue;
+    const int d_lane = def_before + __popc(dm[r] & lt), e_lane = eq_before + __popc(em[r] & lt);
+    int pos = -1;
+    if (dm[r] >> lane & 1u) {
+      pos = d_lane + min(e_lane, need_eq);
+    } else if ((em[r] >> lane & 1u) && e_lane < need_eq) {
+      pos = d_lane + e_lane;
+    }
+    if (pos >= 0) emit(r, pos);
+    def_before += __popc(dm[r]);
+    eq_before += __popc(em[r]);
+  }
+}
+
+// The compaction of n items in chunks of WARPS * 32 * R: warp w of a chunk takes R rounds
+// of 32 consecutive items, so shared-memory keys are read without bank conflicts; one
+// block barrier a chunk (double-buffered in warp_tot, which must hold 2 * WARPS values).
+// classify(i, def, eq) flags item i; emit(i, pos) receives each taken item. base_def /
+// base_eq: the definite and equal items before item 0 (the cluster kernel's earlier
+// slices); on return, those counts past the last item.
 template <int WARPS, int R, bool SKIP_EMPTY, typename Classify, typename Emit>
 __device__ __forceinline__ void ordered_compact(int n, int need_eq, int& base_def, int& base_eq, uint64_t* warp_tot,
                                                 Classify&& classify, Emit&& emit) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const uint32_t lt = (1u << lane) - 1u;  // lanes below this one
   constexpr int kChunk = WARPS * 32 * R;
   int parity = 0;
   for (int chunk = 0; chunk < n; chunk += kChunk, parity ^= 1) {
     const int w0 = chunk + warp * 32 * R;
     uint32_t dm[R], em[R];
-    int wd = 0, we = 0;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
+    int wd, we;
+    ballot_rounds<R>(R, dm, em, wd, we, [&](int r, bool& d, bool& e) {
       const int i = w0 + 32 * r + lane;
-      bool d = false, e = false;
       if (i < n) classify(i, d, e);
-      dm[r] = __ballot_sync(0xffffffffu, d);
-      em[r] = __ballot_sync(0xffffffffu, e);
-      wd += __popc(dm[r]);
-      we += __popc(em[r]);
-    }
-    uint64_t* tot = warp_tot + parity * WARPS;
-    if (lane == 0) tot[warp] = ((uint64_t)we << 32) | (uint32_t)wd;
-    __syncthreads();
-    // Every warp scans the warps' totals itself: its own offset and the chunk's total.
-    uint64_t x = lane < WARPS ? tot[lane] : 0;
-    uint64_t incl = x;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const uint64_t y = __shfl_up_sync(0xffffffffu, incl, off);
-      if (lane >= off) incl += y;
-    }
-    const uint64_t excl = __shfl_sync(0xffffffffu, incl - x, warp);
-    const uint64_t total = __shfl_sync(0xffffffffu, incl, 31);
-    int def_before = base_def + (int)(excl & 0xffffffffu);
-    int eq_before = base_eq + (int)(excl >> 32);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      // SKIP_EMPTY: most rounds take nothing (a row keeps a few percent of its candidates),
-      // so skip their bookkeeping (the test is uniform across the warp, and their counts
-      // add nothing). Measured (NOTES.md v16): the select kernel at 32k keys 24.0 -> 21.6
-      // us (ncu, H200); the cluster kernel ran 1 us slower with it (H100), so it does not.
-      if (SKIP_EMPTY && (dm[r] | em[r]) == 0u) continue;
-      const int d_lane = def_before + __popc(dm[r] & lt), e_lane = eq_before + __popc(em[r] & lt);
-      int pos = -1;
-      if (dm[r] >> lane & 1u) {
-        pos = d_lane + min(e_lane, need_eq);
-      } else if ((em[r] >> lane & 1u) && e_lane < need_eq) {
-        pos = d_lane + e_lane;
-      }
-      if (pos >= 0) emit(w0 + 32 * r + lane, pos);
-      def_before += __popc(dm[r]);
-      eq_before += __popc(em[r]);
-    }
-    base_def += (int)(total & 0xffffffffu);
-    base_eq += (int)(total >> 32);
+    });
+    int def_before, eq_before, def_total, eq_total;
+    scan_warp_counts<WARPS, uint64_t>(wd, we, warp_tot + parity * WARPS, def_before, eq_before, def_total, eq_total);
+    emit_taken<R, SKIP_EMPTY>(R, dm, em, base_def + def_before, base_eq + eq_before, need_eq,
+                              [&](int r, int pos) { emit(w0 + 32 * r + lane, pos); });
+    base_def += def_total;
+    base_eq += eq_total;
   }
 }
 
