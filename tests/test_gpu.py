@@ -366,14 +366,15 @@ def test_opcheck_every_op():
     assert add_op_namespace_prefix("decode").endswith("::decode")
 
 
-@pytest.mark.parametrize("n_pages", [9000, 8191, 3001])
+@pytest.mark.parametrize("n_pages", [9000, 8191, 4097, 4096, 3001])
 @pytest.mark.parametrize("dist", ["outliers", "normal", "ties"])
 def test_selection_score_distributions(dist, n_pages):
     """Top-k selection on skewed score distributions: a few far outliers, a normal
     spread, and a handful of distinct values (ties at the threshold). Scores are set
     directly through crafted summaries (kmin = kmax = alpha * q / |q|^2). Rows of more
-    than 8,192 scores (and the 256-thread select's, up to 4,096: 3,001) keep their keys in
-    shared memory; 4,097-8,192 (8,191) in registers."""
+    than 8,192 scores (9,000) keep their keys in shared memory; rows up to 4,096 (4,096:
+    every thread's 16 register keys in use; 3,001) run the 256-thread register select,
+    4,097-8,192 (4,097; 8,191: every thread's 8 in use) the 1,024-thread one."""
     _need_ops()
     P = 16
     T = n_pages * P
@@ -750,6 +751,27 @@ def test_coarse_to_fine_matches_reference(pi):
     flat = hydra.HydraPolicy(**{**pol.__dict__, "superpage": 0})
     assert torch.equal(hydra.select_pages(q, k, policy=wide, cache_seqlens=lens, page_summaries=summ),
                        hydra.select_pages(q, k, policy=flat, cache_seqlens=lens, page_summaries=summ))
+
+
+@pytest.mark.parametrize("T,S,shortlist", [(131072, 4, 10), (150001, 4, 6), (150001, 8, 3)])
+def test_coarse_to_fine_long_rows(T, S, shortlist):
+    """Coarse-to-fine rows long enough for both register selects and their boundaries:
+    superpage rows of 4,096 (the 256-thread select, full) and 4,688 and 2,344 (the
+    1,024- and 256-thread ones), and shortlists of 5,120, 3,072 and 1,536 fine pages
+    (budget 512 pages of 8 tokens). Pages equal the reference's."""
+    _need_ops()
+    pol = hydra.HydraPolicy(page_size=8, budget_tokens=4096, sink_tokens=64, recent_tokens=256, superpage=S,
+                            shortlist=shortlist)
+    B = 2
+    q, k, v = make_qkv(B, 4, 2, T, seed=7 + S + shortlist)
+    lens = torch.tensor([T, T - 20011], dtype=torch.int32, device=DEV)
+    poison_past(k, v, lens)
+    summ = hydra.page_summaries(k, page_size=pol.page_size, cache_seqlens=lens)
+    sup = hydra.superpage_summaries(summ, pol.superpage)
+    pages = hydra.select_pages(q, k, policy=pol, cache_seqlens=lens, page_summaries=summ, superpage_summaries=sup)
+    want = ref.select_pages(q, k.nan_to_num(0.0), policy=pol, cache_seqlens=lens, page_summaries=summ,
+                            superpage_summaries=sup)
+    assert torch.equal(pages, want), "coarse-to-fine selection differs from the reference"
 
 
 # -- head dims 64 and 256 (issue 9, bf16) ----------------------------------------------
