@@ -473,26 +473,12 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
         hist[tid] = c;
       }
       __syncthreads();
-      if (tid < 32) {
-        // Lane l owns bins 255-8l .. 248-8l (high to low); find the bin where the
-        // count from the top first reaches `remaining`.
+      if (tid < 32) {  // lane l owns bins 255 - 8l down to 248 - 8l
         int c[8], sum = 0;
 #pragma unroll
         for (int i = 0; i < 8; ++i) { c[i] = hist[255 - 8 * tid - i]; sum += c[i]; }
-        int incl = sum;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const int y = __shfl_up_sync(0xffffffffu, incl, off);
-          if (tid >= off) incl += y;
-        }
-        int acc = incl - sum;
-        if (acc < remaining && remaining <= incl) {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            if (acc + c[i] >= remaining) { s_bin = 255 - 8 * tid - i; s_above = acc; break; }
-            acc += c[i];
-          }
-        }
+        const int incl = warp_inclusive_scan(sum, tid);
+        claim_threshold_bin<8>(c, incl - sum, sum, 255 - 8 * tid, remaining, s_bin, s_above);
       }
       __syncthreads();
       remaining -= s_above;

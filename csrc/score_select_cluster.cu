@@ -363,9 +363,12 @@ __global__ void __launch_bounds__(kCsThreads, 1) score_select_cluster_kernel(Sco
       nd += def;
       ne += eq;
     }
-    uint64_t total;
-    block_exclusive_scan<kCsWarps>(((uint64_t)ne << 32) | (uint32_t)nd, warp_tot, total);
-    if (tid == 0) { s_cnt[0] = (int)(total & 0xffffffffu); s_cnt[1] = (int)(total >> 32); }
+    // The CTA's totals: one barrier (warp_tot was last read before find_threshold_bin's
+    // caller synced; ordered_compact rewrites it only after the cluster barriers below).
+    int db, eb, d_total, e_total;
+    scan_warp_counts<kCsWarps, uint64_t>(__reduce_add_sync(0xffffffffu, nd), __reduce_add_sync(0xffffffffu, ne),
+                                         warp_tot, db, eb, d_total, e_total);
+    if (tid == 0) { s_cnt[0] = d_total; s_cnt[1] = e_total; }
   }
   cluster.sync();  // every CTA's counts are ready (and CTA 0's list has been read)
   if (warp == 0) {

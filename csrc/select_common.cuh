@@ -1,6 +1,7 @@
 // Helpers shared by the scoring and selection kernels (score_select.cu) and the fused
 // cluster kernel (score_select_cluster.cu): the GQA-folded query bound, the fused
-// append, the order-preserving key map and a block-wide scan.
+// append, the order-preserving key map, and the radix select's and ordered output's
+// block-wide steps.
 #pragma once
 
 #include "common.cuh"
@@ -179,32 +180,33 @@ __device__ __forceinline__ uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Exclusive block-wide scan of a 64-bit value over WARPS warps; also returns the block total.
-template <int WARPS>
-__device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* warp_tot, uint64_t& total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  uint64_t x = v;
+// Inclusive prefix sum of x over the 32 lanes of a warp (every lane active); `lane` is
+// this thread's lane, passed in: the 1,024-thread register select, whose one-warp search
+// passes its thread index, then compiles to 50 registers instead of 54 (NOTES.md v28).
+template <typename T>
+__device__ __forceinline__ T warp_inclusive_scan(T x, int lane) {
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
-    const uint64_t y = __shfl_up_sync(0xffffffffu, x, off);
+    const T y = __shfl_up_sync(0xffffffffu, x, off);
     if (lane >= off) x += y;
   }
-  if (lane == 31) warp_tot[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    uint64_t t = lane < WARPS ? warp_tot[lane] : 0;
+  return x;
+}
+
+// The last step of a threshold-bin search: this thread holds the counts c[0..PER) of PER
+// consecutive bins from `top` down (c[j] is bin top - j), and `acc` keys lie in higher
+// bins. If the count from the highest bin down first reaches `remaining` in its range,
+// it writes that bin to s_bin and the keys above it to s_above (one thread does).
+template <int PER>
+__device__ __forceinline__ void claim_threshold_bin(const int (&c)[PER], int acc, int sum, int top, int remaining,
+                                                    int& s_bin, int& s_above) {
+  if (acc < remaining && remaining <= acc + sum) {
 #pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const uint64_t y = __shfl_up_sync(0xffffffffu, t, off);
-      if (lane >= off) t += y;
+    for (int j = 0; j < PER; ++j) {
+      if (acc + c[j] >= remaining) { s_bin = top - j; s_above = acc; break; }
+      acc += c[j];
     }
-    warp_tot[lane] = t;
   }
-  __syncthreads();
-  const uint64_t before = warp > 0 ? warp_tot[warp - 1] : 0;
-  total = warp_tot[WARPS - 1];
-  __syncthreads();  // warp_tot is reused by the next call
-  return before + x - v;
 }
 
 // The threshold bin of a block-wide histogram `hist` of BINS bins in shared memory: the
@@ -227,29 +229,14 @@ __device__ __forceinline__ void find_threshold_bin(const int* hist, int remainin
     c[j] = hist[BINS - 1 - (tid * kPer + j)];
     sum += c[j];
   }
-  int incl = sum;  // keys in this warp's bins down to this thread's last (< 2^31: counts of keys)
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += y;
-  }
+  // Keys in this warp's bins down to this thread's last (< 2^31: counts of keys).
+  const int incl = warp_inclusive_scan(sum, lane);
   if (lane == 31) warp_tot[warp] = (uint64_t)incl;
   __syncthreads();
   const int wt = lane < kWarps ? (int)warp_tot[lane] : 0;
-  int wincl = wt;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, wincl, off);
-    if (lane >= off) wincl += y;
-  }
-  int acc = __shfl_sync(0xffffffffu, wincl - wt, warp) + incl - sum;  // keys in higher bins
-  if (acc < remaining && remaining <= acc + sum) {
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      if (acc + c[j] >= remaining) { s_bin = BINS - 1 - (tid * kPer + j); s_above = acc; break; }
-      acc += c[j];
-    }
-  }
+  const int wincl = warp_inclusive_scan(wt, lane);
+  const int acc = __shfl_sync(0xffffffffu, wincl - wt, warp) + incl - sum;  // keys in higher bins
+  claim_threshold_bin<kPer>(c, acc, sum, BINS - 1 - tid * kPer, remaining, s_bin, s_above);
 }
 
 // The exact rank that ends every radix select here: once the threshold's bin holds at
@@ -401,12 +388,7 @@ __device__ __forceinline__ void scan_warp_counts(int wd, int we, uint64_t* tot, 
   if (lane == 0) tot[warp] = (uint64_t)(((Word)we << kShift) | (Word)wd);
   __syncthreads();
   const Word x = lane < WARPS ? (Word)tot[lane] : Word(0);
-  Word incl = x;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const Word y = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += y;
-  }
+  const Word incl = warp_inclusive_scan(x, lane);
   const Word excl = __shfl_sync(0xffffffffu, incl - x, warp);
   const Word total = __shfl_sync(0xffffffffu, incl, 31);
   def_before = (int)(excl & kLow);
