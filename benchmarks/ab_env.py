@@ -16,7 +16,9 @@ median (``triton.testing.do_bench``, as the decode benchmark) of
 * ``stateless`` (with ``--stateless``, 16-bit rows): ``hydra.hydra(q, k, v)`` without
   summaries, scores straight from K,
 
-and whether the first sequence's pages equal ``hydra.reference.select_pages``.
+and whether the first sequence's pages equal ``hydra.reference.select_pages``. With
+``--host`` a process instead times the eager host overhead of each shape (eager minus
+graph, back to back, as the decode benchmark's SPEC 7 check) and its host us a call.
 It is the committed form of the harness behind benchmarks/NOTES.md's A/B tables
 (v14-v18 ran earlier, uncommitted copies of it).
 
@@ -50,7 +52,81 @@ def parse_shapes(text):
     return shapes
 
 
-def child(shapes, tree, stateless=False):
+def back_to_back(fn, n=200):
+    """(device us per call, host us per call) over n calls issued back to back
+    (the decode benchmark's eager host-overhead method)."""
+    import time
+
+    import torch
+
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    host = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n * 1e3, host
+
+
+def host_rows(hydra, B, T, Hq, Hkv, D):
+    """Eager against graph, back to back, for the plain call ``hydra.hydra(q, k, v,
+    page_summaries=s)`` on four input sets in turn (so no set stays in L2): medians of
+    five trials of device us per call, and the host us per call of the eager trials."""
+    import statistics
+
+    import torch
+
+    sets = []
+    for i in range(4):
+        g = torch.Generator(device="cuda").manual_seed(1000 + i)
+        q = torch.randn(B, Hq, 1, D, device="cuda", generator=g).to(torch.bfloat16)
+        k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
+        v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
+        sets.append((q, k, v, hydra.page_summaries(k)))
+    calls = [lambda s=s: hydra.hydra(s[0], s[1], s[2], page_summaries=s[3]) for s in sets]
+    # The same call with the default scale passed explicitly: where a tree has the eager
+    # fast path, this one takes the checked path (same op, same kernels).
+    scale = D ** -0.5
+    checked = [lambda s=s: hydra.hydra(s[0], s[1], s[2], page_summaries=s[3], scale=scale) for s in sets]
+    state = {"i": 0}
+
+    def rotate(fns):
+        def f():
+            fns[state["i"] % len(fns)]()
+            state["i"] += 1
+        return f
+
+    graphs = []
+    for fn in calls:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            fn()
+        graphs.append(gr)
+    eager, graph, eager_checked = [], [], []
+    for _ in range(5):  # alternating, so that a drift of the process spreads over all three
+        eager.append(back_to_back(rotate(calls)))
+        graph.append(back_to_back(rotate([gr.replay for gr in graphs])))
+        eager_checked.append(back_to_back(rotate(checked)))
+    e_dev = statistics.median(t[0] for t in eager)
+    g_dev = statistics.median(t[0] for t in graph)
+    return {"eager_b2b": round(e_dev, 2), "graph_b2b": round(g_dev, 2), "overhead": round(e_dev - g_dev, 2),
+            "host": round(statistics.median(t[1] for t in eager), 2),
+            "host_checked": round(statistics.median(t[1] for t in eager_checked), 2)}
+
+
+def child(shapes, tree, stateless=False, host=False):
     sys.path.insert(0, str(REPO / "benchmarks"))
     sys.path.insert(0, str(Path(tree) / "torch-ext"))
     import torch
@@ -64,6 +140,11 @@ def child(shapes, tree, stateless=False):
 
     res = {}
     for B, T, Hq, Hkv, D in shapes:
+        if host:  # the eager host-overhead rows only
+            key = f"host_{B}x{T}" + ("" if (Hq, Hkv, D) == (32, 8, 128) else f"_{Hq}/{Hkv}/{D}")
+            res[key] = host_rows(hydra, B, T, Hq, Hkv, D)
+            torch.cuda.empty_cache()
+            continue
         g = torch.Generator(device="cuda").manual_seed(T + B)
         q = torch.randn(B, Hq, 1, D, device="cuda", generator=g).to(torch.bfloat16)
         k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
@@ -91,13 +172,15 @@ def main():
     p.add_argument("--configs", default='{"base": {}}', help="JSON: {name: {ENV_VAR: value, ...}, ...}")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--stateless", action="store_true", help="also time the stateless step (16-bit rows)")
+    p.add_argument("--host", action="store_true",
+                   help="time only the eager host overhead (eager minus graph, back to back) of each shape")
     p.add_argument("--out", default=None, help="also write every result to this JSON file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tree", default=str(REPO), help=argparse.SUPPRESS)
     args = p.parse_args()
     shapes = parse_shapes(args.shapes)
     if args.child:
-        child(shapes, args.tree, args.stateless)
+        child(shapes, args.tree, args.stateless, args.host)
         return
     configs = json.loads(args.configs)
     for name, env_add in configs.items():
@@ -111,7 +194,8 @@ def main():
             tree = str(Path(env_add.get("tree", REPO)).resolve())
             t0 = time.time()
             r = subprocess.run([sys.executable, __file__, "--child", "--shapes", args.shapes, "--tree", tree]
-                               + (["--stateless"] if args.stateless else []), env=env, capture_output=True, text=True)
+                               + (["--stateless"] if args.stateless else []) + (["--host"] if args.host else []),
+                               env=env, capture_output=True, text=True)
             line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
                 print(f"{name} round {rnd}: FAILED\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}", flush=True)
@@ -121,6 +205,17 @@ def main():
             print(f"{name} round {rnd} ({time.time() - t0:.0f} s): {json.dumps(d)}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    if args.host:
+        print("\n| case | config | eager b2b (us) | graph b2b (us) | eager - graph (us) | host (us a call) | "
+              "host, scale given (us a call) |")
+        print("|---|---|---|---|---|---|---|")
+        for case in sorted({k for r in results for k in r if k not in ("config", "round")}):
+            for name in configs:
+                rs = [r[case] for r in results if r["config"] == name and case in r]
+                for x in rs:
+                    print(f"| {case} | {name} | {x['eager_b2b']} | {x['graph_b2b']} | {x['overhead']} | {x['host']} | "
+                          f"{x['host_checked']} |")
+        return
     # One line a (case, config): the range of step and select over the rounds.
     cases = sorted({k for r in results for k in r if k not in ("config", "round")})
     print("\n| case | config | step (us) | select (us) | stateless step (us) | pages match |")

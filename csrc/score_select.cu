@@ -373,7 +373,7 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
       }
     }
   } else {
-    constexpr int kU = (kSelectThreads >= 1024 ? 8192 : 4096) / kSelectThreads;  // loads in flight per thread: one batch up to 8,192 keys
+    constexpr int kU = kSelectRegKeys<THREADS> / THREADS;  // loads in flight per thread: one batch of the REG size
     for (int base = 0; base < n_cand; base += kSelectThreads * kU) {
       float v[kU];
 #pragma unroll

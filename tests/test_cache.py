@@ -274,14 +274,22 @@ STEP_CASES = {
 
 @pytest.mark.gpu
 @pytest.mark.kernels_ci
+@pytest.mark.parametrize("fast", [False, True], ids=["checked", "fast"])
 @pytest.mark.parametrize("case", list(STEP_CASES))
-def test_step_equals_append_then_attend(case):
+def test_step_equals_append_then_attend(case, fast, monkeypatch):
     """step() leaves the cache exactly as append() does and returns exactly attend()'s
-    output, across page boundaries, with ragged lengths (one sequence within the budget)."""
+    output, across page boundaries, with ragged lengths (one sequence within the budget).
+    "fast": the step's one-op path (no out=), which must not reach the checked path."""
     kw = dict(STEP_CASES[case])
     pol = kw.pop("policy", None)
+    precision = kw.pop("precision", "high")
     B, Hq, H, D, T0, steps = 3, 12, 3, 128, 230, 37
-    fused, plain = (hydra.HydraKVCache(B, H, D, 400, device=DEV, policy=pol) for _ in range(2))
+    fused, plain = (hydra.HydraKVCache(B, H, D, 400, device=DEV, policy=pol, precision=precision) for _ in range(2))
+    if fast:
+        def checked_path(*args, **kwargs):
+            raise AssertionError("the step took the checked path")
+
+        monkeypatch.setattr(hydra, "_cache_step", checked_path)
     lens = torch.tensor([T0, 171, 40], dtype=torch.int32, device=DEV)
     k, v = rand(B, H, T0, D, seed=300), rand(B, H, T0, D, seed=301)
     fused.prefill(k, v, seqlens=lens)
@@ -289,7 +297,10 @@ def test_step_equals_append_then_attend(case):
     for i in range(steps):
         q = rand(B, Hq, 1, D, seed=400 + i)
         kn, vn = rand(B, H, 1, D, seed=500 + i), rand(B, H, 1, D, seed=600 + i)
-        got = fused.step(q, kn, vn, out=torch.full_like(q, float("nan")), **kw)
+        if fast:
+            got = fused.step(q, kn, vn, **kw)
+        else:
+            got = fused.step(q, kn, vn, out=torch.full_like(q, float("nan")), **kw)
         plain.append(kn, vn)
         want = plain.attend(q, **kw)
         assert not torch.isnan(got).any()
@@ -425,3 +436,40 @@ def test_opcheck_decode_append():
     torch.library.opcheck(ops.decode_append.default,
                           (q, kn, vn, cache.k, cache.v, cache.summaries, None, cache._lengths, cache._overflow, 16,
                            0, 0, 16, 16, 64, 0, D ** -0.5, 1.0, out, lse))
+    torch.library.opcheck(ops.decode_append_alloc.default,
+                          (q, kn, vn, cache.k, cache.v, cache.summaries, None, cache._lengths, cache._overflow, 16,
+                           0, 0, 16, 16, 64, 0, D ** -0.5, 1.0))
+
+
+@pytest.mark.gpu
+def test_fast_step_refusals_match_the_checked_step():
+    """Bad input to step()'s one-op path: the same error as the checked path, and the
+    cache is left as it was (the op refuses before it writes)."""
+    B, Hq, H, D = 2, 4, 2, 128
+    cache = hydra.HydraKVCache(B, H, D, 256, device=DEV)
+    cache.prefill(rand(B, H, 200, D, seed=820), rand(B, H, 200, D, seed=821))
+    q = rand(B, Hq, 1, D, seed=822)
+    kn, vn = rand(B, H, 1, D, seed=823), rand(B, H, 1, D, seed=824)
+    bad = {
+        "q fp16": (q.half(), kn, vn),
+        "q head dim": (rand(B, Hq, 1, 64, seed=825), kn, vn),
+        "q rank": (q[:, :, 0], kn, vn),
+        "q group": (rand(B, 34, 1, D, seed=826), kn, vn),
+        "q batch": (q[:1], kn, vn),
+        "two tokens": (q, rand(B, H, 2, D, seed=827), rand(B, H, 2, D, seed=828)),
+        "k_new fp16": (q, kn.half(), vn),
+        "v_new heads": (q, kn, vn[:, :1]),
+        "k_new on cpu": (q, kn.cpu(), vn),
+        "k_new not a tensor": (q, [1.0], vn),
+    }
+    bits = lambda t: t.view(torch.int16)  # noqa: E731  (bitwise: slots past the lengths are uninitialised)
+    before = (cache.seqlens.clone(), bits(cache.k).clone(), bits(cache.summaries).clone())
+    for name, (qq, kk, vv) in bad.items():
+        errors = []
+        for extra in ({}, {"precision": "high"}):  # the one-op path, then the checked path
+            with pytest.raises((ValueError, TypeError)) as info:
+                cache.step(qq, kk, vv, **extra)
+            errors.append((type(info.value), str(info.value)))
+        assert errors[0] == errors[1], f"{name}: {errors}"
+        assert torch.equal(cache.seqlens, before[0]) and torch.equal(bits(cache.k), before[1]) \
+            and torch.equal(bits(cache.summaries), before[2]), f"{name}: the cache changed"

@@ -274,3 +274,137 @@ def test_fast_path_accepts_only_well_formed_calls():
     assert not _fast_decode_ok(q, k, v, hydra.HydraPolicy(page_size=8), lens, summ)  # policy's page size
     with raises(ValueError, "hydra: page_summaries must have shape (2, 2, 7, 2, 128)"):
         hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ[:, :, :6])
+
+
+@pytest.mark.gpu
+def test_fast_path_is_taken_and_matches_the_checked_path(monkeypatch):
+    """The common call skips the Python checks (the op checks in C++) and gives the
+    same output, bit for bit, as the same call through the checked path."""
+    if hydra.ops is None:
+        pytest.fail("the CUDA extension did not build on a GPU machine")
+    g = torch.Generator(device="cuda").manual_seed(1234)
+    B, Hq, Hkv, T, D = 3, 12, 4, 9001, 128  # group 3, a ragged last page
+    q = torch.randn(B, Hq, 1, D, device="cuda", generator=g).to(BF16)
+    k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(BF16)
+    v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(BF16)
+    lens = torch.tensor([T, 6007, 4500], dtype=torch.int32, device="cuda")
+    summ = hydra.page_summaries(k, cache_seqlens=lens)
+    checked, lse_checked = hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ, scale=D ** -0.5,
+                                       return_lse=True)  # scale given: the checked path
+
+    def no_checks(*args, **kwargs):
+        raise AssertionError("the fast path ran the Python checks")
+
+    monkeypatch.setattr(hydra, "validate_decode_call", no_checks)
+    fast, lse_fast = hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ, return_lse=True)
+    assert torch.isfinite(fast).all()
+    assert torch.equal(fast, checked) and torch.equal(lse_fast, lse_checked)
+    for precision in ("balanced", "fast"):
+        assert torch.isfinite(hydra.hydra(q, k, v, precision=precision, cache_seqlens=lens,
+                                          page_summaries=hydra.page_summaries(k, cache_seqlens=lens))).all()
+
+
+@pytest.mark.gpu
+def test_fast_path_refusals_raise_the_named_error_before_any_kernel():
+    """Bad input on the fast path: the op refuses it in C++ before launching anything,
+    and the full checks then raise the error that names the argument."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if hydra.ops is None:
+        pytest.fail("the CUDA extension did not build on a GPU machine")
+    q, k, v = qkv(device="cuda")  # B=2, Hq=8, Hkv=2, Tkv=100, D=128
+    lens = torch.tensor([50, 100], dtype=torch.int32, device="cuda")
+    summ = hydra.page_summaries(k, cache_seqlens=lens)
+    summ8 = hydra.page_summaries(k, page_size=8, cache_seqlens=lens)
+    wide = torch.randn(2, 2, 100, 130, device="cuda").to(BF16)[..., :128]  # rows 130 elements apart
+    q34, k34, v34 = qkv(Hq=34, Hkv=2, device="cuda")
+    q96, k96, v96 = qkv(D=96, device="cuda")
+    # Every bad argument is made here, outside the profiled calls (a cast is a kernel).
+    k16, lens64, summf = k.half(), lens.long(), summ.float()
+    v_cpu, lens_cpu, summ_cpu = v.cpu(), lens.cpu(), summ.cpu()
+
+    def profiled(fn):
+        """(names of the CUDA kernels fn ran, the exception it raised or None)."""
+        torch.cuda.synchronize()
+        err = None
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 (checked by the caller)
+                err = e
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA], err
+
+    ran, err = profiled(lambda: hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ))
+    assert err is None
+    if not ran:
+        pytest.skip("the profiler records no CUDA kernels on this machine")
+    cases = [
+        (lambda: hydra.hydra(q, k16, v, page_summaries=summ), TypeError,
+         "hydra: k must be torch.bfloat16 like q, got torch.float16"),
+        (lambda: hydra.hydra(q, k, v, cache_seqlens=lens64), TypeError,
+         "hydra: cache_seqlens must be int32, got torch.int64"),
+        (lambda: hydra.hydra(q, k, v, cache_seqlens=lens[:1]), ValueError,
+         "hydra: cache_seqlens must have shape (2,), got (1,)"),
+        (lambda: hydra.hydra(q, k, v, page_summaries=summ8), ValueError,
+         "hydra: page_summaries must have shape (2, 2, 7, 2, 128)"),
+        (lambda: hydra.hydra(q, k, v, page_summaries=summ[:1]), ValueError,
+         "hydra: page_summaries must have shape (2, 2, 7, 2, 128)"),
+        (lambda: hydra.hydra(q, k, v, page_summaries=summf), TypeError,
+         "hydra: page_summaries must be torch.bfloat16 like k, or torch.float8_e4m3fn, got torch.float32"),
+        (lambda: hydra.hydra(q96, k96, v96), ValueError, "hydra: head dim D must be one of (64, 128, 256), got D=96"),
+        (lambda: hydra.hydra(q34, k34, v34), ValueError, "hydra: GQA group Hq/Hkv must be <= 16"),
+        (lambda: hydra.hydra(q, wide, v), ValueError, "hydra: k strides must be multiples of 8 elements (16 bytes)"),
+        (lambda: hydra.hydra(q, k, v_cpu), ValueError, "hydra: v must be on q's device cuda:0, got cpu"),
+        (lambda: hydra.hydra(q, k, v, cache_seqlens=lens_cpu), ValueError,
+         "hydra: cache_seqlens must be on q's device cuda:0, got cpu"),
+        (lambda: hydra.hydra(q, k, v, page_summaries=summ_cpu), ValueError,
+         "hydra: page_summaries must be on q's device cuda:0, got cpu"),
+        (lambda: hydra.hydra(q[:, :, 0], k, v), ValueError, "hydra: q must be 4-D (B, Hq, Tq, D)"),
+        (lambda: hydra.hydra(q, [1, 2], v), TypeError, "hydra: k must be a torch.Tensor, got list"),
+    ]
+    for fn, exc, message in cases:
+        ran, err = profiled(fn)
+        assert type(err) is exc and message in str(err), f"wanted {exc.__name__}({message!r}), got {err!r}"
+        assert not ran, f"{message!r}: kernels ran before the error: {ran}"
+
+
+@pytest.mark.gpu
+def test_direct_op_refusals_raise_with_the_values():
+    """The ops' own checks (what the fast path relies on) raise RuntimeError with the
+    values in the message; they never crash the process (NOTES.md v29: streaming numbers
+    through std::ostream crashed a JIT build whose .so carries its own libstdc++)."""
+    if hydra.ops is None:
+        pytest.fail("the CUDA extension did not build on a GPU machine")
+    ops = hydra.ops
+    q, k, v = qkv(device="cuda")  # B=2, Hq=8, Hkv=2, Tkv=100, D=128
+    lens = torch.tensor([50, 100], dtype=torch.int32, device="cuda")
+    lens64, lens_cpu = lens.long(), lens.cpu()
+    wide = torch.randn(2, 2, 100, 130, device="cuda").to(BF16)[..., :128]
+    q34, k34, v34 = qkv(Hq=34, Hkv=2, device="cuda")
+    q96, k96, v96 = qkv(D=96, device="cuda")
+    e4m3 = torch.empty(2, 2, 7, 2, 128, dtype=torch.float8_e4m3fn, device="cuda")
+    summ1 = hydra.page_summaries(k)[:1]
+    ints = (0, 0, 64, 512, 4096, 0)  # superpage, shortlist, sink, recent, budget, window
+    cases = [
+        # Tkv = 100 <= budget: the step attends every token, and still checks the summaries.
+        (lambda: ops.decode_alloc(q, k, v, None, summ1, None, None, None, 16, *ints, 0.088),
+         "hydra: page_summaries must be (2, 2, >=7, 2, 128) with a contiguous (2, D) block, got [1, 2, 7, 2, 128]"),
+        (lambda: ops.decode_alloc(q, k, v, None, None, None, lens64, None, 16, *ints, 0.088),
+         "hydra: cache_seqlens must be a contiguous int32 CUDA tensor of shape (2,), got Long [2]"),
+        (lambda: ops.decode_alloc(q, k, v, None, None, None, None, None, 12, *ints, 0.088),
+         "hydra: page_size must be a power of two in [1, 64], got 12"),
+        (lambda: ops.decode_alloc(q34, k34, v34, None, None, None, None, None, 16, *ints, 0.088),
+         "hydra: GQA group Hq/Hkv must be <= 16, got Hq=34, Hkv=2"),
+        (lambda: ops.decode_alloc(q96, k96, v96, None, None, None, None, None, 16, *ints, 0.088),
+         "hydra: head dim D must be 64, 128 or 256, got D=96"),
+        (lambda: ops.decode_alloc(q, wide, v, None, None, None, None, None, 16, *ints, 0.088),
+         "hydra: k strides must be multiples of 8 elements (16 bytes), got strides [26000, 13000, 130, 1]"),
+        (lambda: ops.page_summaries(k, None, None, 16, 3.0, e4m3),
+         "hydra: summary_scale must be a power of two in [2^-16, 2^16], got 3"),
+        (lambda: ops.page_summaries(k, lens_cpu, None, 16, 1.0, e4m3),
+         "hydra: cache_seqlens must be a contiguous int32 CUDA tensor of shape (2,), got Int [2]"),
+    ]
+    for fn, message in cases:
+        with raises(RuntimeError, message):
+            fn()

@@ -1,9 +1,14 @@
 // Binds torch tensors to hydra's plain parameter structs and launchers.
-// Shapes and arguments were validated in Python (hydra/_validate.py); the
-// TORCH_CHECKs here guard direct op callers (opcheck, custom pipelines) and
-// cost no device sync.
+// The checks here run before any launch and cost no device sync. They guard direct
+// op callers (opcheck, custom pipelines) and hydra.hydra's eager fast path, which
+// skips the Python checks (hydra/_validate.py) and runs them only after an op refuses
+// its input, for the error that names the argument: so every property the Python
+// checks test must be tested here too (README, "The eager hot path").
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -16,38 +21,86 @@ namespace {
 
 using hydra::bf16_t;
 
+// Error messages are built here without iostreams. Some toolchains link a private copy
+// of libstdc++ into the extension (a JIT build on the lent H100 machines does), and
+// then streaming a number through std::ostream (what TORCH_CHECK's message formatting
+// does, c10::str) mixes that copy's locale facets with the process's and crashes the
+// process instead of raising (NOTES.md v29). A message is one std::string, which
+// TORCH_CHECK passes through untouched.
+std::string msg_part(const char* s) { return s; }
+std::string msg_part(const std::string& s) { return s; }
+std::string msg_part(at::ScalarType t) { return c10::toString(t); }
+std::string msg_part(const at::Device& d) { return d.str(); }
+std::string msg_part(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", x);
+  return buf;
+}
+std::string msg_part(c10::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+std::string msg_part(T x) {
+  return std::to_string(x);
+}
+template <typename... Args>
+std::string msg(const Args&... args) {
+  std::string s;
+  ((s += msg_part(args)), ...);
+  return s;
+}
+
+}  // namespace
+
+// TORCH_CHECK with a message built by msg() above.
+#define HYDRA_CHECK(cond, ...) TORCH_CHECK(cond, msg(__VA_ARGS__))
+
+namespace {
+
 const bf16_t* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<const bf16_t*>(t.data_ptr()); }
 
 // The element type flag of a call: every 16-bit tensor of it is bf16, or every one fp16.
 int dtype_flag(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, "hydra: ", name,
+  HYDRA_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, "hydra: ", name,
               " must be bf16 or fp16, got ", t.scalar_type());
   return t.scalar_type() == at::kHalf ? hydra::kDtypeF16 : hydra::kDtypeBf16;
 }
 
 void check_elem_cuda(const at::Tensor& t, const char* name, at::ScalarType want) {
-  TORCH_CHECK(t.is_cuda(), "hydra: ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(want == at::kBFloat16 || want == at::kHalf, "hydra: ", name, " must be bf16 or fp16, got ", want);
-  TORCH_CHECK(t.scalar_type() == want, "hydra: ", name, " must be ", want, " like the call's other tensors, got ",
+  HYDRA_CHECK(t.is_cuda(), "hydra: ", name, " must be a CUDA tensor, got device ", t.device());
+  HYDRA_CHECK(want == at::kBFloat16 || want == at::kHalf, "hydra: ", name, " must be bf16 or fp16, got ", want);
+  HYDRA_CHECK(t.scalar_type() == want, "hydra: ", name, " must be ", want, " like the call's other tensors, got ",
               t.scalar_type());
-  TORCH_CHECK(t.stride(-1) == 1, "hydra: ", name, " must have a contiguous last dimension, got strides ",
+  HYDRA_CHECK(t.stride(-1) == 1, "hydra: ", name, " must have a contiguous last dimension, got strides ",
               t.strides());
   for (int64_t i = 0; i + 1 < t.dim(); ++i) {  // the kernels move 8 elements (16 bytes) at once
-    TORCH_CHECK(t.stride(i) % 8 == 0, "hydra: ", name, " strides must be multiples of 8 elements (16 bytes), got strides ",
+    HYDRA_CHECK(t.stride(i) % 8 == 0, "hydra: ", name, " strides must be multiples of 8 elements (16 bytes), got strides ",
                 t.strides());
   }
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "hydra: ", name,
+  HYDRA_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "hydra: ", name,
               " must be 16-byte aligned");
+}
+
+// Every tensor of a call lives on the device of its first one (`ref`).
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  HYDRA_CHECK(t.device() == ref.device(), "hydra: ", name, " must be on ", ref_name, "'s device ", ref.device(),
+              ", got ", t.device());
 }
 
 // Page summaries are stored in the keys' 16-bit type or as e4m3 codes (bytes); anything
 // else is refused. Returns the format (the scale is the caller's to set).
 hydra::SummaryFormat summary_format(const at::Tensor& t, const char* name, at::ScalarType key_type) {
-  TORCH_CHECK(t.is_cuda(), "hydra: ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == key_type || t.scalar_type() == at::kFloat8_e4m3fn, "hydra: ", name, " must be ",
+  HYDRA_CHECK(t.is_cuda(), "hydra: ", name, " must be a CUDA tensor, got device ", t.device());
+  HYDRA_CHECK(t.scalar_type() == key_type || t.scalar_type() == at::kFloat8_e4m3fn, "hydra: ", name, " must be ",
               key_type, " like the keys, or float8_e4m3fn, got ", t.scalar_type());
-  TORCH_CHECK(t.stride(-1) == 1, "hydra: ", name, " must have a contiguous last dimension, got strides ", t.strides());
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "hydra: ", name, " must be 16-byte aligned");
+  HYDRA_CHECK(t.stride(-1) == 1, "hydra: ", name, " must have a contiguous last dimension, got strides ", t.strides());
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) {  // 16-byte loads of every page's rows
+    HYDRA_CHECK(t.stride(i) % 8 == 0, "hydra: ", name, " strides must be multiples of 8 elements, got strides ",
+                t.strides());
+  }
+  HYDRA_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "hydra: ", name, " must be 16-byte aligned");
   hydra::SummaryFormat f;
   f.fp8 = t.scalar_type() == at::kFloat8_e4m3fn ? 1 : 0;
   return f;
@@ -56,16 +109,18 @@ hydra::SummaryFormat summary_format(const at::Tensor& t, const char* name, at::S
 void check_summary_scale(double scale) {
   int e = 0;
   const double m = std::frexp(scale, &e);
-  TORCH_CHECK(scale > 0 && m == 0.5 && e >= -15 && e <= 17, "hydra: summary_scale must be a power of two in "
+  HYDRA_CHECK(scale > 0 && m == 0.5 && e >= -15 && e <= 17, "hydra: summary_scale must be a power of two in "
               "[2^-16, 2^16], got ", scale);
 }
 
-const int* seqlens_ptr(const std::optional<at::Tensor>& s, int64_t B, const char* name = "cache_seqlens") {
+const int* seqlens_ptr(const std::optional<at::Tensor>& s, int64_t B, const at::Device& dev,
+                       const char* name = "cache_seqlens") {
   if (!s.has_value()) return nullptr;
-  TORCH_CHECK(s->is_cuda() && s->scalar_type() == at::kInt && s->dim() == 1 && s->size(0) == B &&
+  HYDRA_CHECK(s->is_cuda() && s->scalar_type() == at::kInt && s->dim() == 1 && s->size(0) == B &&
                   s->is_contiguous(),
               "hydra: ", name, " must be a contiguous int32 CUDA tensor of shape (", B, ",), got ",
               s->scalar_type(), " ", s->sizes());
+  HYDRA_CHECK(s->device() == dev, "hydra: ", name, " must be on the call's device ", dev, ", got ", s->device());
   return s->data_ptr<int>();
 }
 
@@ -80,16 +135,20 @@ struct Shapes {
 };
 
 Shapes decode_shapes(const at::Tensor& q, const at::Tensor& k) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "hydra: q must be (B, Hq, 1, D), got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, "hydra: k must be (B, Hkv, Tkv, D), got ", k.sizes());
+  HYDRA_CHECK(q.dim() == 4 && q.size(2) == 1, "hydra: q must be (B, Hq, 1, D), got ", q.sizes());
+  HYDRA_CHECK(k.dim() == 4, "hydra: k must be (B, Hkv, Tkv, D), got ", k.sizes());
   Shapes s{(int)q.size(0), (int)q.size(1), (int)k.size(1), (int)k.size(2), (int)q.size(3)};
-  TORCH_CHECK(k.size(0) == s.B && k.size(3) == s.D, "hydra: k ", k.sizes(), " does not match q ", q.sizes());
-  TORCH_CHECK(s.Hkv > 0 && s.Hq % s.Hkv == 0, "hydra: Hq=", s.Hq, " must be a multiple of Hkv=", s.Hkv);
+  HYDRA_CHECK(k.size(0) == s.B && k.size(3) == s.D, "hydra: k ", k.sizes(), " does not match q ", q.sizes());
+  HYDRA_CHECK(s.D == 64 || s.D == 128 || s.D == 256, "hydra: head dim D must be 64, 128 or 256, got D=", s.D);
+  HYDRA_CHECK(s.Hkv > 0 && s.Hq % s.Hkv == 0, "hydra: Hq=", s.Hq, " must be a multiple of Hkv=", s.Hkv);
+  HYDRA_CHECK(s.Hq / s.Hkv <= 16, "hydra: GQA group Hq/Hkv must be <= 16, got Hq=", s.Hq, ", Hkv=", s.Hkv);
+  HYDRA_CHECK(s.Tkv >= 1, "hydra: k must hold at least one token, got Tkv=", s.Tkv);
+  check_device(k, "k", q, "q");
   return s;
 }
 
 void check_page_size(int64_t page_size) {
-  TORCH_CHECK(page_size >= 1 && page_size <= 64 && (page_size & (page_size - 1)) == 0,
+  HYDRA_CHECK(page_size >= 1 && page_size <= 64 && (page_size & (page_size - 1)) == 0,
               "hydra: page_size must be a power of two in [1, 64], got ", page_size);
 }
 
@@ -118,21 +177,34 @@ Coarse coarse_args(const std::optional<at::Tensor>& super_summaries, int64_t sup
   if (!super_summaries.has_value() || superpage <= 1 || !summaries.has_value()) return c;
   const at::Tensor& ss = *super_summaries;
   summary_format(ss, "superpage_summaries", summaries->scalar_type());
-  TORCH_CHECK(ss.scalar_type() == summaries->scalar_type(), "hydra: superpage_summaries must be ",
+  check_device(ss, "superpage_summaries", *summaries, "page_summaries");
+  HYDRA_CHECK(ss.scalar_type() == summaries->scalar_type(), "hydra: superpage_summaries must be ",
               summaries->scalar_type(), " like page_summaries, got ", ss.scalar_type());
-  TORCH_CHECK(superpage <= 1024 && (superpage & (superpage - 1)) == 0,
+  HYDRA_CHECK(superpage <= 1024 && (superpage & (superpage - 1)) == 0,
               "hydra: superpage must be a power of two in [2, 1024], got ", superpage);
   const int n_super = ceil_div(n_pages, (int)superpage);
-  TORCH_CHECK(ss.dim() == 5 && ss.size(0) == s.B && ss.size(1) == s.Hkv && ss.size(2) >= n_super &&
+  HYDRA_CHECK(ss.dim() == 5 && ss.size(0) == s.B && ss.size(1) == s.Hkv && ss.size(2) >= n_super &&
                   ss.size(3) == 2 && ss.size(4) == s.D && ss.stride(3) == s.D,
               "hydra: superpage_summaries must be (", s.B, ", ", s.Hkv, ", >=", n_super, ", 2, ", s.D,
               ") with a contiguous (2, D) block, got ", ss.sizes());
-  TORCH_CHECK(shortlist_pages >= 1, "hydra: the shortlist must hold at least one superpage, got ",
+  HYDRA_CHECK(shortlist_pages >= 1, "hydra: the shortlist must hold at least one superpage, got ",
               shortlist_pages);
   c.summaries = &ss;
   c.superpage = (int)superpage;
   c.n_short = (int)std::min<int64_t>(shortlist_pages, n_super);
   return c;
+}
+
+// Page summaries of a call with queries q: format, device and shape (at least n_pages
+// pages: a cache's summaries hold max_pages).
+hydra::SummaryFormat check_page_summaries(const at::Tensor& sm, const at::Tensor& q, const Shapes& s, int n_pages) {
+  const hydra::SummaryFormat fmt = summary_format(sm, "page_summaries", q.scalar_type());
+  check_device(sm, "page_summaries", q, "q");
+  HYDRA_CHECK(sm.dim() == 5 && sm.size(0) == s.B && sm.size(1) == s.Hkv && sm.size(2) >= n_pages &&
+                  sm.size(3) == 2 && sm.size(4) == s.D && sm.stride(3) == s.D,
+              "hydra: page_summaries must be (", s.B, ", ", s.Hkv, ", >=", n_pages, ", 2, ", s.D,
+              ") with a contiguous (2, D) block, got ", sm.sizes());
+  return fmt;
 }
 
 // The scoring parameters of a flat selection from `summaries` (or from k when absent):
@@ -148,11 +220,7 @@ hydra::ScoreParams score_params(const at::Tensor& q, const at::Tensor& k, const 
   sp.q_head_stride = q.stride(1);
   if (summaries.has_value()) {
     const at::Tensor& sm = *summaries;
-    sp.fmt = summary_format(sm, "page_summaries", q.scalar_type());
-    TORCH_CHECK(sm.dim() == 5 && sm.size(0) == s.B && sm.size(1) == s.Hkv && sm.size(2) >= n_pages &&
-                    sm.size(3) == 2 && sm.size(4) == s.D && sm.stride(3) == s.D,
-                "hydra: page_summaries must be (", s.B, ", ", s.Hkv, ", >=", n_pages, ", 2, ", s.D,
-                ") with a contiguous (2, D) block, got ", sm.sizes());
+    sp.fmt = check_page_summaries(sm, q, s, n_pages);
     sp.summaries = bf16_ptr(sm);
     sp.s_batch_stride = sm.stride(0);
     sp.s_head_stride = sm.stride(1);
@@ -303,12 +371,13 @@ void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_
                     at::Tensor& out) {
   check_elem_cuda(k, "k", k.scalar_type());
   hydra::SummaryFormat fmt = summary_format(out, "out", k.scalar_type());
+  check_device(out, "out", k, "k");
   check_summary_scale(summary_scale);
   fmt.scale = (float)summary_scale;
   check_page_size(page_size);
-  TORCH_CHECK(k.dim() == 4, "hydra: k must be (B, Hkv, Tkv, D), got ", k.sizes());
+  HYDRA_CHECK(k.dim() == 4, "hydra: k must be (B, Hkv, Tkv, D), got ", k.sizes());
   const int n_pages = (int)((k.size(2) + page_size - 1) / page_size);
-  TORCH_CHECK(out.dim() == 5 && out.size(0) == k.size(0) && out.size(1) == k.size(1) && out.size(2) >= n_pages &&
+  HYDRA_CHECK(out.dim() == 5 && out.size(0) == k.size(0) && out.size(1) == k.size(1) && out.size(2) >= n_pages &&
                   out.size(3) == 2 && out.size(4) == k.size(3) && out.stride(3) == k.size(3),
               "hydra: page_summaries out must be (B, Hkv, >=", n_pages, ", 2, D) with a contiguous (2, D) block, got ",
               out.sizes());
@@ -319,8 +388,8 @@ void page_summaries(const at::Tensor& k, const std::optional<at::Tensor>& cache_
   p.k_batch_stride = k.stride(0);
   p.k_head_stride = k.stride(1);
   p.k_row_stride = k.stride(2);
-  p.seqlens = seqlens_ptr(cache_seqlens, k.size(0));
-  p.leftpad = seqlens_ptr(cache_leftpad, k.size(0), "cache_leftpad");
+  p.seqlens = seqlens_ptr(cache_seqlens, k.size(0), k.device());
+  p.leftpad = seqlens_ptr(cache_leftpad, k.size(0), k.device(), "cache_leftpad");
   p.out = reinterpret_cast<bf16_t*>(out.data_ptr());
   p.o_batch_stride = out.stride(0);
   p.o_head_stride = out.stride(1);
@@ -341,18 +410,20 @@ void select_pages(const at::Tensor& q, const at::Tensor& k, const std::optional<
   check_elem_cuda(k, "k", q.scalar_type());
   check_page_size(page_size);
   const Shapes s = decode_shapes(q, k);
-  TORCH_CHECK(budget_tokens > 0 && budget_tokens % page_size == 0,
+  HYDRA_CHECK(budget_tokens > 0 && budget_tokens % page_size == 0,
               "hydra: budget_tokens must be a positive multiple of page_size, got ", budget_tokens);
   const int n_sel = (int)(budget_tokens / page_size);
-  TORCH_CHECK(pages.is_cuda() && pages.scalar_type() == at::kInt && pages.is_contiguous() && pages.dim() == 3 &&
+  HYDRA_CHECK(pages.is_cuda() && pages.scalar_type() == at::kInt && pages.is_contiguous() && pages.dim() == 3 &&
                   pages.size(0) == s.B && pages.size(1) == s.Hkv && pages.size(2) == n_sel,
               "hydra: pages must be a contiguous int32 CUDA tensor (", s.B, ", ", s.Hkv, ", ", n_sel, "), got ",
               pages.scalar_type(), " ", pages.sizes());
+  check_device(pages, "pages", q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   const int n_pages = (s.Tkv + (int)page_size - 1) / (int)page_size;
   const Coarse coarse = coarse_args(super_summaries, superpage, shortlist_pages, summaries, s, n_pages);
   at::Tensor scores = at::empty({(int64_t)selection_floats(s, n_pages, coarse)}, q.options().dtype(at::kFloat));
-  run_selection(q, k, summaries, seqlens_ptr(cache_seqlens, s.B), seqlens_ptr(cache_leftpad, s.B, "cache_leftpad"),
+  run_selection(q, k, summaries, seqlens_ptr(cache_seqlens, s.B, q.device()),
+                seqlens_ptr(cache_leftpad, s.B, q.device(), "cache_leftpad"),
                 s, (int)page_size, (int)sink_tokens,
                 (int)recent_tokens, n_sel, pages.data_ptr<int>(), nullptr, scores.data_ptr<float>(),
                 c10::cuda::getCurrentCUDAStream(), nullptr, nullptr, coarse);
@@ -375,17 +446,23 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_elem_cuda(out, "out", q.scalar_type());
   check_page_size(page_size);
   const Shapes s = decode_shapes(q, k);
-  TORCH_CHECK(v.sizes() == k.sizes(), "hydra: v ", v.sizes(), " must match k ", k.sizes());
-  TORCH_CHECK(out.sizes() == q.sizes(), "hydra: out ", out.sizes(), " must match q ", q.sizes());
-  TORCH_CHECK(lse.is_cuda() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+  HYDRA_CHECK(v.sizes() == k.sizes(), "hydra: v ", v.sizes(), " must match k ", k.sizes());
+  HYDRA_CHECK(out.sizes() == q.sizes(), "hydra: out ", out.sizes(), " must match q ", q.sizes());
+  HYDRA_CHECK(lse.is_cuda() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
                   lse.numel() == (int64_t)s.B * s.Hq,
               "hydra: lse must be a contiguous fp32 CUDA tensor of B*Hq elements, got ", lse.sizes());
-  TORCH_CHECK(window >= 0, "hydra: window must be >= 0, got ", window);
+  HYDRA_CHECK(window >= 0, "hydra: window must be >= 0, got ", window);
+  check_device(v, "v", q, "q");
+  check_device(out, "out", q, "q");
+  check_device(lse, "lse", q, "q");
+  const int P = (int)page_size;
+  const int n_pages = (s.Tkv + P - 1) / P;
+  // Checked whatever the step does with them (a step that attends every token ignores
+  // them), so that a bad argument is refused alike on every path.
+  if (summaries.has_value()) check_page_summaries(*summaries, q, s, n_pages);
   if (s.B == 0 || s.Hq == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int P = (int)page_size;
-  const int n_pages = (s.Tkv + P - 1) / P;
 
   // Which entries the attention walks.
   enum { kExplicit, kSelect, kRange } mode;
@@ -393,13 +470,14 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (pages.has_value()) {
     mode = kExplicit;
     const at::Tensor& pg = *pages;
-    TORCH_CHECK(pg.is_cuda() && pg.scalar_type() == at::kInt && pg.dim() == 3 && pg.size(0) == s.B &&
+    HYDRA_CHECK(pg.is_cuda() && pg.scalar_type() == at::kInt && pg.dim() == 3 && pg.size(0) == s.B &&
                     pg.size(1) == s.Hkv && pg.stride(2) == 1,
                 "hydra: pages must be an int32 CUDA tensor (", s.B, ", ", s.Hkv,
                 ", n) with a contiguous last dimension, got ", pg.scalar_type(), " ", pg.sizes());
+    check_device(pg, "pages", q, "q");
     n_entries = (int)pg.size(2);
   } else if (budget_tokens > 0 && s.Tkv > budget_tokens && window == 0) {
-    TORCH_CHECK(budget_tokens % P == 0, "hydra: budget_tokens must be a multiple of page_size, got ",
+    HYDRA_CHECK(budget_tokens % P == 0, "hydra: budget_tokens must be a multiple of page_size, got ",
                 budget_tokens);
     mode = kSelect;
     n_entries = (int)(budget_tokens / P);
@@ -527,7 +605,8 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
             int64_t window, double scale, at::Tensor& out, at::Tensor& lse) {
   const Shapes s = decode_shapes(q, k);
   decode_impl(q, k, v, pages, summaries, super_summaries, superpage, shortlist_pages,
-              seqlens_ptr(cache_seqlens, s.B), seqlens_ptr(cache_leftpad, s.B, "cache_leftpad"), page_size,
+              seqlens_ptr(cache_seqlens, s.B, q.device()), seqlens_ptr(cache_leftpad, s.B, q.device(), "cache_leftpad"),
+              page_size,
               sink_tokens,
               recent_tokens, budget_tokens, window, scale, out, lse, nullptr);
 }
@@ -541,7 +620,7 @@ std::tuple<at::Tensor, at::Tensor> decode_alloc(const at::Tensor& q, const at::T
                                                 int64_t superpage, int64_t shortlist_pages,
                                                 int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
                                                 int64_t window, double scale) {
-  TORCH_CHECK(q.dim() == 4, "hydra: q must be (B, Hq, 1, D), got ", q.sizes());
+  HYDRA_CHECK(q.dim() == 4, "hydra: q must be (B, Hq, 1, D), got ", q.sizes());
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   decode(q, k, v, pages, summaries, super_summaries, cache_seqlens, cache_leftpad, page_size, superpage,
@@ -563,21 +642,27 @@ hydra::CacheWriteParams cache_params(const at::Tensor& k, const at::Tensor& v, c
   check_elem_cuda(k_cache, "k_cache", et);
   check_elem_cuda(v_cache, "v_cache", et);
   hydra::SummaryFormat fmt = summary_format(summaries, "summaries", et);
+  check_device(k, "new k", k_cache, "k_cache");
+  check_device(v, "new v", k_cache, "k_cache");
+  check_device(v_cache, "v_cache", k_cache, "k_cache");
+  check_device(summaries, "summaries", k_cache, "k_cache");
+  check_device(lengths, "lengths", k_cache, "k_cache");
+  check_device(overflow, "overflow", k_cache, "k_cache");
   check_summary_scale(summary_scale);
   fmt.scale = (float)summary_scale;
   check_page_size(page_size);
-  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
+  HYDRA_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
                   k.size(0) == k_cache.size(0) && k.size(1) == k_cache.size(1) && k.size(3) == k_cache.size(3),
               "hydra: new k/v ", k.sizes(), " do not fit the cache ", k_cache.sizes());
   const int64_t max_pages = (k_cache.size(2) + page_size - 1) / page_size;
-  TORCH_CHECK(summaries.dim() == 5 && summaries.size(0) == k.size(0) && summaries.size(1) == k.size(1) &&
+  HYDRA_CHECK(summaries.dim() == 5 && summaries.size(0) == k.size(0) && summaries.size(1) == k.size(1) &&
                   summaries.size(2) == max_pages && summaries.size(3) == 2 && summaries.size(4) == k.size(3) &&
                   summaries.stride(3) == k.size(3),
               "hydra: cache summaries must be (B, Hkv, ", max_pages, ", 2, D), got ", summaries.sizes());
-  TORCH_CHECK(lengths.is_cuda() && lengths.scalar_type() == at::kInt && lengths.is_contiguous() &&
+  HYDRA_CHECK(lengths.is_cuda() && lengths.scalar_type() == at::kInt && lengths.is_contiguous() &&
                   lengths.numel() == k.size(0),
               "hydra: cache lengths must be a contiguous int32 CUDA tensor of B elements");
-  TORCH_CHECK(overflow.is_cuda() && overflow.scalar_type() == at::kInt && overflow.numel() >= 1,
+  HYDRA_CHECK(overflow.is_cuda() && overflow.scalar_type() == at::kInt && overflow.numel() >= 1,
               "hydra: cache overflow flag must be an int32 CUDA tensor");
   hydra::CacheWriteParams p{};
   p.dtype = dtype_flag(k_cache, "k_cache");
@@ -592,7 +677,7 @@ hydra::CacheWriteParams cache_params(const at::Tensor& k, const at::Tensor& v, c
   p.summaries = reinterpret_cast<bf16_t*>(summaries.data_ptr());
   p.s_batch_stride = summaries.stride(0); p.s_head_stride = summaries.stride(1); p.s_page_stride = summaries.stride(2);
   p.lengths = lengths.data_ptr<int>();
-  p.counts = seqlens_ptr(counts, k.size(0));
+  p.counts = seqlens_ptr(counts, k.size(0), k_cache.device(), "counts");
   p.overflow = overflow.data_ptr<int>();
   p.B = (int)k.size(0); p.Hkv = (int)k.size(1); p.D = (int)k.size(3); p.n_src = (int)k.size(2);
   p.max_seq_len = (int)k_cache.size(2);
@@ -602,10 +687,11 @@ hydra::CacheWriteParams cache_params(const at::Tensor& k, const at::Tensor& v, c
   if (super_summaries.has_value() && superpage > 1) {
     const at::Tensor& ss = *super_summaries;
     summary_format(ss, "superpage_summaries", et);
-    TORCH_CHECK(ss.scalar_type() == summaries.scalar_type(), "hydra: cache superpage summaries must be ",
+    check_device(ss, "superpage_summaries", k_cache, "k_cache");
+    HYDRA_CHECK(ss.scalar_type() == summaries.scalar_type(), "hydra: cache superpage summaries must be ",
                 summaries.scalar_type(), " like its page summaries, got ", ss.scalar_type());
     const int64_t max_super = (max_pages + superpage - 1) / superpage;
-    TORCH_CHECK(ss.dim() == 5 && ss.size(0) == k.size(0) && ss.size(1) == k.size(1) && ss.size(2) == max_super &&
+    HYDRA_CHECK(ss.dim() == 5 && ss.size(0) == k.size(0) && ss.size(1) == k.size(1) && ss.size(2) == max_super &&
                     ss.size(3) == 2 && ss.size(4) == k.size(3) && ss.stride(3) == k.size(3),
                 "hydra: cache superpage summaries must be (B, Hkv, ", max_super, ", 2, D), got ", ss.sizes());
     p.super_summaries = reinterpret_cast<bf16_t*>(ss.data_ptr());
@@ -620,7 +706,7 @@ hydra::CacheWriteParams cache_params(const at::Tensor& k, const at::Tensor& v, c
 void cache_prefill(const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& seqlens,
                    int64_t page_size, at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& summaries,
                    at::Tensor& lengths, at::Tensor& overflow, double summary_scale) {
-  TORCH_CHECK(k.dim() == 4 && k.size(2) <= k_cache.size(2), "hydra: prefill of ", k.size(2),
+  HYDRA_CHECK(k.dim() == 4 && k.size(2) <= k_cache.size(2), "hydra: prefill of ", k.size(2),
               " tokens does not fit max_seq_len=", k_cache.size(2));
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const hydra::CacheWriteParams p =
@@ -645,7 +731,7 @@ void decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tenso
                    at::Tensor& lengths, at::Tensor& overflow, int64_t page_size, int64_t superpage,
                    int64_t shortlist_pages, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
                    int64_t window, double scale, double summary_scale, at::Tensor& out, at::Tensor& lse) {
-  TORCH_CHECK(k_new.dim() == 4 && k_new.size(2) == 1, "hydra: a fused step appends one token per sequence: k_new "
+  HYDRA_CHECK(k_new.dim() == 4 && k_new.size(2) == 1, "hydra: a fused step appends one token per sequence: k_new "
               "must be (B, Hkv, 1, D), got ", k_new.sizes());
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const hydra::CacheWriteParams cw = cache_params(k_new, v_new, std::nullopt, page_size, k_cache, v_cache, summaries,
@@ -653,6 +739,20 @@ void decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tenso
   decode_impl(q, k_cache, v_cache, std::nullopt, summaries, super_summaries, superpage, shortlist_pages,
               lengths.data_ptr<int>(), nullptr, page_size, sink_tokens, recent_tokens, budget_tokens, window, scale,
               out, lse, &cw);
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_append_alloc(
+    const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache, at::Tensor& v_cache,
+    at::Tensor& summaries, const std::optional<at::Tensor>& super_summaries, at::Tensor& lengths,
+    at::Tensor& overflow, int64_t page_size, int64_t superpage, int64_t shortlist_pages, int64_t sink_tokens,
+    int64_t recent_tokens, int64_t budget_tokens, int64_t window, double scale, double summary_scale) {
+  HYDRA_CHECK(q.dim() == 4, "hydra: q must be (B, Hq, 1, D), got ", q.sizes());
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  decode_append(q, k_new, v_new, k_cache, v_cache, summaries, super_summaries, lengths, overflow, page_size,
+                superpage, shortlist_pages, sink_tokens, recent_tokens, budget_tokens, window, scale, summary_scale,
+                out, lse);
+  return {out, lse};
 }
 
 namespace {
@@ -668,44 +768,51 @@ void prefill_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     check_elem_cuda(v, "v", q.scalar_type());
     check_elem_cuda(*out, "out", q.scalar_type());
   }
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "hydra: prefill q, k, v must be 4-D");
+  HYDRA_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "hydra: prefill q, k, v must be 4-D");
   const int B = (int)q.size(0), Hq = (int)q.size(1), Tq = (int)q.size(2), D = (int)q.size(3);
   const int Hkv = (int)k.size(1), Tkv = (int)k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= 16,
+  HYDRA_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= 16,
               "hydra: prefill k ", k.sizes(), " does not fit q ", q.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "hydra: v ", v.sizes(), " must match k ", k.sizes());
-  TORCH_CHECK(D == 64 || D == 128 || D == 256, "hydra: the prefill kernel takes head dim 64, 128 or 256, got D=", D);
+  HYDRA_CHECK(v.sizes() == k.sizes(), "hydra: v ", v.sizes(), " must match k ", k.sizes());
+  check_device(k, "k", q, "q");
+  check_device(v, "v", q, "q");
+  if (out != nullptr) {
+    check_device(*out, "out", q, "q");
+    check_device(*lse, "lse", q, "q");
+  }
+  if (blocks_out != nullptr) check_device(*blocks_out, "blocks", q, "q");
+  HYDRA_CHECK(D == 64 || D == 128 || D == 256, "hydra: the prefill kernel takes head dim 64, 128 or 256, got D=", D);
   if (D == 256) {  // 2 stages of 64-token K and V tiles at D = 256, plus the block list
     int optin = 0;
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device());
     const int need = 2 * 2 * 64 * (256 + 8) * 2 + 4112;
-    TORCH_CHECK(optin >= need, "hydra: the D=256 prefill kernel needs ", need, " bytes of shared memory per block; ",
+    HYDRA_CHECK(optin >= need, "hydra: the D=256 prefill kernel needs ", need, " bytes of shared memory per block; ",
                 "this GPU offers ", optin, " (A100, H100 and newer data-center GPUs have enough)");
   }
-  TORCH_CHECK(Tq >= 1 && Tq <= Tkv, "hydra: prefill needs 1 <= Tq <= Tkv, got Tq=", Tq, ", Tkv=", Tkv);
-  TORCH_CHECK(window >= 0, "hydra: window must be >= 0, got ", window);
+  HYDRA_CHECK(Tq >= 1 && Tq <= Tkv, "hydra: prefill needs 1 <= Tq <= Tkv, got Tq=", Tq, ", Tkv=", Tkv);
+  HYDRA_CHECK(window >= 0, "hydra: window must be >= 0, got ", window);
   const int nbq = ceil_div(Tq, hydra::kPrefillBlock), nbk = ceil_div(Tkv, hydra::kPrefillBlock);
-  TORCH_CHECK(nbq <= 65535 && B <= 65535, "hydra: prefill takes at most 65535 query blocks (", 65535 * 64,
+  HYDRA_CHECK(nbq <= 65535 && B <= 65535, "hydra: prefill takes at most 65535 query blocks (", 65535 * 64,
               " tokens) and 65535 sequences, got Tq=", Tq, ", B=", B);
   const bool select = budget_tokens > 0 && window == 0 && Tkv > budget_tokens;
   int n_list = 0;
   if (select) {
-    TORCH_CHECK(budget_tokens % hydra::kPrefillBlock == 0 && budget_tokens / hydra::kPrefillBlock <= hydra::kMaxPrefillList,
+    HYDRA_CHECK(budget_tokens % hydra::kPrefillBlock == 0 && budget_tokens / hydra::kPrefillBlock <= hydra::kMaxPrefillList,
                 "hydra: prefill budget_tokens must be a multiple of 64 and at most ", hydra::kMaxPrefillList * 64,
                 ", got ", budget_tokens);
     n_list = (int)(budget_tokens / hydra::kPrefillBlock);
     const int forced = ceil_div((int)sink_tokens, hydra::kPrefillBlock) + (int)(recent_tokens / hydra::kPrefillBlock) + 1;
-    TORCH_CHECK(forced < n_list, "hydra: prefill budget_tokens=", budget_tokens, " leaves no block to select after ",
+    HYDRA_CHECK(forced < n_list, "hydra: prefill budget_tokens=", budget_tokens, " leaves no block to select after ",
                 sink_tokens, " sink and ", recent_tokens, " recent tokens");
     int smem_optin = 0;
     cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device());
-    TORCH_CHECK(size_t(nbk) * 4 + 16 * 1024 <= size_t(smem_optin),
+    HYDRA_CHECK(size_t(nbk) * 4 + 16 * 1024 <= size_t(smem_optin),
                 "hydra: prefill selection holds one score per key block in shared memory; Tkv=", Tkv, " is too long");
   }
   if (out != nullptr) {
-    TORCH_CHECK(out->sizes() == q.sizes() && out->stride(-1) == 1, "hydra: out ", out->sizes(), " must match q ",
+    HYDRA_CHECK(out->sizes() == q.sizes() && out->stride(-1) == 1, "hydra: out ", out->sizes(), " must match q ",
                 q.sizes());
-    TORCH_CHECK(lse->is_cuda() && lse->scalar_type() == at::kFloat && lse->is_contiguous() &&
+    HYDRA_CHECK(lse->is_cuda() && lse->scalar_type() == at::kFloat && lse->is_contiguous() &&
                     lse->numel() == (int64_t)B * Hq * Tq,
                 "hydra: lse must be a contiguous fp32 CUDA tensor of B*Hq*Tq elements, got ", lse->sizes());
   }
@@ -770,11 +877,11 @@ void prefill_blocks(const at::Tensor& q, const at::Tensor& k, int64_t sink_token
                     int64_t budget_tokens, at::Tensor& blocks) {
   const int64_t nbq = (q.size(2) + hydra::kPrefillBlock - 1) / hydra::kPrefillBlock;
   const int64_t n_list = budget_tokens / hydra::kPrefillBlock;
-  TORCH_CHECK(blocks.is_cuda() && blocks.scalar_type() == at::kInt && blocks.is_contiguous() && blocks.dim() == 4 &&
+  HYDRA_CHECK(blocks.is_cuda() && blocks.scalar_type() == at::kInt && blocks.is_contiguous() && blocks.dim() == 4 &&
                   blocks.size(0) == q.size(0) && blocks.size(1) == k.size(1) && blocks.size(2) == nbq &&
                   blocks.size(3) == n_list,
               "hydra: blocks must be a contiguous int32 CUDA tensor (B, Hkv, ", nbq, ", ", n_list, "), got ",
               blocks.scalar_type(), " ", blocks.sizes());
-  TORCH_CHECK(k.size(2) > budget_tokens, "hydra: prefill_blocks selects only when Tkv > budget_tokens");
+  HYDRA_CHECK(k.size(2) > budget_tokens, "hydra: prefill_blocks selects only when Tkv > budget_tokens");
   prefill_impl(q, k, k, sink_tokens, recent_tokens, budget_tokens, 0, 1.0, nullptr, nullptr, &blocks);
 }

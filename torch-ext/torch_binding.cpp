@@ -61,6 +61,13 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "int shortlist_pages, int sink_tokens, int recent_tokens, int budget_tokens, int window, float scale, "
       "float summary_scale, Tensor! out, Tensor! lse) -> ()");
   ops.impl("decode_append", c10::kCUDA, &decode_append);
+  // The same step returning a new out (B, Hq, 1, D) and fp32 lse (B, Hq, 1).
+  ops.def(
+      "decode_append_alloc(Tensor q, Tensor k_new, Tensor v_new, Tensor! k_cache, Tensor! v_cache, "
+      "Tensor! summaries, Tensor!? super_summaries, Tensor! lengths, Tensor! overflow, int page_size, int superpage, "
+      "int shortlist_pages, int sink_tokens, int recent_tokens, int budget_tokens, int window, float scale, "
+      "float summary_scale) -> (Tensor, Tensor)");
+  ops.impl("decode_append_alloc", c10::kCUDA, &decode_append_alloc);
 
   // Causal prefill (Tq <= Tkv, queries bottom-right aligned) over 64-token key blocks:
   // budget_tokens > 0 with Tkv > budget selects blocks; otherwise every block up to the

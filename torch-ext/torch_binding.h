@@ -51,6 +51,13 @@ void decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tenso
                    int64_t shortlist_pages, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
                    int64_t window, double scale, double summary_scale, at::Tensor& out, at::Tensor& lse);
 
+// decode_append() into freshly allocated (out, lse): HydraKVCache.step's one op call.
+std::tuple<at::Tensor, at::Tensor> decode_append_alloc(
+    const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache, at::Tensor& v_cache,
+    at::Tensor& summaries, const std::optional<at::Tensor>& super_summaries, at::Tensor& lengths,
+    at::Tensor& overflow, int64_t page_size, int64_t superpage, int64_t shortlist_pages, int64_t sink_tokens,
+    int64_t recent_tokens, int64_t budget_tokens, int64_t window, double scale, double summary_scale);
+
 void prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t sink_tokens,
              int64_t recent_tokens, int64_t budget_tokens, int64_t window, double scale, at::Tensor& out,
              at::Tensor& lse);

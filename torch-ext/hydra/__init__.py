@@ -11,6 +11,7 @@ group), through one fused split-KV attention kernel. See README.md and SPEC.md.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -19,6 +20,7 @@ import torch
 from . import reference
 from ._ops import add_op_namespace_prefix, ops
 from ._validate import (
+    _INV_SQRT_D,
     check_cache_leftpad_values,
     check_cache_seqlens_values,
     check_pages_values,
@@ -88,6 +90,12 @@ def _require_ops():
 
 _PRESET_POLICIES = {name: resolve_policy(name) for name in PRESETS}
 
+# The decode op's integer arguments (page_size, superpage, shortlist_pages, sink_tokens,
+# recent_tokens, budget_tokens, window) for the presets that select flat pages: the
+# eager fast path below passes them without resolving a policy.
+_FAST_PRESETS = {name: (p.page_size, 0, 0, p.sink_tokens, p.recent_tokens, p.budget_tokens, 0)
+                 for name, p in _PRESET_POLICIES.items() if not p.exact and not p.coarse}
+
 
 def _policy(precision, policy) -> HydraPolicy:
     if policy is None and isinstance(precision, str) and precision in _PRESET_POLICIES:
@@ -107,6 +115,25 @@ def _budget_window(pol, sliding_window, policy_layer_idx):
     if _is_exact(pol, policy_layer_idx):
         return 0, 0
     return pol.budget_tokens, 0
+
+
+def _fast_decode(q, k, v, cache_seqlens, page_summaries, ints):
+    """The common eager decode call (a preset, no out/scale/window/leftpad) in one op call.
+
+    The op checks every property the Python checks would (types, ranks, shapes, dtypes,
+    strides, devices: hydra_torch.cpp) before any kernel runs; the one thing it cannot
+    know, that the page summaries were built with this page size, is checked here.
+    Returns None where anything is off (the op refused the input, or the call is not a
+    decode step); the caller then runs the full checks, which raise the error that
+    names the argument."""
+    try:
+        qs = q.shape
+        if qs[2] != 1 or (page_summaries is not None
+                          and page_summaries.shape[2] != -(-k.shape[2] // ints[0])):
+            return None
+        return ops.decode_alloc(q, k, v, None, page_summaries, None, cache_seqlens, None, *ints, _INV_SQRT_D[qs[3]])
+    except Exception:
+        return None
 
 
 def _coarse_args(pol, q, k, cache_seqlens, summaries, super_summaries, cache_leftpad=None):
@@ -165,6 +192,12 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
     --------
     >>> o = hydra.hydra(q, k, v, precision="balanced", cache_seqlens=lens)
     """
+    if (out is None and policy is None and scale is None and sliding_window is None and policy_layer_idx is None
+            and superpage_summaries is None and cache_leftpad is None and is_causal is True and not _debug
+            and type(precision) is str and precision in _FAST_PRESETS):
+        res = _fast_decode(q, k, v, cache_seqlens, page_summaries, _FAST_PRESETS[precision])
+        if res is not None:
+            return res if return_lse else res[0]
     pol = _policy(precision, policy)
     info = validate_decode_call(q, k, v, is_causal=is_causal, sliding_window=sliding_window,
                                 policy_layer_idx=policy_layer_idx, policy=pol, cache_seqlens=cache_seqlens,
@@ -196,6 +229,48 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
         ops.decode(q, k, v, None, summaries, supers, cache_seqlens, cache_leftpad, pol.page_size, S, n_short,
                    pol.sink_tokens, pol.recent_tokens, budget, window, info["scale"], out, lse)
     return (out, lse) if return_lse else out
+
+
+# HydraKVCache.step keyword arguments its fast path takes (what the transformers
+# integration passes); any other goes through _cache_step.
+_STEP_FAST_ARGS = frozenset(("sliding_window", "policy_layer_idx", "scale"))
+
+
+def _fast_cache_step(cache, q, k_new, v_new, sliding_window=None, policy_layer_idx=None, scale=None):
+    """HydraKVCache.step with the cache's own policy and no out / return_lse, in one op
+    call that also allocates the output (see _fast_decode). Returns None, before the op
+    runs, where an argument needs the full checks. The op checks its tensors in C++
+    before it launches anything; where it refuses them, the step's full checks run and
+    raise the error that names the argument, or, where they pass, the op's own error is
+    raised. The op writes the cache, so one step never calls it twice."""
+    pol = cache.policy
+    if scale is None:
+        scale = cache._default_scale
+    elif type(scale) is not float or not 0.0 < scale < math.inf:
+        return None
+    if policy_layer_idx is not None and (type(policy_layer_idx) is not int or policy_layer_idx < 0):
+        return None
+    if sliding_window is not None:
+        if type(sliding_window) is not int or sliding_window < 1:
+            return None
+        budget, window = 0, sliding_window
+    elif _is_exact(pol, policy_layer_idx):
+        budget, window = 0, 0
+    else:
+        budget, window = pol.budget_tokens, 0
+    S, n_short = (pol.superpage, pol.n_short) if pol.coarse else (0, 0)
+    try:
+        return ops.decode_append_alloc(q, k_new, v_new, cache.k, cache.v, cache.summaries, cache.superpage_summaries,
+                                       cache._lengths, cache._overflow, pol.page_size, S, n_short, pol.sink_tokens,
+                                       pol.recent_tokens, budget, window, scale, cache.summary_scale)
+    except Exception:
+        cache._check_step_inputs(k_new, v_new)
+        validate_decode_call(q, cache.k, cache.v, is_causal=True, sliding_window=sliding_window,
+                             policy_layer_idx=policy_layer_idx, policy=pol, cache_seqlens=cache.seqlens,
+                             page_summaries=cache.summaries, scale=scale, out=None,
+                             superpage_summaries=cache.superpage_summaries)
+        _require_ops()
+        raise
 
 
 def _cache_step(cache, q, k_new, v_new, *, sliding_window=None, policy_layer_idx=None, precision="high",
@@ -368,6 +443,13 @@ if ops is not None:
                             page_size, superpage, shortlist_pages, sink_tokens, recent_tokens, budget_tokens,
                             window, scale, summary_scale, out, lse):
         return None
+
+    @torch.library.register_fake(add_op_namespace_prefix("decode_append_alloc"))
+    def _decode_append_alloc_fake(q, k_new, v_new, k_cache, v_cache, summaries, super_summaries, lengths, overflow,
+                                  page_size, superpage, shortlist_pages, sink_tokens, recent_tokens, budget_tokens,
+                                  window, scale, summary_scale):
+        B, Hq, Tq, D = q.shape
+        return q.new_empty((B, Hq, Tq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
 
     @torch.library.register_fake(add_op_namespace_prefix("prefill"))
     def _prefill_fake(q, k, v, sink_tokens, recent_tokens, budget_tokens, window, scale, out, lse):

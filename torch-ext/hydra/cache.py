@@ -82,6 +82,7 @@ class HydraKVCache:
         self.v = torch.empty(B, H, max_seq_len, D, dtype=dtype, device=device)
         sdtype = self.policy.summary_torch_dtype or dtype
         self.summary_scale = float(self.policy.summary_scale)
+        self._default_scale = 1.0 / math.sqrt(D)  # step()'s softmax scale when none is given
         self.summaries = torch.empty(B, H, self.max_pages, 2, D, dtype=sdtype, device=device)
         # Coarse-to-fine policies (superpage > 1) keep superpage summaries too.
         self.superpage_summaries = None
@@ -150,6 +151,14 @@ class HydraKVCache:
         if v.shape != k.shape:
             raise ValueError(f"hydra: {name_v} must have {name_k}'s shape {tuple(k.shape)}, got {tuple(v.shape)}")
 
+    def _check_step_inputs(self, k_new, v_new):
+        """step()'s checks of the new token (one per sequence)."""
+        self._check_new(k_new, v_new, "k_new", "v_new")
+        if k_new.shape[2] != 1:
+            raise ValueError(f"hydra: HydraKVCache.step appends one token per sequence: k_new must be "
+                             f"({self.k.shape[0]}, {self.k.shape[1]}, 1, {self.k.shape[3]}), got "
+                             f"{tuple(k_new.shape)}; use append() for more")
+
     def _check_counts(self, counts, name):
         if counts is None:
             return
@@ -215,14 +224,17 @@ class HydraKVCache:
         append launch plus the attention. Lengths advance on the device, with no host sync; keyword
         arguments are those of :meth:`attend`. Overflow is handled as in :meth:`append`.
         """
-        from . import _cache_step, _debug_enabled
+        from . import _STEP_FAST_ARGS, _cache_step, _debug_enabled, _fast_cache_step
 
-        self._check_new(k_new, v_new, "k_new", "v_new")
-        if k_new.shape[2] != 1:
-            raise ValueError(f"hydra: HydraKVCache.step appends one token per sequence: k_new must be "
-                             f"({self.k.shape[0]}, {self.k.shape[1]}, 1, {self.k.shape[3]}), got "
-                             f"{tuple(k_new.shape)}; use append() for more")
-        if self._len_exact and self._len_bound + 1 > self.max_seq_len:
+        full = self._len_exact and self._len_bound + 1 > self.max_seq_len
+        if not full and not _debug_enabled() and _STEP_FAST_ARGS.issuperset(policy_kwargs):
+            # The common step: checked by the op in C++ (README, "The eager hot path").
+            result = _fast_cache_step(self, q, k_new, v_new, **policy_kwargs)
+            if result is not None:
+                self._len_bound += 1
+                return result[0]
+        self._check_step_inputs(k_new, v_new)
+        if full:
             raise ValueError(f"hydra: appending 1 token to sequences of {self._len_bound} would pass "
                              f"max_seq_len={self.max_seq_len}")
         policy_kwargs.setdefault("precision", self.precision)
