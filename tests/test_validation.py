@@ -289,16 +289,20 @@ def test_fast_path_is_taken_and_matches_the_checked_path(monkeypatch):
     v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(BF16)
     lens = torch.tensor([T, 6007, 4500], dtype=torch.int32, device="cuda")
     summ = hydra.page_summaries(k, cache_seqlens=lens)
-    checked, lse_checked = hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ, scale=D ** -0.5,
-                                       return_lse=True)  # scale given: the checked path
+    variants = [{}, {"scale": 0.07}, {"policy_layer_idx": 0}, {"policy_layer_idx": 7}]  # layer 0: dense
+    checked = [hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ, return_lse=True,
+                           policy=hydra.HydraPolicy(), **kw)  # a policy given: the checked path
+               for kw in variants]
 
     def no_checks(*args, **kwargs):
         raise AssertionError("the fast path ran the Python checks")
 
     monkeypatch.setattr(hydra, "validate_decode_call", no_checks)
-    fast, lse_fast = hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ, return_lse=True)
-    assert torch.isfinite(fast).all()
-    assert torch.equal(fast, checked) and torch.equal(lse_fast, lse_checked)
+    for kw, (out_c, lse_c) in zip(variants, checked):
+        fast, lse_fast = hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ, return_lse=True, **kw)
+        assert torch.isfinite(fast).all()
+        assert torch.equal(fast, out_c) and torch.equal(lse_fast, lse_c), f"{kw}: the fast path differs"
+    assert not torch.equal(checked[0][0], checked[1][0]) and not torch.equal(checked[0][0], checked[2][0])
     for precision in ("balanced", "fast"):
         assert torch.isfinite(hydra.hydra(q, k, v, precision=precision, cache_seqlens=lens,
                                           page_summaries=hydra.page_summaries(k, cache_seqlens=lens))).all()
@@ -362,6 +366,10 @@ def test_fast_path_refusals_raise_the_named_error_before_any_kernel():
          "hydra: page_summaries must be on q's device cuda:0, got cpu"),
         (lambda: hydra.hydra(q[:, :, 0], k, v), ValueError, "hydra: q must be 4-D (B, Hq, Tq, D)"),
         (lambda: hydra.hydra(q, [1, 2], v), TypeError, "hydra: k must be a torch.Tensor, got list"),
+        (lambda: hydra.hydra(q, k, v, scale=-1.0), ValueError,
+         "hydra: scale must be a finite positive number, got -1.0"),
+        (lambda: hydra.hydra(q, k, v, policy_layer_idx=-1), ValueError,
+         "hydra: policy_layer_idx must be >= 0, got -1"),
     ]
     for fn, exc, message in cases:
         ran, err = profiled(fn)

@@ -117,21 +117,31 @@ def _budget_window(pol, sliding_window, policy_layer_idx):
     return pol.budget_tokens, 0
 
 
-def _fast_decode(q, k, v, cache_seqlens, page_summaries, ints):
-    """The common eager decode call (a preset, no out/scale/window/leftpad) in one op call.
+def _fast_decode(q, k, v, cache_seqlens, page_summaries, precision, scale, policy_layer_idx):
+    """The common eager decode call (a preset; no out, policy, window, left padding or
+    superpage summaries) in one op call.
 
     The op checks every property the Python checks would (types, ranks, shapes, dtypes,
     strides, devices: hydra_torch.cpp) before any kernel runs; the one thing it cannot
-    know, that the page summaries were built with this page size, is checked here.
-    Returns None where anything is off (the op refused the input, or the call is not a
-    decode step); the caller then runs the full checks, which raise the error that
-    names the argument."""
+    know, that the page summaries were built with this page size, is checked here, with
+    the scalar arguments. Returns None where anything is off (an argument, the op refused
+    the input, or the call is not a decode step); the caller then runs the full checks,
+    which raise the error that names the argument."""
+    ints = _FAST_PRESETS[precision]
+    if policy_layer_idx is not None:
+        if type(policy_layer_idx) is not int or policy_layer_idx < 0:
+            return None
+        if policy_layer_idx < _PRESET_POLICIES[precision].dense_layers:
+            ints = ints[:5] + (0, 0)  # a dense layer: budget 0 attends every token
+    if scale is not None and (type(scale) is not float or not 0.0 < scale < math.inf):
+        return None
     try:
         qs = q.shape
         if qs[2] != 1 or (page_summaries is not None
                           and page_summaries.shape[2] != -(-k.shape[2] // ints[0])):
             return None
-        return ops.decode_alloc(q, k, v, None, page_summaries, None, cache_seqlens, None, *ints, _INV_SQRT_D[qs[3]])
+        return ops.decode_alloc(q, k, v, None, page_summaries, None, cache_seqlens, None, *ints,
+                                _INV_SQRT_D[qs[3]] if scale is None else scale)
     except Exception:
         return None
 
@@ -192,10 +202,10 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
     --------
     >>> o = hydra.hydra(q, k, v, precision="balanced", cache_seqlens=lens)
     """
-    if (out is None and policy is None and scale is None and sliding_window is None and policy_layer_idx is None
-            and superpage_summaries is None and cache_leftpad is None and is_causal is True and not _debug
+    if (out is None and policy is None and sliding_window is None and superpage_summaries is None
+            and cache_leftpad is None and is_causal is True and not _debug
             and type(precision) is str and precision in _FAST_PRESETS):
-        res = _fast_decode(q, k, v, cache_seqlens, page_summaries, _FAST_PRESETS[precision])
+        res = _fast_decode(q, k, v, cache_seqlens, page_summaries, precision, scale, policy_layer_idx)
         if res is not None:
             return res if return_lse else res[0]
     pol = _policy(precision, policy)
