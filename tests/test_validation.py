@@ -289,9 +289,10 @@ def test_fast_path_is_taken_and_matches_the_checked_path(monkeypatch):
     v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(BF16)
     lens = torch.tensor([T, 6007, 4500], dtype=torch.int32, device="cuda")
     summ = hydra.page_summaries(k, cache_seqlens=lens)
-    variants = [{}, {"scale": 0.07}, {"policy_layer_idx": 0}, {"policy_layer_idx": 7}]  # layer 0: dense
+    variants = [{}, {"scale": 0.07}, {"policy_layer_idx": 0}, {"policy_layer_idx": 7},  # layer 0: dense
+                {"policy": hydra.HydraPolicy(sink_tokens=32, recent_tokens=256), "precision": "balanced"}]
     checked = [hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ, return_lse=True,
-                           policy=hydra.HydraPolicy(), **kw)  # a policy given: the checked path
+                           out=torch.empty_like(q), **kw)  # out given: the checked path
                for kw in variants]
 
     def no_checks(*args, **kwargs):
@@ -302,7 +303,8 @@ def test_fast_path_is_taken_and_matches_the_checked_path(monkeypatch):
         fast, lse_fast = hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ, return_lse=True, **kw)
         assert torch.isfinite(fast).all()
         assert torch.equal(fast, out_c) and torch.equal(lse_fast, lse_c), f"{kw}: the fast path differs"
-    assert not torch.equal(checked[0][0], checked[1][0]) and not torch.equal(checked[0][0], checked[2][0])
+    for i in (1, 2, 4):  # the variants change the output: each argument reached the op
+        assert not torch.equal(checked[0][0], checked[i][0]), variants[i]
     for precision in ("balanced", "fast"):
         assert torch.isfinite(hydra.hydra(q, k, v, precision=precision, cache_seqlens=lens,
                                           page_summaries=hydra.page_summaries(k, cache_seqlens=lens))).all()
@@ -416,3 +418,19 @@ def test_direct_op_refusals_raise_with_the_values():
     for fn, message in cases:
         with raises(RuntimeError, message):
             fn()
+
+
+def test_resolved_policies_are_reused_and_bad_ones_still_refused():
+    """hydra resolves a (precision, policy) pair once; equal policies find it again, and
+    a bad precision or policy still raises its named error (it is never cached)."""
+    pol = hydra.HydraPolicy(page_size=8, budget_tokens=1024)
+    first = hydra._policy("fast", pol)
+    assert first == hydra.policy.resolve_policy("fast", pol)
+    assert hydra._policy("fast", hydra.HydraPolicy(page_size=8, budget_tokens=1024)) is first
+    assert hydra._policy("high", pol) is not first and hydra._policy("high", pol).budget_tokens == 1024
+    with raises(ValueError, "hydra: precision must be one of"):
+        hydra._policy("medium", pol)
+    with raises(ValueError, "hydra: precision must be one of"):
+        hydra._policy(["high"], pol)  # unhashable: resolved, not cached
+    with raises(TypeError, "hydra: policy must be a hydra.HydraPolicy or None, got dict"):
+        hydra._policy("high", {"page_size": 8})

@@ -90,17 +90,50 @@ def _require_ops():
 
 _PRESET_POLICIES = {name: resolve_policy(name) for name in PRESETS}
 
-# The decode op's integer arguments (page_size, superpage, shortlist_pages, sink_tokens,
-# recent_tokens, budget_tokens, window) for the presets that select flat pages: the
-# eager fast path below passes them without resolving a policy.
-_FAST_PRESETS = {name: (p.page_size, 0, 0, p.sink_tokens, p.recent_tokens, p.budget_tokens, 0)
-                 for name, p in _PRESET_POLICIES.items() if not p.exact and not p.coarse}
+# (precision, policy) -> the resolved policy. resolve_policy builds and checks a new
+# HydraPolicy (~10-20 us of host time); policies are frozen dataclasses, so a call that
+# passes the same policy again finds it here. Bounded: a caller that makes a new policy
+# every call resolves each one.
+_RESOLVED: dict = {}
+_RESOLVED_MAX = 256
 
 
 def _policy(precision, policy) -> HydraPolicy:
     if policy is None and isinstance(precision, str) and precision in _PRESET_POLICIES:
         return _PRESET_POLICIES[precision]
-    return resolve_policy(precision, policy)
+    try:
+        return _RESOLVED[(precision, policy)]
+    except (KeyError, TypeError):  # not seen yet, or unhashable (then resolve_policy names it)
+        pass
+    pol = resolve_policy(precision, policy)
+    if len(_RESOLVED) < _RESOLVED_MAX:
+        _RESOLVED[(precision, policy)] = pol
+    return pol
+
+
+def _fast_ints(pol: HydraPolicy):
+    """The decode op's integer arguments (page_size, superpage, shortlist_pages,
+    sink_tokens, recent_tokens, budget_tokens, window) and dense_layers for a policy
+    that selects flat pages; None for exact and coarse-to-fine policies."""
+    if pol.exact or pol.coarse:
+        return None
+    return (pol.page_size, 0, 0, pol.sink_tokens, pol.recent_tokens, pol.budget_tokens, 0), pol.dense_layers
+
+
+# The eager fast path's arguments for each preset (no policy resolved per call).
+_FAST_PRESETS = {name: _fast_ints(p) for name, p in _PRESET_POLICIES.items() if _fast_ints(p) is not None}
+
+
+def _fast_args(precision, policy):
+    """_fast_ints of the call's policy, or None where the fast path does not apply."""
+    if policy is None:
+        return _FAST_PRESETS.get(precision) if type(precision) is str else None
+    if type(policy) is not HydraPolicy:
+        return None
+    try:
+        return _fast_ints(_policy(precision, policy))
+    except Exception:  # a bad precision: the checked path names it
+        return None
 
 
 def _is_exact(pol: HydraPolicy, policy_layer_idx) -> bool:
@@ -117,9 +150,9 @@ def _budget_window(pol, sliding_window, policy_layer_idx):
     return pol.budget_tokens, 0
 
 
-def _fast_decode(q, k, v, cache_seqlens, page_summaries, precision, scale, policy_layer_idx):
-    """The common eager decode call (a preset; no out, policy, window, left padding or
-    superpage summaries) in one op call.
+def _fast_decode(q, k, v, cache_seqlens, page_summaries, fast_args, scale, policy_layer_idx):
+    """The common eager decode call (a flat selecting policy; no out, sliding window,
+    left padding or superpage summaries) in one op call.
 
     The op checks every property the Python checks would (types, ranks, shapes, dtypes,
     strides, devices: hydra_torch.cpp) before any kernel runs; the one thing it cannot
@@ -127,11 +160,11 @@ def _fast_decode(q, k, v, cache_seqlens, page_summaries, precision, scale, polic
     the scalar arguments. Returns None where anything is off (an argument, the op refused
     the input, or the call is not a decode step); the caller then runs the full checks,
     which raise the error that names the argument."""
-    ints = _FAST_PRESETS[precision]
+    ints, dense_layers = fast_args
     if policy_layer_idx is not None:
         if type(policy_layer_idx) is not int or policy_layer_idx < 0:
             return None
-        if policy_layer_idx < _PRESET_POLICIES[precision].dense_layers:
+        if policy_layer_idx < dense_layers:
             ints = ints[:5] + (0, 0)  # a dense layer: budget 0 attends every token
     if scale is not None and (type(scale) is not float or not 0.0 < scale < math.inf):
         return None
@@ -202,12 +235,13 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
     --------
     >>> o = hydra.hydra(q, k, v, precision="balanced", cache_seqlens=lens)
     """
-    if (out is None and policy is None and sliding_window is None and superpage_summaries is None
-            and cache_leftpad is None and is_causal is True and not _debug
-            and type(precision) is str and precision in _FAST_PRESETS):
-        res = _fast_decode(q, k, v, cache_seqlens, page_summaries, precision, scale, policy_layer_idx)
-        if res is not None:
-            return res if return_lse else res[0]
+    if (out is None and sliding_window is None and superpage_summaries is None and cache_leftpad is None
+            and is_causal is True and not _debug):
+        fast_args = _fast_args(precision, policy)
+        if fast_args is not None:
+            res = _fast_decode(q, k, v, cache_seqlens, page_summaries, fast_args, scale, policy_layer_idx)
+            if res is not None:
+                return res if return_lse else res[0]
     pol = _policy(precision, policy)
     info = validate_decode_call(q, k, v, is_causal=is_causal, sliding_window=sliding_window,
                                 policy_layer_idx=policy_layer_idx, policy=pol, cache_seqlens=cache_seqlens,
