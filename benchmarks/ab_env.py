@@ -52,27 +52,6 @@ def parse_shapes(text):
     return shapes
 
 
-def back_to_back(fn, n=200):
-    """(device us per call, host us per call) over n calls issued back to back
-    (the decode benchmark's eager host-overhead method)."""
-    import time
-
-    import torch
-
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0 = time.perf_counter()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    host = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n * 1e3, host
-
-
 def host_rows(hydra, B, T, Hq, Hkv, D):
     """Eager against graph, back to back, for the plain call ``hydra.hydra(q, k, v,
     page_summaries=s)`` on four input sets in turn (so no set stays in L2): medians of
@@ -80,6 +59,7 @@ def host_rows(hydra, B, T, Hq, Hkv, D):
     import statistics
 
     import torch
+    from timing import back_to_back_us, capture_graph, rotating
 
     sets = []
     for i in range(4):
@@ -94,32 +74,12 @@ def host_rows(hydra, B, T, Hq, Hkv, D):
     # allocated in Python).
     outs = [torch.empty_like(s[0]) for s in sets]
     checked = [lambda s=s, o=o: hydra.hydra(s[0], s[1], s[2], page_summaries=s[3], out=o) for s, o in zip(sets, outs)]
-    state = {"i": 0}
-
-    def rotate(fns):
-        def f():
-            fns[state["i"] % len(fns)]()
-            state["i"] += 1
-        return f
-
-    graphs = []
-    for fn in calls:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        gr = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(gr):
-            fn()
-        graphs.append(gr)
+    graphs = [capture_graph(fn)[0] for fn in calls]
     eager, graph, eager_checked = [], [], []
     for _ in range(5):  # alternating, so that a drift of the process spreads over all three
-        eager.append(back_to_back(rotate(calls)))
-        graph.append(back_to_back(rotate([gr.replay for gr in graphs])))
-        eager_checked.append(back_to_back(rotate(checked)))
+        eager.append(back_to_back_us(rotating(calls)))
+        graph.append(back_to_back_us(rotating([gr.replay for gr in graphs])))
+        eager_checked.append(back_to_back_us(rotating(checked)))
     e_dev = statistics.median(t[0] for t in eager)
     g_dev = statistics.median(t[0] for t in graph)
     return {"eager_b2b": round(e_dev, 2), "graph_b2b": round(g_dev, 2), "overhead": round(e_dev - g_dev, 2),

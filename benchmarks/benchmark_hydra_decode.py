@@ -84,7 +84,6 @@ import math
 import os
 import statistics
 import sys
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -99,6 +98,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from render_readme import decode_detail_table, decode_summary_table  # noqa: E402
+from timing import back_to_back_us, capture_graph, rotating  # noqa: E402,F401 (read_bound uses capture_graph)
 
 # ----------------------------------------------------------------------------
 # The SPEC 7 matrix and the "high" preset of SPEC 2
@@ -292,56 +292,6 @@ def do_bench_us(fn, rep_ms: int, warmup_ms: int = 25) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
-
-
-def rotating(fns):
-    """One callable that calls fns[0], fns[1], ... in turn (the input sets)."""
-    if len(fns) == 1:
-        return fns[0]
-    state = [0]
-
-    def call():
-        i = state[0]
-        state[0] = (i + 1) % len(fns)
-        return fns[i]()
-
-    return call
-
-
-def back_to_back_us(fn, n: int = 200):
-    """(device us per call, host us per call) for n calls issued back to back.
-
-    Unlike do_bench, nothing runs between the calls, so a step whose host side
-    is slower than its kernels shows it here.
-    """
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0 = time.perf_counter()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    host = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n * 1e3, host
-
-
-def capture_graph(fn):
-    """Capture fn() in a CUDA graph after warming it up on a side stream."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    torch.cuda.synchronize()
-    return graph, out
 
 
 def measure_copy_gbps(rep_ms: int) -> dict:
