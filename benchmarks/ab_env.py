@@ -69,9 +69,9 @@ def host_rows(hydra, B, T, Hq, Hkv, D):
         v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
         sets.append((q, k, v, hydra.page_summaries(k)))
     calls = [lambda s=s: hydra.hydra(s[0], s[1], s[2], page_summaries=s[3]) for s in sets]
-    # The same call writing into a given out: where a tree has the eager fast path, this
-    # one takes the checked path (the Python checks, then the same kernels; the LSE is
-    # allocated in Python).
+    # The same call writing into a given out (the LSE allocated in Python): trees before
+    # v30 send it through the checked path (the Python checks, then the same kernels),
+    # later ones through the fast path (the op checks in C++).
     outs = [torch.empty_like(s[0]) for s in sets]
     checked = [lambda s=s, o=o: hydra.hydra(s[0], s[1], s[2], page_summaries=s[3], out=o) for s, o in zip(sets, outs)]
     graphs = [capture_graph(fn)[0] for fn in calls]

@@ -279,7 +279,9 @@ STEP_CASES = {
 def test_step_equals_append_then_attend(case, fast, monkeypatch):
     """step() leaves the cache exactly as append() does and returns exactly attend()'s
     output, across page boundaries, with ragged lengths (one sequence within the budget).
-    "fast": the step's one-op path (no out=), which must not reach the checked path."""
+    "fast": the step's one-op path (the output allocated by the op on even steps, a
+    given out= and return_lse on odd ones), which must not reach the checked path;
+    "checked": precision given, which only the checked path takes."""
     kw = dict(STEP_CASES[case])
     pol = kw.pop("policy", None)
     precision = kw.pop("precision", "high")
@@ -297,14 +299,20 @@ def test_step_equals_append_then_attend(case, fast, monkeypatch):
     for i in range(steps):
         q = rand(B, Hq, 1, D, seed=400 + i)
         kn, vn = rand(B, H, 1, D, seed=500 + i), rand(B, H, 1, D, seed=600 + i)
-        if fast:
+        lse = None
+        if fast and i % 2 == 0:
             got = fused.step(q, kn, vn, **kw)
+        elif fast:
+            given = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+            got, lse = fused.step(q, kn, vn, out=given, return_lse=True, **kw)
+            assert got is given, "out= was not written in place"
         else:
-            got = fused.step(q, kn, vn, out=torch.full_like(q, float("nan")), **kw)
+            got = fused.step(q, kn, vn, precision=precision, out=torch.full_like(q, float("nan")), **kw)
         plain.append(kn, vn)
-        want = plain.attend(q, **kw)
+        want, want_lse = plain.attend(q, return_lse=True, **kw)
         assert not torch.isnan(got).any()
         assert torch.equal(got, want), f"step {i}: fused output differs from append + attend"
+        assert lse is None or torch.equal(lse, want_lse), f"step {i}: fused LSE differs from attend's"
         assert torch.equal(fused.seqlens, plain.seqlens)
     assert torch.equal(fused.seqlens, lens + steps)
     assert_same_contents(fused, plain)
@@ -462,13 +470,19 @@ def test_fast_step_refusals_match_the_checked_step():
         "k_new on cpu": (q, kn.cpu(), vn),
         "k_new not a tensor": (q, [1.0], vn),
     }
+    bad_kwargs = {
+        "out fp16": {"out": torch.empty_like(q).half()},
+        "out shape": {"out": torch.empty_like(q[:, :2])},
+        "out on cpu": {"out": torch.empty_like(q).cpu()},
+    }
     bits = lambda t: t.view(torch.int16)  # noqa: E731  (bitwise: slots past the lengths are uninitialised)
     before = (cache.seqlens.clone(), bits(cache.k).clone(), bits(cache.summaries).clone())
-    for name, (qq, kk, vv) in bad.items():
+    cases = [(name, args, {}) for name, args in bad.items()] + [(name, (q, kn, vn), kw) for name, kw in bad_kwargs.items()]
+    for name, (qq, kk, vv), kw in cases:
         errors = []
         for extra in ({}, {"precision": "high"}):  # the one-op path, then the checked path
             with pytest.raises((ValueError, TypeError)) as info:
-                cache.step(qq, kk, vv, **extra)
+                cache.step(qq, kk, vv, **kw, **extra)
             errors.append((type(info.value), str(info.value)))
         assert errors[0] == errors[1], f"{name}: {errors}"
         assert torch.equal(cache.seqlens, before[0]) and torch.equal(bits(cache.k), before[1]) \

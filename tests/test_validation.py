@@ -279,7 +279,9 @@ def test_fast_path_accepts_only_well_formed_calls():
 @pytest.mark.gpu
 def test_fast_path_is_taken_and_matches_the_checked_path(monkeypatch):
     """The common call skips the Python checks (the op checks in C++) and gives the
-    same output, bit for bit, as the same call through the checked path."""
+    same output, bit for bit, as the same call through the checked path: the default
+    call, scale, a dense and a selecting layer index, a policy object, a sliding window,
+    left padding, and a given out."""
     if hydra.ops is None:
         pytest.fail("the CUDA extension did not build on a GPU machine")
     g = torch.Generator(device="cuda").manual_seed(1234)
@@ -288,23 +290,45 @@ def test_fast_path_is_taken_and_matches_the_checked_path(monkeypatch):
     k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(BF16)
     v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(BF16)
     lens = torch.tensor([T, 6007, 4500], dtype=torch.int32, device="cuda")
+    pad = torch.tensor([0, 1203, 17], dtype=torch.int32, device="cuda")
     summ = hydra.page_summaries(k, cache_seqlens=lens)
+    summ_pad = hydra.page_summaries(k, cache_seqlens=lens, cache_leftpad=pad)
     variants = [{}, {"scale": 0.07}, {"policy_layer_idx": 0}, {"policy_layer_idx": 7},  # layer 0: dense
-                {"policy": hydra.HydraPolicy(sink_tokens=32, recent_tokens=256), "precision": "balanced"}]
-    checked = [hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ, return_lse=True,
-                           out=torch.empty_like(q), **kw)  # out given: the checked path
-               for kw in variants]
+                {"policy": hydra.HydraPolicy(sink_tokens=32, recent_tokens=256), "precision": "balanced"},
+                {"sliding_window": 1000}, {"sliding_window": 333, "policy_layer_idx": 0},
+                {"cache_leftpad": pad, "page_summaries": summ_pad}, {"out": True}, {"out": True, "scale": 0.05}]
+
+    def call(kw):
+        kw = {"cache_seqlens": lens, "page_summaries": summ, **kw}
+        if kw.get("out"):
+            kw["out"] = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+        out, lse = hydra.hydra(q, k, v, return_lse=True, **kw)
+        if "out" in kw:
+            assert out is kw["out"], "out= was not written in place"
+        return out, lse
+
+    with monkeypatch.context() as m:  # the checked path: the fast path declines every call
+        m.setattr(hydra, "_fast_decode", lambda *args, **kwargs: None)
+        checked = [call(kw) for kw in variants]
 
     def no_checks(*args, **kwargs):
         raise AssertionError("the fast path ran the Python checks")
 
     monkeypatch.setattr(hydra, "validate_decode_call", no_checks)
     for kw, (out_c, lse_c) in zip(variants, checked):
-        fast, lse_fast = hydra.hydra(q, k, v, cache_seqlens=lens, page_summaries=summ, return_lse=True, **kw)
-        assert torch.isfinite(fast).all()
+        fast, lse_fast = call(kw)
+        assert torch.isfinite(fast).all() and torch.isfinite(out_c).all()
         assert torch.equal(fast, out_c) and torch.equal(lse_fast, lse_c), f"{kw}: the fast path differs"
-    for i in (1, 2, 4):  # the variants change the output: each argument reached the op
+    for i in (1, 2, 4, 5, 6, 7, 9):  # the variants change the output: each argument reached the op
         assert not torch.equal(checked[0][0], checked[i][0]), variants[i]
+    assert not torch.equal(checked[5][0], checked[6][0])  # the window, not the dense layer, wins
+    assert torch.equal(checked[0][0], checked[8][0])  # out= alone changes nothing
+    # The windows against the fp32 reference (no selection, so no near-tie swaps; left
+    # padding is compared with it in test_gpu.py, through this path now).
+    for i in (5, 6):
+        want = hydra.reference.hydra(q, k, v, cache_seqlens=lens, **variants[i]).float()
+        err = (checked[i][0].float() - want).abs().max() / want.abs().max()
+        assert err < 2e-2, f"{variants[i]}: relative error {err:.3g} against the reference"
     for precision in ("balanced", "fast"):
         assert torch.isfinite(hydra.hydra(q, k, v, precision=precision, cache_seqlens=lens,
                                           page_summaries=hydra.page_summaries(k, cache_seqlens=lens))).all()
@@ -328,6 +352,7 @@ def test_fast_path_refusals_raise_the_named_error_before_any_kernel():
     # Every bad argument is made here, outside the profiled calls (a cast is a kernel).
     k16, lens64, summf = k.half(), lens.long(), summ.float()
     v_cpu, lens_cpu, summ_cpu = v.cpu(), lens.cpu(), summ.cpu()
+    out16, out_cpu, out_short = torch.empty_like(q).half(), torch.empty_like(q).cpu(), torch.empty_like(q[:, :4])
 
     def profiled(fn):
         """(names of the CUDA kernels fn ran, the exception it raised or None)."""
@@ -372,6 +397,21 @@ def test_fast_path_refusals_raise_the_named_error_before_any_kernel():
          "hydra: scale must be a finite positive number, got -1.0"),
         (lambda: hydra.hydra(q, k, v, policy_layer_idx=-1), ValueError,
          "hydra: policy_layer_idx must be >= 0, got -1"),
+        (lambda: hydra.hydra(q, k, v, sliding_window=0), ValueError,
+         "hydra: sliding_window must be None or a positive int, got 0"),
+        (lambda: hydra.hydra(q, k, v, sliding_window=True), ValueError,
+         "hydra: sliding_window must be None or a positive int, got True"),
+        (lambda: hydra.hydra(q, k, v, cache_seqlens=lens, cache_leftpad=lens64), TypeError,
+         "hydra: cache_leftpad must be int32, got torch.int64"),
+        (lambda: hydra.hydra(q, k, v, cache_seqlens=lens, cache_leftpad=lens_cpu), ValueError,
+         "hydra: cache_leftpad must be on q's device cuda:0, got cpu"),
+        (lambda: hydra.hydra(q, k, v, cache_leftpad=lens[:1]), ValueError,
+         "hydra: cache_leftpad must have shape (2,), got (1,)"),
+        (lambda: hydra.hydra(q, k, v, out=out16), TypeError, "hydra: out must be torch.bfloat16 like q, got torch.float16"),
+        (lambda: hydra.hydra(q, k, v, out=out_short), ValueError, "hydra: out must have q's shape (2, 8, 1, 128)"),
+        (lambda: hydra.hydra(q, k, v, out=out_cpu), ValueError, "hydra: out must be on q's device cuda:0, got cpu"),
+        (lambda: hydra.hydra(q, k, v, sliding_window=16, out=out16), TypeError,
+         "hydra: out must be torch.bfloat16 like q, got torch.float16"),
     ]
     for fn, exc, message in cases:
         ran, err = profiled(fn)

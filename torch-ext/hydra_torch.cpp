@@ -208,7 +208,8 @@ hydra::SummaryFormat check_page_summaries(const at::Tensor& sm, const at::Tensor
 }
 
 // The scoring parameters of a flat selection from `summaries` (or from k when absent):
-// n_sel pages a row, sink and recent pages forced, scores written to `work`.
+// n_sel pages a row, sink and recent pages forced, scores written to `work`. The caller
+// has checked the summaries (check_page_summaries).
 hydra::ScoreParams score_params(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& summaries,
                                 const int* seqlens, const int* leftpad, const Shapes& s, int page_size,
                                 int sink_tokens, int recent_tokens, int n_sel, float* work) {
@@ -219,8 +220,8 @@ hydra::ScoreParams score_params(const at::Tensor& q, const at::Tensor& k, const 
   sp.q_batch_stride = q.stride(0);
   sp.q_head_stride = q.stride(1);
   if (summaries.has_value()) {
-    const at::Tensor& sm = *summaries;
-    sp.fmt = check_page_summaries(sm, q, s, n_pages);
+    const at::Tensor& sm = *summaries;  // checked by the caller (check_page_summaries)
+    sp.fmt.fp8 = sm.scalar_type() == at::kFloat8_e4m3fn ? 1 : 0;
     sp.summaries = bf16_ptr(sm);
     sp.s_batch_stride = sm.stride(0);
     sp.s_head_stride = sm.stride(1);
@@ -420,6 +421,7 @@ void select_pages(const at::Tensor& q, const at::Tensor& k, const std::optional<
   check_device(pages, "pages", q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   const int n_pages = (s.Tkv + (int)page_size - 1) / (int)page_size;
+  if (summaries.has_value()) check_page_summaries(*summaries, q, s, n_pages);
   const Coarse coarse = coarse_args(super_summaries, superpage, shortlist_pages, summaries, s, n_pages);
   at::Tensor scores = at::empty({(int64_t)selection_floats(s, n_pages, coarse)}, q.options().dtype(at::kFloat));
   run_selection(q, k, summaries, seqlens_ptr(cache_seqlens, s.B, q.device()),
@@ -433,19 +435,19 @@ namespace {
 
 // One decode step; `append` (HydraKVCache.step) first appends one token per sequence
 // to the cache that k/v view, fused into the first score launch when the step selects.
+// `s` is decode_shapes(q, k), which the caller has run.
 void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& pages, const std::optional<at::Tensor>& summaries,
                  const std::optional<at::Tensor>& super_summaries, int64_t superpage, int64_t shortlist_pages,
                  const int* seqlens, const int* leftpad, int64_t page_size, int64_t sink_tokens,
                  int64_t recent_tokens,
                  int64_t budget_tokens, int64_t window, double scale, at::Tensor& out, at::Tensor& lse,
-                 const hydra::CacheWriteParams* append) {
+                 const hydra::CacheWriteParams* append, const Shapes& s) {
   check_elem_cuda(q, "q", q.scalar_type());
   check_elem_cuda(k, "k", q.scalar_type());
   check_elem_cuda(v, "v", q.scalar_type());
   check_elem_cuda(out, "out", q.scalar_type());
   check_page_size(page_size);
-  const Shapes s = decode_shapes(q, k);
   HYDRA_CHECK(v.sizes() == k.sizes(), "hydra: v ", v.sizes(), " must match k ", k.sizes());
   HYDRA_CHECK(out.sizes() == q.sizes(), "hydra: out ", out.sizes(), " must match q ", q.sizes());
   HYDRA_CHECK(lse.is_cuda() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
@@ -608,7 +610,7 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
               seqlens_ptr(cache_seqlens, s.B, q.device()), seqlens_ptr(cache_leftpad, s.B, q.device(), "cache_leftpad"),
               page_size,
               sink_tokens,
-              recent_tokens, budget_tokens, window, scale, out, lse, nullptr);
+              recent_tokens, budget_tokens, window, scale, out, lse, nullptr, s);
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_alloc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -736,9 +738,11 @@ void decode_append(const at::Tensor& q, const at::Tensor& k_new, const at::Tenso
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const hydra::CacheWriteParams cw = cache_params(k_new, v_new, std::nullopt, page_size, k_cache, v_cache, summaries,
                                                   lengths, overflow, summary_scale, super_summaries, superpage);
+  check_elem_cuda(q, "q", q.scalar_type());
+  const Shapes s = decode_shapes(q, k_cache);
   decode_impl(q, k_cache, v_cache, std::nullopt, summaries, super_summaries, superpage, shortlist_pages,
               lengths.data_ptr<int>(), nullptr, page_size, sink_tokens, recent_tokens, budget_tokens, window, scale,
-              out, lse, &cw);
+              out, lse, &cw, s);
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_append_alloc(

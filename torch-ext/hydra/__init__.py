@@ -150,21 +150,27 @@ def _budget_window(pol, sliding_window, policy_layer_idx):
     return pol.budget_tokens, 0
 
 
-def _fast_decode(q, k, v, cache_seqlens, page_summaries, fast_args, scale, policy_layer_idx):
-    """The common eager decode call (a flat selecting policy; no out, sliding window,
-    left padding or superpage summaries) in one op call.
+def _fast_decode(q, k, v, cache_seqlens, page_summaries, fast_args, scale, policy_layer_idx, sliding_window,
+                 cache_leftpad, out):
+    """The common eager decode call (a flat selecting policy, no superpage summaries) in
+    one op call: ``decode_alloc``, or ``decode`` into a given ``out``.
 
     The op checks every property the Python checks would (types, ranks, shapes, dtypes,
     strides, devices: hydra_torch.cpp) before any kernel runs; the one thing it cannot
     know, that the page summaries were built with this page size, is checked here, with
     the scalar arguments. Returns None where anything is off (an argument, the op refused
     the input, or the call is not a decode step); the caller then runs the full checks,
-    which raise the error that names the argument."""
+    which raise the error that names the argument. A refused op has written nothing, so
+    the checked path may call it again."""
     ints, dense_layers = fast_args
+    if sliding_window is not None:  # a sliding-window layer attends its window, no selection
+        if type(sliding_window) is not int or sliding_window < 1:
+            return None
+        ints = ints[:5] + (0, sliding_window)
     if policy_layer_idx is not None:
         if type(policy_layer_idx) is not int or policy_layer_idx < 0:
             return None
-        if policy_layer_idx < dense_layers:
+        if policy_layer_idx < dense_layers and sliding_window is None:
             ints = ints[:5] + (0, 0)  # a dense layer: budget 0 attends every token
     if scale is not None and (type(scale) is not float or not 0.0 < scale < math.inf):
         return None
@@ -173,8 +179,12 @@ def _fast_decode(q, k, v, cache_seqlens, page_summaries, fast_args, scale, polic
         if qs[2] != 1 or (page_summaries is not None
                           and page_summaries.shape[2] != -(-k.shape[2] // ints[0])):
             return None
-        return ops.decode_alloc(q, k, v, None, page_summaries, None, cache_seqlens, None, *ints,
-                                _INV_SQRT_D[qs[3]] if scale is None else scale)
+        sc = _INV_SQRT_D[qs[3]] if scale is None else scale
+        if out is None:
+            return ops.decode_alloc(q, k, v, None, page_summaries, None, cache_seqlens, cache_leftpad, *ints, sc)
+        lse = torch.empty((qs[0], qs[1], 1), dtype=torch.float32, device=q.device)
+        ops.decode(q, k, v, None, page_summaries, None, cache_seqlens, cache_leftpad, *ints, sc, out, lse)
+        return out, lse
     except Exception:
         return None
 
@@ -235,11 +245,11 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
     --------
     >>> o = hydra.hydra(q, k, v, precision="balanced", cache_seqlens=lens)
     """
-    if (out is None and sliding_window is None and superpage_summaries is None and cache_leftpad is None
-            and is_causal is True and not _debug):
+    if superpage_summaries is None and is_causal is True and not _debug:
         fast_args = _fast_args(precision, policy)
         if fast_args is not None:
-            res = _fast_decode(q, k, v, cache_seqlens, page_summaries, fast_args, scale, policy_layer_idx)
+            res = _fast_decode(q, k, v, cache_seqlens, page_summaries, fast_args, scale, policy_layer_idx,
+                               sliding_window, cache_leftpad, out)
             if res is not None:
                 return res if return_lse else res[0]
     pol = _policy(precision, policy)
@@ -277,16 +287,19 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
 
 # HydraKVCache.step keyword arguments its fast path takes (what the transformers
 # integration passes); any other goes through _cache_step.
-_STEP_FAST_ARGS = frozenset(("sliding_window", "policy_layer_idx", "scale"))
+_STEP_FAST_ARGS = frozenset(("sliding_window", "policy_layer_idx", "scale", "return_lse", "out"))
 
 
-def _fast_cache_step(cache, q, k_new, v_new, sliding_window=None, policy_layer_idx=None, scale=None):
-    """HydraKVCache.step with the cache's own policy and no out / return_lse, in one op
-    call that also allocates the output (see _fast_decode). Returns None, before the op
-    runs, where an argument needs the full checks. The op checks its tensors in C++
-    before it launches anything; where it refuses them, the step's full checks run and
-    raise the error that names the argument, or, where they pass, the op's own error is
-    raised. The op writes the cache, so one step never calls it twice."""
+def _fast_cache_step(cache, q, k_new, v_new, sliding_window=None, policy_layer_idx=None, scale=None,
+                     return_lse=False, out=None):
+    """HydraKVCache.step with the cache's own policy, in one op call that also allocates
+    the output (or writes a given ``out``; see _fast_decode). Returns (out, lse), or None,
+    before the op runs, where an argument needs the full checks. The op checks its
+    tensors in C++ before it launches anything; where it refuses them, the step's full
+    checks run and raise the error that names the argument, or, where they pass, the op's
+    own error is raised. The op writes the cache, so one step never calls it twice."""
+    if type(return_lse) is not bool:
+        return None
     pol = cache.policy
     if scale is None:
         scale = cache._default_scale
@@ -304,14 +317,22 @@ def _fast_cache_step(cache, q, k_new, v_new, sliding_window=None, policy_layer_i
         budget, window = pol.budget_tokens, 0
     S, n_short = (pol.superpage, pol.n_short) if pol.coarse else (0, 0)
     try:
-        return ops.decode_append_alloc(q, k_new, v_new, cache.k, cache.v, cache.summaries, cache.superpage_summaries,
-                                       cache._lengths, cache._overflow, pol.page_size, S, n_short, pol.sink_tokens,
-                                       pol.recent_tokens, budget, window, scale, cache.summary_scale)
+        if out is None:
+            return ops.decode_append_alloc(q, k_new, v_new, cache.k, cache.v, cache.summaries,
+                                           cache.superpage_summaries, cache._lengths, cache._overflow, pol.page_size,
+                                           S, n_short, pol.sink_tokens, pol.recent_tokens, budget, window, scale,
+                                           cache.summary_scale)
+        qs = q.shape
+        lse = torch.empty((qs[0], qs[1], 1), dtype=torch.float32, device=q.device)
+        ops.decode_append(q, k_new, v_new, cache.k, cache.v, cache.summaries, cache.superpage_summaries,
+                          cache._lengths, cache._overflow, pol.page_size, S, n_short, pol.sink_tokens,
+                          pol.recent_tokens, budget, window, scale, cache.summary_scale, out, lse)
+        return out, lse
     except Exception:
         cache._check_step_inputs(k_new, v_new)
         validate_decode_call(q, cache.k, cache.v, is_causal=True, sliding_window=sliding_window,
                              policy_layer_idx=policy_layer_idx, policy=pol, cache_seqlens=cache.seqlens,
-                             page_summaries=cache.summaries, scale=scale, out=None,
+                             page_summaries=cache.summaries, scale=scale, out=out,
                              superpage_summaries=cache.superpage_summaries)
         _require_ops()
         raise

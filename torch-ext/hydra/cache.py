@@ -232,7 +232,7 @@ class HydraKVCache:
             result = _fast_cache_step(self, q, k_new, v_new, **policy_kwargs)
             if result is not None:
                 self._len_bound += 1
-                return result[0]
+                return result if policy_kwargs.get("return_lse") else result[0]
         self._check_step_inputs(k_new, v_new)
         if full:
             raise ValueError(f"hydra: appending 1 token to sequences of {self._len_bound} would pass "
