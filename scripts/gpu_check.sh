@@ -20,6 +20,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# The Hub-form test and the generate benchmark need transformers >= 5.18 (README); the
+# lent machines carry 5.17, so an evidence run without scripts/fetch_wheels.sh's wheels
+# would fail a test for a reason that is not hydra's: say so first.
+python3 - <<'PY' || true
+import importlib.metadata as m
+v = m.version("transformers") if any(d.metadata["Name"] == "transformers" for d in m.distributions()) else None
+if v is None or tuple(int(x) for x in v.split(".")[:2]) < (5, 18):
+    print(f"gpu_check: WARNING: transformers {v} here; the Hub-form test needs 5.18-5.20 "
+          "(carry .whl from scripts/fetch_wheels.sh)")
+PY
 export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$LOGS/nvidia_smi.txt"
 start=$(date +%s)
