@@ -55,7 +55,8 @@ def parse_shapes(text):
 def host_rows(hydra, B, T, Hq, Hkv, D):
     """Eager against graph, back to back, for the plain call ``hydra.hydra(q, k, v,
     page_summaries=s)`` on four input sets in turn (so no set stays in L2): medians of
-    five trials of device us per call, and the host us per call of the eager trials."""
+    five trials of device us per call, and the host us per call of the eager trials; then
+    the host us per call of three variants of the call (``HOST_VARIANTS``)."""
     import statistics
 
     import torch
@@ -67,24 +68,34 @@ def host_rows(hydra, B, T, Hq, Hkv, D):
         q = torch.randn(B, Hq, 1, D, device="cuda", generator=g).to(torch.bfloat16)
         k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
         v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
-        sets.append((q, k, v, hydra.page_summaries(k)))
+        lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
+        pad = torch.full((B,), T // 8, dtype=torch.int32, device="cuda")
+        sets.append((q, k, v, hydra.page_summaries(k), torch.empty_like(q), lens, pad,
+                     hydra.page_summaries(k, cache_seqlens=lens, cache_leftpad=pad)))
     calls = [lambda s=s: hydra.hydra(s[0], s[1], s[2], page_summaries=s[3]) for s in sets]
-    # The same call writing into a given out (the LSE allocated in Python): trees before
-    # v30 send it through the checked path (the Python checks, then the same kernels),
-    # later ones through the fast path (the op checks in C++).
-    outs = [torch.empty_like(s[0]) for s in sets]
-    checked = [lambda s=s, o=o: hydra.hydra(s[0], s[1], s[2], page_summaries=s[3], out=o) for s, o in zip(sets, outs)]
+    # Variants of the same call: trees before v30 send them through the checked path (the
+    # Python checks, then the same kernels), later ones through the fast path (the op
+    # checks in C++).
+    W = T // 2
+    variants = {  # one call list a variant, each call one lambda deep like `calls`
+        "host_out": [lambda s=s: hydra.hydra(s[0], s[1], s[2], page_summaries=s[3], out=s[4]) for s in sets],
+        "host_window": [lambda s=s: hydra.hydra(s[0], s[1], s[2], page_summaries=s[3], sliding_window=W)
+                        for s in sets],
+        "host_leftpad": [lambda s=s: hydra.hydra(s[0], s[1], s[2], page_summaries=s[7], cache_seqlens=s[5],
+                                                 cache_leftpad=s[6]) for s in sets],
+    }
     graphs = [capture_graph(fn)[0] for fn in calls]
-    eager, graph, eager_checked = [], [], []
-    for _ in range(5):  # alternating, so that a drift of the process spreads over all three
+    eager, graph, host = [], [], {name: [] for name in variants}
+    for _ in range(5):  # alternating, so that a drift of the process spreads over all of them
         eager.append(back_to_back_us(rotating(calls)))
         graph.append(back_to_back_us(rotating([gr.replay for gr in graphs])))
-        eager_checked.append(back_to_back_us(rotating(checked)))
+        for name, fns in variants.items():
+            host[name].append(back_to_back_us(rotating(fns))[1])
     e_dev = statistics.median(t[0] for t in eager)
     g_dev = statistics.median(t[0] for t in graph)
     return {"eager_b2b": round(e_dev, 2), "graph_b2b": round(g_dev, 2), "overhead": round(e_dev - g_dev, 2),
             "host": round(statistics.median(t[1] for t in eager), 2),
-            "host_checked": round(statistics.median(t[1] for t in eager_checked), 2)}
+            **{name: round(statistics.median(v), 2) for name, v in host.items()}}
 
 
 def child(shapes, tree, stateless=False, host=False):
@@ -168,14 +179,14 @@ def main():
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     if args.host:
         print("\n| case | config | eager b2b (us) | graph b2b (us) | eager - graph (us) | host (us a call) | "
-              "host, out given (us a call) |")
-        print("|---|---|---|---|---|---|---|")
+              "host: out given | host: sliding window | host: left padding |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for case in sorted({k for r in results for k in r if k not in ("config", "round")}):
             for name in configs:
                 rs = [r[case] for r in results if r["config"] == name and case in r]
                 for x in rs:
                     print(f"| {case} | {name} | {x['eager_b2b']} | {x['graph_b2b']} | {x['overhead']} | {x['host']} | "
-                          f"{x['host_checked']} |")
+                          f"{x['host_out']} | {x['host_window']} | {x['host_leftpad']} |")
         return
     # One line a (case, config): the range of step and select over the rounds.
     cases = sorted({k for r in results for k in r if k not in ("config", "round")})
