@@ -18,7 +18,8 @@ median (``triton.testing.do_bench``, as the decode benchmark) of
 
 and whether the first sequence's pages equal ``hydra.reference.select_pages``. With
 ``--host`` a process instead times the eager host overhead of each shape (eager minus
-graph, back to back, as the decode benchmark's SPEC 7 check) and its host us a call.
+graph, back to back, as the decode benchmark's SPEC 7 check), its host us a call, and
+the host us a call of the same call with ``out=``, a sliding window and left padding.
 It is the committed form of the harness behind benchmarks/NOTES.md's A/B tables
 (v14-v18 ran earlier, uncommitted copies of it).
 
@@ -56,7 +57,8 @@ def host_rows(hydra, B, T, Hq, Hkv, D):
     """Eager against graph, back to back, for the plain call ``hydra.hydra(q, k, v,
     page_summaries=s)`` on four input sets in turn (so no set stays in L2): medians of
     five trials of device us per call, and the host us per call of the eager trials; then
-    the host us per call of three variants of the call (``HOST_VARIANTS``)."""
+    the host us per call of three variants of the call (``variants`` below: out given, a
+    sliding window, left padding)."""
     import statistics
 
     import torch
