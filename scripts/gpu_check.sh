@@ -2,8 +2,10 @@
 # One device call: carried wheels, JIT build, the full GPU suite (evidence
 # gpu_tests.json), the fidelity harness (fidelity.json) and the decode benchmark
 # (decode_bench.json) and the transformers generate benchmark (generate_bench.json), all under $OUT.
-#   bash scripts/gpu_check.sh [tests|fidelity|bench|generate|prefill|bound|first|second|all|none] [extra benchmark args...]
-# (prefill_bench.json comes from the prefill stage, read_bound.json from the bound stage.)
+#   bash scripts/gpu_check.sh [tests|fidelity|bench|generate|prefill|bound|sanitize|first|second|all|none] [extra benchmark args...]
+# (prefill_bench.json comes from the prefill stage, read_bound.json from the bound stage,
+# sanitizer.json from the sanitize stage: compute-sanitizer's four tools over a set of
+# parity tests, ~N s on an H100, run on its own call; "all" leaves it out.)
 # "all" takes 340 s on an H200 and 560-620 s on an H100, at the device tool's 600 s limit
 # there: "first" (tests + bench, ~495 s on an H100) and "second" (fidelity + prefill +
 # generate + bound) split it over two calls.
@@ -64,5 +66,9 @@ if want generate; then
 fi
 if want bound; then
   python3 benchmarks/read_bound.py --out "$OUT/read_bound.json" 2>&1 | tee "$LOGS/bound.log" | tail -24
+fi
+if [ "$what" = sanitize ]; then
+  python3 scripts/sanitize.py --out "$OUT/sanitizer.json" "$@" 2>&1 | tee "$LOGS/sanitize.log" | grep -v "^$" | tail -40
+  rc=${PIPESTATUS[0]}
 fi
 exit $rc

@@ -7,6 +7,12 @@
   GPU subset that ``nix run .#ci-test`` runs); pyproject.toml lists them too.
 - ``requires_cuda``: a skip marker, and a fixture of the same name, for tests
   that need a CUDA GPU.
+- ``kernels_launched()``: the CUDA kernels a block of a test launched (torch.profiler),
+  for tests that check which kernel ran. ``HYDRA_KERNEL_PROBE=0`` turns it off
+  (``scripts/sanitize.py``: under compute-sanitizer CUPTI takes no second subscriber).
+- With ``HYDRA_KERNEL_TRACE=path`` set, profiles every test's call and appends the
+  hydra kernels it launched to that path, one JSON line a test (``scripts/sanitize.py``'s
+  coverage pass).
 - With ``HYDRA_EVIDENCE_JSON=path`` set, writes the session's passed / failed /
   skipped counts and the failing test ids to that path as evidence (SPEC
   section 6). ``HYDRA_EVIDENCE_KIND`` overrides the kind (default
@@ -15,8 +21,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -82,6 +91,49 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- which kernels ran ----------------------------------------------------------
+
+#: Whether tests may profile to check which kernel ran (HYDRA_KERNEL_PROBE=0: no).
+KERNEL_PROBE = os.environ.get("HYDRA_KERNEL_PROBE", "1") != "0"
+
+
+@contextlib.contextmanager
+def kernels_launched():
+    """Yields a set that holds, after the block, the names of the CUDA kernels the block
+    launched (the block is synchronized before the profiler stops); or None, without
+    profiling, when ``HYDRA_KERNEL_PROBE=0``. Tests assert on the names only when not None.
+    """
+    if not KERNEL_PROBE:
+        yield None
+        return
+    import torch
+
+    names: set = set()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        yield names
+        torch.cuda.synchronize()
+    names.update(e.name for e in prof.events())
+
+
+_KERNEL_NAME = re.compile(r"(\w+_kernel)\b")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    target = os.environ.get("HYDRA_KERNEL_TRACE")
+    if not target or not HAS_CUDA:
+        yield
+        return
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        yield
+        torch.cuda.synchronize()
+    found = {m.group(1) for e in prof.events() if "hydra::" in e.name for m in [_KERNEL_NAME.search(e.name)] if m}
+    with open(target, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"test": item.nodeid, "kernels": sorted(found)}) + "\n")
 
 
 # --- evidence of a test run -------------------------------------------------------

@@ -435,7 +435,7 @@ namespace {
 
 // One decode step; `append` (HydraKVCache.step) first appends one token per sequence
 // to the cache that k/v view, fused into the first score launch when the step selects.
-// `s` is decode_shapes(q, k), which the caller has run.
+// The caller has checked q (check_elem_cuda) and run decode_shapes(q, k) into `s`.
 void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& pages, const std::optional<at::Tensor>& summaries,
                  const std::optional<at::Tensor>& super_summaries, int64_t superpage, int64_t shortlist_pages,
@@ -443,7 +443,6 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  int64_t recent_tokens,
                  int64_t budget_tokens, int64_t window, double scale, at::Tensor& out, at::Tensor& lse,
                  const hydra::CacheWriteParams* append, const Shapes& s) {
-  check_elem_cuda(q, "q", q.scalar_type());
   check_elem_cuda(k, "k", q.scalar_type());
   check_elem_cuda(v, "v", q.scalar_type());
   check_elem_cuda(out, "out", q.scalar_type());
@@ -605,6 +604,7 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
             int64_t page_size, int64_t superpage,
             int64_t shortlist_pages, int64_t sink_tokens, int64_t recent_tokens, int64_t budget_tokens,
             int64_t window, double scale, at::Tensor& out, at::Tensor& lse) {
+  check_elem_cuda(q, "q", q.scalar_type());
   const Shapes s = decode_shapes(q, k);
   decode_impl(q, k, v, pages, summaries, super_summaries, superpage, shortlist_pages,
               seqlens_ptr(cache_seqlens, s.B, q.device()), seqlens_ptr(cache_leftpad, s.B, q.device(), "cache_leftpad"),
