@@ -157,20 +157,24 @@ __global__ void __launch_bounds__(kShortThreads) short_step_kernel(ScoreParams s
   int need_eq = 0;
   if (ranked) {
     uint32_t kmin = 0xffffffffu, kmax = 0u;
+    // Only the other slices' keys are stored: this CTA's own slice is being read by the
+    // other CTAs meanwhile, so rewriting it (even with the same values) would race.
     constexpr int kU = 8;  // remote loads in flight a thread
     for (int i0 = 0; i0 < n_cand; i0 += kShortThreads * kU) {
       uint32_t v[kU];
+      bool remote[kU];
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int i = i0 + u * kShortThreads + tid;
         const int owner = i < n_cand ? i / per : rank;
-        v[u] = i < n_cand ? (owner == rank ? keys[i] : *cluster.map_shared_rank(keys + i, owner)) : 0u;
+        remote[u] = owner != rank;
+        v[u] = i < n_cand ? (remote[u] ? *cluster.map_shared_rank(keys + i, owner) : keys[i]) : 0u;
       }
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int i = i0 + u * kShortThreads + tid;
         if (i < n_cand) {
-          keys[i] = v[u];
+          if (remote[u]) keys[i] = v[u];
           kmin = min(kmin, v[u]);
           kmax = max(kmax, v[u]);
         }

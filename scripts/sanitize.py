@@ -116,9 +116,40 @@ def coverage(tests, env) -> tuple:
     return per_test, rc
 
 
-def run_tool(tool, tests, env, limit_s, sanitizer) -> dict:
-    cmd = [sanitizer, "--tool", tool, "--kernel-name", "kns=hydra", "--print-limit", "20",
-           sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+_NOISE = ("Host Frame", "Saved host backtrace", "COMPUTE-SANITIZER", "ERROR SUMMARY", "RACECHECK SUMMARY",
+          "Device Frame", "by thread", "Address 0x", "is out of bounds", "and is inside")
+_VARYING = re.compile(r"\+0x[0-9a-f]+|\[\d+ hazards?\]|0x[0-9a-f]{6,}|\(\d+,\d+,\d+\)")
+
+
+def findings(text, limit=40) -> list:
+    """The sanitizer's reports, one entry per distinct report: its headline and the
+    device location lines under it, with addresses, offsets, thread and block indices and
+    hazard counts taken out, and how many times it was reported."""
+    counts: dict = {}
+    order = []
+    lines = text.splitlines()
+    for i, ln in enumerate(lines):
+        if (not ln.startswith("========= ") or ln.startswith("=========  ") or not ln[10:].strip()
+                or any(n in ln for n in _NOISE)):
+            continue
+        body = [ln[10:].strip()]
+        for nxt in lines[i + 1:i + 4]:
+            if not nxt.startswith("=========  "):
+                break
+            t = nxt[10:].strip()
+            if t.startswith(("at ", "and ")):
+                body.append(t)
+        key = _VARYING.sub("", " | ".join(body))
+        if key not in counts:
+            order.append(key)
+            counts[key] = 0
+        counts[key] += 1
+    return [{"report": k, "count": counts[k]} for k in order[:limit]]
+
+
+def run_tool(tool, tests, env, limit_s, sanitizer, log_dir) -> dict:
+    cmd = [sanitizer, "--tool", tool, "--kernel-name", "kns=hydra", "--print-limit", "100",
+           "--show-backtrace", "device", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
     t0 = time.time()
     try:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit_s)
@@ -141,7 +172,11 @@ def run_tool(tool, tests, env, limit_s, sanitizer) -> dict:
     summary_line = ends[-1] if ends else ""
     row["passed"] = int(_PASSED.search(summary_line).group(1)) if _PASSED.search(summary_line) else 0
     row["failed"] = int(_FAILED.search(summary_line).group(1)) if _FAILED.search(summary_line) else 0
-    row["output_tail"] = text[-6000:]
+    row["findings"] = findings(text)
+    row["output_tail"] = text[-3000:]
+    if log_dir:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(log_dir) / f"sanitize_{tool}.log").write_text(text, encoding="utf-8")
     return row
 
 
@@ -151,6 +186,9 @@ def main():
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated, from " + ", ".join(TOOLS))
     ap.add_argument("--limit-s", type=float, default=240.0, help="wall-clock limit for each tool's run")
     ap.add_argument("--tests", nargs="*", default=None, help="pytest node ids (default: TESTS)")
+    ap.add_argument("--log-dir", default=os.environ.get("LOGS", "/tmp/hydra_logs"),
+                    help="where each tool's whole output is written (sanitize_TOOL.log)")
+    ap.add_argument("--no-coverage", action="store_true", help="skip the coverage pass")
     args = ap.parse_args()
 
     tools = [t for t in args.tools.split(",") if t]
@@ -163,7 +201,7 @@ def main():
     tests = args.tests or TESTS
     env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_KERNEL_PROBE="0", PYTORCH_NO_CUDA_MEMORY_CACHING="1")
 
-    per_test, cov_rc = coverage(tests, env)
+    per_test, cov_rc = ({}, None) if args.no_coverage else coverage(tests, env)
     launched = sorted({k for ks in per_test.values() for k in ks})
     defined = defined_kernels()
     uncovered = [k for k in defined if k not in launched]
@@ -171,9 +209,10 @@ def main():
 
     rows = []
     for tool in tools:
-        row = run_tool(tool, tests, env, args.limit_s, sanitizer)
+        row = run_tool(tool, tests, env, args.limit_s, sanitizer, args.log_dir)
         rows.append(row)
-        shown = {k: v for k, v in row.items() if k != "output_tail"}
+        shown = {k: v for k, v in row.items() if k not in ("output_tail", "findings")}
+        shown["findings"] = row["findings"][:8]
         print(json.dumps(shown), flush=True)
 
     version = subprocess.run([sanitizer, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
@@ -192,7 +231,7 @@ def main():
                           "kernels_launched": launched, "kernels_not_launched": uncovered,
                           "kernels_by_test": per_test})
     print(json.dumps(summary))
-    return 0 if clean and cov_rc == 0 and not uncovered else 1
+    return 0 if clean and cov_rc in (0, None) and not uncovered else 1
 
 
 if __name__ == "__main__":
