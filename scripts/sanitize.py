@@ -1,24 +1,29 @@
-"""compute-sanitizer over hydra's kernels: memcheck, racecheck, synccheck and initcheck,
-each over a set of GPU parity tests that reaches every kernel, written as one evidence
-file (SPEC section 6).
+"""compute-sanitizer over hydra's kernels, its four tools in turn, written as one
+evidence file (SPEC section 6).
 
     python3 scripts/sanitize.py --out evidence/sanitizer.json [--tools memcheck,racecheck]
-                                [--limit-s 240] [--tests NODEID ...]
+                                [--limit-s S] [--tests NODEID ...]
+    bash scripts/gpu_check.sh sanitize      # the same, after the build, on a GPU machine
 
-1. A coverage pass without the sanitizer runs the tests with every test's call profiled
-   (tests/conftest.py, ``HYDRA_KERNEL_TRACE``) and records the hydra kernels each one
-   launched; kernels defined in ``csrc/`` that no test launched are listed as uncovered.
-2. One pytest process per tool under ``compute-sanitizer --tool T``, checking only
-   hydra's kernels (``--kernel-name kns=hydra``; torch's own kernels run uninstrumented).
-   The caching allocator is off (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``), so that memcheck
-   sees the end of each tensor and initcheck sees each tensor's first write.
+1. A coverage pass without the sanitizer runs TESTS (GPU parity tests) with every test's
+   call profiled (tests/conftest.py, ``HYDRA_KERNEL_TRACE``) and records the hydra
+   kernels each one launched; kernels defined in ``csrc/`` that none launched are listed.
+2. memcheck and synccheck over TESTS, racecheck over RACECHECK_TESTS (the kernels that
+   exchange data through shared memory), each one pytest process under
+   ``compute-sanitizer --kernel-name kns=hydra``: only hydra's kernels are instrumented.
    ``HYDRA_KERNEL_PROBE=0``: CUPTI takes no second subscriber under the sanitizer, so the
-   tests skip their own checks of which kernel ran (the coverage pass made them).
+   tests skip their own checks of which kernel ran (the coverage pass made those).
+3. initcheck over ``--driver`` (every decode, cache and prefill path, no reference
+   computations) with every kernel instrumented: under a kernel filter, the writes of
+   torch's kernels are not tracked and hydra's reads of them come out as uninitialized.
+   Reports in hydra's kernels are what count; torch's are listed beside them.
 
-Each tool's row: the sanitizer's error count (racecheck: hazards, errors and warnings),
-the tests passed and failed under it, its wall time, and whether it finished within
-``--limit-s``; its output's tail is in the file. Exits non-zero if any tool reported an
-error, failed a test or did not finish.
+The caching allocator is off (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``), so that memcheck sees
+the end of each tensor and initcheck each tensor's first write. Each tool's row: its
+error count (racecheck: hazards, errors, warnings), the distinct reports with their
+counts, the tests passed and failed under it, its wall time and whether it finished
+within its limit (LIMITS); its whole output goes to ``--log-dir``. Exits non-zero unless
+every tool finished clean and the tests reached every kernel.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -91,18 +98,11 @@ RACECHECK_TESTS = [t for t in TESTS if any(s in t for s in (
     "short_step", "coarse_to_fine_matches", "head_dims[20000", "prefill_parity", "head_dim_256",
     "[select-fast]"))]
 
-#: initcheck checks every kernel (a kernel filter would leave the writes of torch's own
-#: kernels, q's cast for one, untracked, and report hydra's reads of them as
-#: uninitialized), so it gets the small cases whose buffers come from torch.empty: the
-#: cache's K/V pages and the attention's workspaces.
-INITCHECK_TESTS = [
-    "tests/test_gpu.py::test_decode_parity_small_policy[6-2-97]",
-    "tests/test_cache.py::test_step_equals_append_then_attend[select-fast]",
-    "tests/test_prefill.py::test_prefill_parity[6-2-4160]",
-]
-
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
-TOOL_TESTS = {"racecheck": RACECHECK_TESTS, "initcheck": INITCHECK_TESTS}
+TOOL_TESTS = {"racecheck": RACECHECK_TESTS}
+#: Wall-clock limits (s). Measured on an H100 (NOTES v31): memcheck 25 s, synccheck 57 s
+#: over TESTS; racecheck ran 15 of RACECHECK_TESTS in 140 s.
+LIMITS = {"memcheck": 150.0, "racecheck": 300.0, "synccheck": 150.0, "initcheck": 180.0}
 
 _GLOBAL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(")
 _ERRORS = re.compile(r"ERROR SUMMARY:\s*(\d+) error")
@@ -110,6 +110,7 @@ _RACES = re.compile(r"RACECHECK SUMMARY:\s*(\d+) hazards? displayed \((\d+) erro
 _PASSED = re.compile(r"(\d+) passed")
 _FAILED = re.compile(r"(\d+) failed")
 _PYTEST_END = re.compile(r"\d+ (passed|failed|error).* in [\d.]+s")
+_DRIVER_OK = re.compile(r"driver: (\d+) cases ok: (.*)")
 
 
 def defined_kernels() -> list:
@@ -140,79 +141,212 @@ _NOISE = ("Host Frame", "Saved host backtrace", "COMPUTE-SANITIZER", "ERROR SUMM
 _VARYING = re.compile(r"\+0x[0-9a-f]+|\[\d+ hazards?\]|0x[0-9a-f]{6,}|\(\d+,\d+,\d+\)")
 
 
+class Reports:
+    """The sanitizer's reports, fed one output line at a time: one entry per distinct
+    report (its headline and the device location lines under it, with addresses, offsets,
+    thread and block indices and hazard counts taken out) and how often it came."""
+
+    def __init__(self):
+        self.counts: dict = {}
+        self._open = None  # [headline, location lines] of the report being read
+        self._frame = None  # its last device frame: the kernel, when the location is a helper
+
+    def _close(self):
+        if self._open:
+            parts = self._open + ([self._frame] if self._frame else [])
+            key = _VARYING.sub("", " | ".join(parts))
+            self.counts[key] = self.counts.get(key, 0) + 1
+        self._open = self._frame = None
+
+    def feed(self, line: str) -> None:
+        if line.startswith("=========  "):  # indented: a detail of the open report
+            t = line[10:].strip()
+            if self._open is not None and t.startswith(("at ", "and ")) and len(self._open) < 3:
+                self._open.append(t)
+            elif self._open is not None and t.startswith("Device Frame:"):
+                self._frame = t
+            return
+        self._close()
+        if line.startswith("========= ") and line[10:].strip() and not any(n in line for n in _NOISE):
+            self._open = [line[10:].strip()]
+
+    def result(self, limit=40) -> list:
+        self._close()
+        return [{"report": k, "count": n} for k, n in list(self.counts.items())[:limit]]
+
+
 def findings(text, limit=40) -> list:
-    """The sanitizer's reports, one entry per distinct report: its headline and the
-    device location lines under it, with addresses, offsets, thread and block indices and
-    hazard counts taken out, and how many times it was reported."""
-    counts: dict = {}
-    order = []
-    lines = text.splitlines()
-    for i, ln in enumerate(lines):
-        if (not ln.startswith("========= ") or ln.startswith("=========  ") or not ln[10:].strip()
-                or any(n in ln for n in _NOISE)):
-            continue
-        body = [ln[10:].strip()]
-        for nxt in lines[i + 1:i + 4]:
-            if not nxt.startswith("=========  "):
-                break
-            t = nxt[10:].strip()
-            if t.startswith(("at ", "and ")):
-                body.append(t)
-        key = _VARYING.sub("", " | ".join(body))
-        if key not in counts:
-            order.append(key)
-            counts[key] = 0
-        counts[key] += 1
-    return [{"report": k, "count": counts[k]} for k in order[:limit]]
+    """``Reports`` over a whole output."""
+    r = Reports()
+    for ln in text.splitlines():
+        r.feed(ln)
+    return r.result(limit)
 
 
 def run_tool(tool, tests, env, limit_s, sanitizer, log_dir) -> dict:
-    only_hydra = [] if tool == "initcheck" else ["--kernel-name", "kns=hydra"]
-    cmd = [sanitizer, "--tool", tool, *only_hydra, "--print-limit", "100", "--show-backtrace", "device",
-           sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+    """One tool over the tests (pytest), or for initcheck over ``--driver``. The output is
+    read as it comes (initcheck's can run to hundreds of MB) and kept whole in the log
+    (up to 64 MB) and as a tail in the row."""
+    if tool == "initcheck":
+        # Every kernel is checked: under a kernel filter the writes of torch's kernels (q's
+        # cast, the cache's zeroed lengths) are not tracked, and hydra's reads of them come
+        # out as uninitialized. The driver runs no reference computations.
+        target, filt, limit = [str(Path(__file__).resolve()), "--driver"], [], "100000000"
+    else:
+        target, filt, limit = ["-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], \
+            ["--kernel-name", "kns=hydra"], "100"
+    cmd = [sanitizer, "--tool", tool, *filt, "--print-limit", limit, "--show-backtrace", "device",
+           sys.executable, *target]
+    reports = Reports()
+    tail: list = []
+    log = None
+    if log_dir:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        log = open(Path(log_dir) / f"sanitize_{tool}.log", "w", encoding="utf-8")
+    logged = 0
     t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1, start_new_session=True)
+    killed = threading.Event()
+
+    def kill():  # the sanitizer and the process it runs: the pipe closes only when both are gone
+        killed.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    timer = threading.Timer(limit_s, kill)
+    timer.start()
     try:
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit_s)
-        text, finished, rc = r.stdout + r.stderr, True, r.returncode
-    except subprocess.TimeoutExpired as ex:
-        text = (ex.stdout or b"").decode(errors="replace") if isinstance(ex.stdout, bytes) else (ex.stdout or "")
-        text += (ex.stderr or b"").decode(errors="replace") if isinstance(ex.stderr, bytes) else (ex.stderr or "")
-        finished, rc = False, None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            reports.feed(line)
+            tail.append(line)
+            if len(tail) > 400:
+                del tail[:200]
+            if log is not None and logged < 64 << 20:
+                log.write(line + "\n")
+                logged += len(line) + 1
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+        if log is not None:
+            log.close()
     wall = time.time() - t0
-    row = {"tool": tool, "kernels_checked": "all" if not only_hydra else "hydra", "finished": finished,
-           "exit_status": rc, "wall_s": round(wall, 1), "tests": len(tests)}
+    text = "\n".join(tail)
+    finished = not killed.is_set()
+    row = {"tool": tool, "kernels_checked": "all" if not filt else "hydra", "finished": finished,
+           "exit_status": rc if finished else None, "wall_s": round(wall, 1),
+           "tests": 1 if tool == "initcheck" else len(tests)}
     m = _RACES.search(text)
     if m:
         row.update(hazards=int(m.group(1)), errors=int(m.group(2)), warnings=int(m.group(3)))
     else:
         m = _ERRORS.search(text)
         row["errors"] = int(m.group(1)) if m else None
-    # pytest's last summary line ("39 passed, 2 warnings in 80.1s"); the sanitizer's own
-    # lines start with "=========".
-    ends = [ln for ln in text.splitlines() if _PYTEST_END.search(ln) and not ln.startswith("=========")]
-    summary_line = ends[-1] if ends else ""
-    row["passed"] = int(_PASSED.search(summary_line).group(1)) if _PASSED.search(summary_line) else 0
-    row["failed"] = int(_FAILED.search(summary_line).group(1)) if _FAILED.search(summary_line) else 0
-    row["findings"] = findings(text)
-    # reports located in hydra's kernels (of the ones printed, at most --print-limit)
+    if tool == "initcheck":
+        m = _DRIVER_OK.search(text)
+        row["passed"], row["failed"] = (1, 0) if m and finished else (0, 1 if finished else 0)
+        row["driver_cases"] = m.group(2).split(", ") if m else []
+    else:
+        # pytest's last summary line ("39 passed, 2 warnings in 80.1s"); the sanitizer's
+        # own lines start with "=========".
+        ends = [ln for ln in tail if _PYTEST_END.search(ln) and not ln.startswith("=========")]
+        summary_line = ends[-1] if ends else ""
+        row["passed"] = int(_PASSED.search(summary_line).group(1)) if _PASSED.search(summary_line) else 0
+        row["failed"] = int(_FAILED.search(summary_line).group(1)) if _FAILED.search(summary_line) else 0
+    row["findings"] = reports.result()
     row["hydra_reports"] = sum(f["count"] for f in row["findings"] if "hydra::" in f["report"])
     row["output_tail"] = text[-3000:]
-    if log_dir:
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        (Path(log_dir) / f"sanitize_{tool}.log").write_text(text, encoding="utf-8")
     return row
+
+
+def driver() -> int:
+    """initcheck's workload: hydra's decode, cache and prefill paths on fresh random inputs
+    (every kernel and selection path of the test list, at its sizes), no reference
+    computations. Prints the cases it ran."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "torch-ext"))
+    import hydra
+
+    dev, bf16, e4m3 = "cuda", torch.bfloat16, torch.float8_e4m3fn
+    g = torch.Generator(device=dev).manual_seed(20261128)
+
+    def rnd(*shape, dtype=bf16):
+        return torch.randn(*shape, device=dev, generator=g).to(dtype)
+
+    def lens(*vals):
+        return torch.tensor(vals, dtype=torch.int32, device=dev)
+
+    done = []
+    # (name, B, Hq, Hkv, D, T, dtype, summary dtype, lengths): the fused short step (<= 1,024
+    # pages), the 256-thread select (<= 4,096 candidates), the 1,024-thread one in registers
+    # (<= 8,192) and in shared memory, the cluster selection fused with scoring (16-bit) and
+    # after the e4m3 scorer (>= 16,384 pages), head dims 64 and 256, fp16.
+    for name, B, Hq, Hkv, D, T, dt, sd, L in (
+            ("short_step", 1, 32, 8, 128, 8197, bf16, None, None),
+            ("short_step_e4m3", 1, 32, 8, 128, 8197, bf16, e4m3, None),
+            ("select_256", 2, 6, 2, 128, 40011, bf16, None, (40011, 20000)),
+            ("select_1024_registers", 1, 8, 2, 128, 100003, bf16, None, None),
+            ("select_1024_shared", 1, 4, 1, 128, 150001, bf16, None, None),
+            ("cluster_fused", 2, 9, 3, 64, 300007, bf16, None, (300007, 123457)),
+            ("cluster_after_scores", 1, 16, 2, 256, 300007, bf16, None, None),
+            ("cluster_after_e4m3_scores", 2, 8, 2, 128, 300007, bf16, e4m3, (300007, 4000)),
+            ("d64_group3", 1, 9, 3, 64, 20000, bf16, None, None),
+            ("d256_fp16", 1, 16, 2, 256, 20000, torch.float16, None, None)):
+        q, k, v = rnd(B, Hq, 1, D, dtype=dt), rnd(B, Hkv, T, D, dtype=dt), rnd(B, Hkv, T, D, dtype=dt)
+        seq = lens(*L) if L else None
+        summ = hydra.page_summaries(k, cache_seqlens=seq, dtype=sd)
+        hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=seq)
+        pages = hydra.select_pages(q, k, page_summaries=summ, cache_seqlens=seq)
+        hydra.sparse_attention(q, k, v, pages, cache_seqlens=seq)
+        done.append(name)
+    q, k, v = rnd(2, 8, 1, 128), rnd(2, 2, 20000, 128), rnd(2, 2, 20000, 128)
+    hydra.hydra(q, k, v, cache_seqlens=lens(20000, 7001))  # stateless
+    hydra.hydra(q, k, v, sliding_window=1000, cache_seqlens=lens(20000, 7001))
+    pad = lens(0, 37)
+    summ = hydra.page_summaries(k, cache_seqlens=lens(20000, 9000), cache_leftpad=pad)
+    hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=lens(20000, 9000), cache_leftpad=pad)
+    cpol = hydra.HydraPolicy(page_size=8, budget_tokens=1024, superpage=16, shortlist=2)
+    s8 = hydra.page_summaries(k, page_size=8)
+    hydra.hydra(q, k, v, policy=cpol, page_summaries=s8, superpage_summaries=hydra.superpage_summaries(s8, 16))
+    done += ["stateless", "window", "left_padding", "coarse_to_fine"]
+    for name, pol in (("cache", None), ("cache_coarse_e4m3", hydra.HydraPolicy(
+            page_size=8, budget_tokens=1024, superpage=16, shortlist=2, summary_dtype="fp8_e4m3"))):
+        cache = hydra.HydraKVCache(2, 2, 128, 20000, device=dev, policy=pol)
+        cache.prefill(rnd(2, 2, 9000, 128), rnd(2, 2, 9000, 128), seqlens=lens(9000, 5003))
+        for _ in range(3):
+            cache.step(rnd(2, 8, 1, 128), rnd(2, 2, 1, 128), rnd(2, 2, 1, 128))
+        cache.append(rnd(2, 2, 5, 128), rnd(2, 2, 5, 128))
+        cache.attend(rnd(2, 8, 1, 128))
+        done.append(name)
+    for name, (B, Hq, Hkv, D, T), prec in (("prefill", (1, 8, 2, 128, 4160), "high"),
+                                           ("prefill_exact", (1, 8, 2, 128, 4160), "exact"),
+                                           ("prefill_d256", (1, 8, 2, 256, 4160), "high")):
+        q, k, v = rnd(B, Hq, T, D), rnd(B, Hkv, T, D), rnd(B, Hkv, T, D)
+        hydra.hydra(q, k, v, precision=prec)
+        done.append(name)
+    torch.cuda.synchronize()
+    print(f"driver: {len(done)} cases ok: {', '.join(done)}", flush=True)
+    return 0
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "evidence" / "sanitizer.json"))
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated, from " + ", ".join(TOOLS))
-    ap.add_argument("--limit-s", type=float, default=240.0, help="wall-clock limit for each tool's run")
+    ap.add_argument("--limit-s", type=float, default=None,
+                    help="wall-clock limit for every tool's run (default: LIMITS, per tool)")
     ap.add_argument("--tests", nargs="*", default=None, help="pytest node ids (default: TESTS)")
     ap.add_argument("--log-dir", default=os.environ.get("LOGS", "/tmp/hydra_logs"),
                     help="where each tool's whole output is written (sanitize_TOOL.log)")
     ap.add_argument("--no-coverage", action="store_true", help="skip the coverage pass")
+    ap.add_argument("--driver", action="store_true", help="run initcheck's workload (no sanitizer, no evidence)")
     args = ap.parse_args()
+    if args.driver:
+        return driver()
 
     tools = [t for t in args.tools.split(",") if t]
     bad = [t for t in tools if t not in TOOLS]
@@ -232,7 +366,8 @@ def main():
 
     rows = []
     for tool in tools:
-        row = run_tool(tool, args.tests or TOOL_TESTS.get(tool, TESTS), env, args.limit_s, sanitizer, args.log_dir)
+        row = run_tool(tool, args.tests or TOOL_TESTS.get(tool, TESTS), env, args.limit_s or LIMITS[tool], sanitizer,
+                       args.log_dir)
         rows.append(row)
         shown = {k: v for k, v in row.items() if k not in ("output_tail", "findings")}
         shown["findings"] = row["findings"][:8]
@@ -244,7 +379,7 @@ def main():
 
     for r in rows:
         # clean: finished, every test passed, and no report (initcheck, which checks torch's
-        # kernels too: none in hydra's, and its error count is all of them)
+        # kernels too: none in hydra's; its error count is all of them)
         r["clean"] = bool(r["finished"] and r["failed"] == 0 and r["passed"] == r["tests"]
                           and (r.get("errors") == 0 or (r["tool"] == "initcheck" and r["hydra_reports"] == 0
                                                         and r.get("errors") is not None)))
@@ -254,7 +389,9 @@ def main():
     write_evidence(args.out, kind="sanitizer", command="python3 scripts/sanitize.py " + " ".join(sys.argv[1:]),
                    summary=summary, rows=rows,
                    extra={"sanitizer": version[-1] if version else None, "tests": tests,
-                          "tests_by_tool": {r["tool"]: args.tests or TOOL_TESTS.get(r["tool"], TESTS) for r in rows},
+                          "tests_by_tool": {r["tool"]: (["scripts/sanitize.py --driver"] if r["tool"] == "initcheck"
+                                                        else args.tests or TOOL_TESTS.get(r["tool"], TESTS))
+                                            for r in rows},
                           "coverage_pytest_exit_status": cov_rc, "kernels_defined": defined,
                           "kernels_launched": launched, "kernels_not_launched": uncovered,
                           "kernels_by_test": per_test})
