@@ -95,8 +95,9 @@ def pytest_collection_modifyitems(config, items):
 
 # --- which kernels ran ----------------------------------------------------------
 
-#: Whether tests may profile to check which kernel ran (HYDRA_KERNEL_PROBE=0: no).
-KERNEL_PROBE = os.environ.get("HYDRA_KERNEL_PROBE", "1") != "0"
+#: Whether tests may profile to check which kernel ran: not with HYDRA_KERNEL_PROBE=0, nor
+#: under HYDRA_KERNEL_TRACE, which profiles every test itself (one profiler at a time).
+KERNEL_PROBE = os.environ.get("HYDRA_KERNEL_PROBE", "1") != "0" and not os.environ.get("HYDRA_KERNEL_TRACE")
 
 
 @contextlib.contextmanager
