@@ -7,9 +7,10 @@
   GPU subset that ``nix run .#ci-test`` runs); pyproject.toml lists them too.
 - ``requires_cuda``: a skip marker, and a fixture of the same name, for tests
   that need a CUDA GPU.
-- ``kernels_launched()``: the CUDA kernels a block of a test launched (torch.profiler),
-  for tests that check which kernel ran. ``HYDRA_KERNEL_PROBE=0`` turns it off
-  (``scripts/sanitize.py``: under compute-sanitizer CUPTI takes no second subscriber).
+- ``kernel_probe`` (fixture): ``kernels_launched``, the CUDA kernels a block of a test
+  launched (torch.profiler), for tests that check which kernel ran.
+  ``HYDRA_KERNEL_PROBE=0`` turns it off (``scripts/sanitize.py``: under
+  compute-sanitizer CUPTI takes no second subscriber).
 - With ``HYDRA_KERNEL_TRACE=path`` set, profiles every test's call and appends the
   hydra kernels it launched to that path, one JSON line a test (``scripts/sanitize.py``'s
   coverage pass).
@@ -116,6 +117,13 @@ def kernels_launched():
         yield names
         torch.cuda.synchronize()
     names.update(e.name for e in prof.events())
+
+
+@pytest.fixture
+def kernel_probe():
+    """``kernels_launched``, for tests that check which kernel ran (a fixture, so that test
+    modules need not import this file)."""
+    return kernels_launched
 
 
 _KERNEL_NAME = re.compile(r"(\w+_kernel)\b")

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import hydra
-from conftest import kernels_launched
 
 ref = hydra.reference
 BF16 = torch.bfloat16
@@ -329,7 +328,7 @@ def test_step_equals_append_then_attend(case, fast, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("recent,summary_dtype", [(32, "auto"), (0, "auto"), (0, "fp8_e4m3")])
-def test_step_through_the_cluster_selection(recent, summary_dtype):
+def test_step_through_the_cluster_selection(recent, summary_dtype, kernel_probe):
     """Long rows (>= 16,384 pages) on sm_90+ select in one cluster launch, with the fused
     append done by its first CTA (16-bit summaries) or by the e4m3 scorer launched before
     it. step() still equals append() + attend(), across a page boundary (with
@@ -347,7 +346,7 @@ def test_step_through_the_cluster_selection(recent, summary_dtype):
     for i in range(steps):
         q = rand(B, Hq, 1, D, seed=800 + i)
         kn, vn = rand(B, H, 1, D, seed=900 + i), rand(B, H, 1, D, seed=1000 + i)
-        with kernels_launched() as launched:
+        with kernel_probe() as launched:
             got = fused.step(q, kn, vn, out=torch.full_like(q, float("nan")))
         names = None if launched is None else names | launched
         plain.append(kn, vn)

@@ -13,7 +13,6 @@ import os
 
 import pytest
 import torch
-from conftest import kernels_launched
 
 pytestmark = pytest.mark.gpu
 
@@ -407,7 +406,7 @@ def test_selection_score_distributions(dist, n_pages):
                                                     (3, 8, 2, 128, BF16, True, 300007),
                                                     (2, 16, 2, 256, torch.float16, True, 300007),
                                                     (2, 8, 2, 128, BF16, True, 600011)])
-def test_cluster_selection(B, Hq, Hkv, D, dtype, fp8, T):
+def test_cluster_selection(B, Hq, Hkv, D, dtype, fp8, T, kernel_probe):
     """On sm_90+, flat selection from cached summaries over long rows (>= 16,384 pages)
     runs on a cluster (score_select_cluster_kernel): scoring and selection in one launch
     for 16-bit summaries, unless the rows are too few for the cluster's SMs to read them
@@ -422,7 +421,7 @@ def test_cluster_selection(B, Hq, Hkv, D, dtype, fp8, T):
     poison_past(k, v, lens)
     summ = hydra.page_summaries(k, cache_seqlens=lens, dtype=torch.float8_e4m3fn if fp8 else None)
     pol = hydra.HydraPolicy()
-    with kernels_launched() as names:
+    with kernel_probe() as names:
         pages = hydra.select_pages(q, k, page_summaries=summ, cache_seqlens=lens)
     if names is not None and torch.cuda.get_device_capability()[0] >= 9:
         assert any("score_select_cluster_kernel" in n for n in names), sorted(names)
@@ -502,11 +501,12 @@ SHORT_STEP = [
 ]
 
 
-def step_matches_separate_kernels(q, k, v, summ, lens, want_fused):
+def step_matches_separate_kernels(q, k, v, summ, lens, want_fused, probe):
     """The decode step (profiled) and the separate kernels on the same inputs: on sm_90+
     the fused short step ran iff want_fused (None: either way), and the step's output and
-    LSE are bitwise those of select_pages + sparse_attention. Returns (output, pages)."""
-    with kernels_launched() as names:
+    LSE are bitwise those of select_pages + sparse_attention (probe: the kernel_probe
+    fixture). Returns (output, pages)."""
+    with probe() as names:
         o, lse = hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=lens, out=nan_like(q), return_lse=True)
     if names is not None and torch.cuda.get_device_capability()[0] >= 9 and want_fused is not None:
         fused = any("short_step_kernel" in n for n in names)
@@ -518,7 +518,7 @@ def step_matches_separate_kernels(q, k, v, summ, lens, want_fused):
 
 
 @pytest.mark.parametrize("case", range(len(SHORT_STEP)))
-def test_short_step_matches_separate_kernels(case):
+def test_short_step_matches_separate_kernels(case, kernel_probe):
     """The fused short-row step (score, select and attend in one cluster launch) gives
     bitwise the output and LSE of the separate kernels (select_pages + sparse_attention,
     which use the same split plan), and the reference's pages and attention."""
@@ -538,13 +538,13 @@ def test_short_step_matches_separate_kernels(case):
             full = int(lens[0]) // 16 if lens is not None else T // 16  # pages of real keys (empty ones hold 448 too)
             codes = summ[0, :, :full].view(torch.uint8) & 0x7F
             assert bool((codes == 0x7E).any()), "no saturated code: the rare-row path is not exercised"
-    o, pages = step_matches_separate_kernels(q, k, v, summ, lens, want_fused)
+    o, pages = step_matches_separate_kernels(q, k, v, summ, lens, want_fused, kernel_probe)
     check_selection(pages, q, k, pol, lens=lens, summaries=summ)
     check_output(o, q, k, v, mask_from_pages(pages, T, 16, lens))
 
 
 @pytest.mark.parametrize("group", [2, 40, 1024])
-def test_short_step_ties(group):
+def test_short_step_ties(group, kernel_probe):
     """Tied page scores through the fused step's selection. Each page's keys are copied
     from the first page of its group of `group` pages, so whole groups score the same and
     the threshold falls inside a tie: groups of 2 leave a short list to rank, groups of 40
@@ -560,7 +560,7 @@ def test_short_step_ties(group):
     src = (torch.arange(n_full, device=DEV) // group) * group
     kp.copy_(kp[:, :, src].clone())
     summ = hydra.page_summaries(k)
-    o, pages = step_matches_separate_kernels(q, k, v, summ, None, True)
+    o, pages = step_matches_separate_kernels(q, k, v, summ, None, True, kernel_probe)
     scores = ref.page_scores(q, summ, page_size=P)
     pol = hydra.HydraPolicy()
     n_head = pol.sink_tokens // P
