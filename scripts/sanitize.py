@@ -111,6 +111,7 @@ _PASSED = re.compile(r"(\d+) passed")
 _FAILED = re.compile(r"(\d+) failed")
 _PYTEST_END = re.compile(r"\d+ (passed|failed|error).* in [\d.]+s")
 _DRIVER_OK = re.compile(r"driver: (\d+) cases ok: (.*)")
+_DRIVER_FAILED = re.compile(r"driver: (\d+) cases failed: (.*)")
 
 
 def defined_kernels() -> list:
@@ -246,9 +247,10 @@ def run_tool(tool, tests, env, limit_s, sanitizer, log_dir) -> dict:
         m = _ERRORS.search(text)
         row["errors"] = int(m.group(1)) if m else None
     if tool == "initcheck":
-        m = _DRIVER_OK.search(text)
-        row["passed"], row["failed"] = (1, 0) if m and finished else (0, 1 if finished else 0)
-        row["driver_cases"] = m.group(2).split(", ") if m else []
+        m, bad = _DRIVER_OK.search(text), _DRIVER_FAILED.search(text)
+        row["passed"], row["failed"] = (1, 0) if m and not bad and finished else (0, 1 if finished else 0)
+        row["driver_cases"] = m.group(2).split(", ") if m and m.group(2) else []
+        row["driver_failed"] = bad.group(2).split("; ") if bad else []
     else:
         # pytest's last summary line ("39 passed, 2 warnings in 80.1s"); the sanitizer's
         # own lines start with "=========".
@@ -265,7 +267,8 @@ def run_tool(tool, tests, env, limit_s, sanitizer, log_dir) -> dict:
 def driver() -> int:
     """initcheck's workload: hydra's decode, cache and prefill paths on fresh random inputs
     (every kernel and selection path of the test list, at its sizes), no reference
-    computations. Prints the cases it ran."""
+    computations. Each case runs and synchronizes on its own; one that raises is reported
+    by name and the rest still run. Prints the cases that ran and those that failed."""
     import torch
 
     sys.path.insert(0, str(ROOT / "torch-ext"))
@@ -280,11 +283,19 @@ def driver() -> int:
     def lens(*vals):
         return torch.tensor(vals, dtype=torch.int32, device=dev)
 
-    done = []
+    cases = []
+
+    def case(name):
+        def add(fn):
+            cases.append((name, fn))
+            return fn
+        return add
+
     # (name, B, Hq, Hkv, D, T, dtype, summary dtype, lengths): the fused short step (<= 1,024
     # pages), the 256-thread select (<= 4,096 candidates), the 1,024-thread one in registers
     # (<= 8,192) and in shared memory, the cluster selection fused with scoring (16-bit) and
-    # after the e4m3 scorer (>= 16,384 pages), head dims 64 and 256, fp16.
+    # after a score kernel (B = 1, Hkv = 2, D = 256; e4m3 always) (>= 16,384 pages), head
+    # dims 64 and 256, fp16.
     for name, B, Hq, Hkv, D, T, dt, sd, L in (
             ("short_step", 1, 32, 8, 128, 8197, bf16, None, None),
             ("short_step_e4m3", 1, 32, 8, 128, 8197, bf16, e4m3, None),
@@ -296,41 +307,71 @@ def driver() -> int:
             ("cluster_after_e4m3_scores", 2, 8, 2, 128, 300007, bf16, e4m3, (300007, 4000)),
             ("d64_group3", 1, 9, 3, 64, 20000, bf16, None, None),
             ("d256_fp16", 1, 16, 2, 256, 20000, torch.float16, None, None)):
-        q, k, v = rnd(B, Hq, 1, D, dtype=dt), rnd(B, Hkv, T, D, dtype=dt), rnd(B, Hkv, T, D, dtype=dt)
-        seq = lens(*L) if L else None
-        summ = hydra.page_summaries(k, cache_seqlens=seq, dtype=sd)
-        hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=seq)
-        pages = hydra.select_pages(q, k, page_summaries=summ, cache_seqlens=seq)
-        hydra.sparse_attention(q, k, v, pages, cache_seqlens=seq)
-        done.append(name)
-    q, k, v = rnd(2, 8, 1, 128), rnd(2, 2, 20000, 128), rnd(2, 2, 20000, 128)
-    hydra.hydra(q, k, v, cache_seqlens=lens(20000, 7001))  # stateless
-    hydra.hydra(q, k, v, sliding_window=1000, cache_seqlens=lens(20000, 7001))
-    pad = lens(0, 37)
-    summ = hydra.page_summaries(k, cache_seqlens=lens(20000, 9000), cache_leftpad=pad)
-    hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=lens(20000, 9000), cache_leftpad=pad)
-    cpol = hydra.HydraPolicy(page_size=8, budget_tokens=1024, superpage=16, shortlist=2)
-    s8 = hydra.page_summaries(k, page_size=8)
-    hydra.hydra(q, k, v, policy=cpol, page_summaries=s8, superpage_summaries=hydra.superpage_summaries(s8, 16))
-    done += ["stateless", "window", "left_padding", "coarse_to_fine"]
-    for name, pol in (("cache", None), ("cache_coarse_e4m3", hydra.HydraPolicy(
-            page_size=8, budget_tokens=1024, superpage=16, shortlist=2, summary_dtype="fp8_e4m3"))):
-        cache = hydra.HydraKVCache(2, 2, 128, 20000, device=dev, policy=pol)
-        cache.prefill(rnd(2, 2, 9000, 128), rnd(2, 2, 9000, 128), seqlens=lens(9000, 5003))
-        for _ in range(3):
-            cache.step(rnd(2, 8, 1, 128), rnd(2, 2, 1, 128), rnd(2, 2, 1, 128))
-        cache.append(rnd(2, 2, 5, 128), rnd(2, 2, 5, 128))
-        cache.attend(rnd(2, 8, 1, 128))
-        done.append(name)
-    for name, (B, Hq, Hkv, D, T), prec in (("prefill", (1, 8, 2, 128, 4160), "high"),
-                                           ("prefill_exact", (1, 8, 2, 128, 4160), "exact"),
-                                           ("prefill_d256", (1, 8, 2, 256, 4160), "high")):
-        q, k, v = rnd(B, Hq, T, D), rnd(B, Hkv, T, D), rnd(B, Hkv, T, D)
-        hydra.hydra(q, k, v, precision=prec)
-        done.append(name)
-    torch.cuda.synchronize()
-    print(f"driver: {len(done)} cases ok: {', '.join(done)}", flush=True)
-    return 0
+        @case(name)
+        def _(B=B, Hq=Hq, Hkv=Hkv, D=D, T=T, dt=dt, sd=sd, L=L):
+            q, k, v = rnd(B, Hq, 1, D, dtype=dt), rnd(B, Hkv, T, D, dtype=dt), rnd(B, Hkv, T, D, dtype=dt)
+            seq = lens(*L) if L else None
+            summ = hydra.page_summaries(k, cache_seqlens=seq, dtype=sd)
+            hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=seq)
+            pages = hydra.select_pages(q, k, page_summaries=summ, cache_seqlens=seq)
+            hydra.sparse_attention(q, k, v, pages, cache_seqlens=seq)
+
+    def qkv20k():
+        return rnd(2, 8, 1, 128), rnd(2, 2, 20000, 128), rnd(2, 2, 20000, 128)
+
+    @case("stateless")
+    def _():
+        q, k, v = qkv20k()
+        hydra.hydra(q, k, v, cache_seqlens=lens(20000, 7001))
+
+    @case("window")
+    def _():
+        q, k, v = qkv20k()
+        hydra.hydra(q, k, v, sliding_window=1000, cache_seqlens=lens(20000, 7001))
+
+    @case("left_padding")
+    def _():
+        q, k, v = qkv20k()
+        seq, pad = lens(20000, 9000), lens(0, 37)
+        summ = hydra.page_summaries(k, cache_seqlens=seq, cache_leftpad=pad)
+        hydra.hydra(q, k, v, page_summaries=summ, cache_seqlens=seq, cache_leftpad=pad)
+
+    @case("coarse_to_fine")
+    def _():
+        q, k, v = qkv20k()
+        pol = hydra.HydraPolicy(page_size=8, budget_tokens=1024, superpage=16, shortlist=2)
+        s8 = hydra.page_summaries(k, page_size=8)
+        hydra.hydra(q, k, v, policy=pol, page_summaries=s8, superpage_summaries=hydra.superpage_summaries(s8, 16))
+
+    for name, summary_dtype, superpage in (("cache", "auto", 0), ("cache_coarse_e4m3", "fp8_e4m3", 16)):
+        @case(name)
+        def _(summary_dtype=summary_dtype, superpage=superpage):
+            pol = hydra.HydraPolicy(page_size=8, budget_tokens=1024, superpage=superpage, shortlist=2,
+                                    summary_dtype=summary_dtype) if superpage else None
+            cache = hydra.HydraKVCache(2, 2, 128, 20000, device=dev, policy=pol)
+            cache.prefill(rnd(2, 2, 9000, 128), rnd(2, 2, 9000, 128), seqlens=lens(9000, 5003))
+            for _ in range(3):
+                cache.step(rnd(2, 8, 1, 128), rnd(2, 2, 1, 128), rnd(2, 2, 1, 128))
+            cache.append(rnd(2, 2, 5, 128), rnd(2, 2, 5, 128))
+            cache.attend(rnd(2, 8, 1, 128))
+
+    for name, D, prec in (("prefill", 128, "high"), ("prefill_exact", 128, "exact"), ("prefill_d256", 256, "high")):
+        @case(name)
+        def _(D=D, prec=prec):
+            hydra.hydra(rnd(1, 8, 4160, D), rnd(1, 2, 4160, D), rnd(1, 2, 4160, D), precision=prec)
+
+    ok, failed = [], []
+    for name, fn in cases:
+        try:
+            fn()
+            torch.cuda.synchronize()
+            ok.append(name)
+        except Exception as e:  # noqa: BLE001 - reported by name; the other cases still run
+            failed.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+    print(f"driver: {len(ok)} cases ok: {', '.join(ok)}", flush=True)
+    if failed:
+        print(f"driver: {len(failed)} cases failed: {'; '.join(failed)}", flush=True)
+    return 1 if failed else 0
 
 
 def main():
