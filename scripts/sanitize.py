@@ -406,9 +406,11 @@ def main():
     print(f"coverage pass: pytest exit {cov_rc}; kernels launched {launched}; not launched {uncovered}", flush=True)
 
     rows = []
+    # what each tool runs: the test ids, or initcheck's driver
+    runs = {t: ["scripts/sanitize.py --driver"] if t == "initcheck" else args.tests or TOOL_TESTS.get(t, TESTS)
+            for t in tools}
     for tool in tools:
-        row = run_tool(tool, args.tests or TOOL_TESTS.get(tool, TESTS), env, args.limit_s or LIMITS[tool], sanitizer,
-                       args.log_dir)
+        row = run_tool(tool, runs[tool], env, args.limit_s or LIMITS[tool], sanitizer, args.log_dir)
         rows.append(row)
         shown = {k: v for k, v in row.items() if k not in ("output_tail", "findings")}
         shown["findings"] = row["findings"][:8]
@@ -430,9 +432,7 @@ def main():
     write_evidence(args.out, kind="sanitizer", command="python3 scripts/sanitize.py " + " ".join(sys.argv[1:]),
                    summary=summary, rows=rows,
                    extra={"sanitizer": version[-1] if version else None, "tests": tests,
-                          "tests_by_tool": {r["tool"]: (["scripts/sanitize.py --driver"] if r["tool"] == "initcheck"
-                                                        else args.tests or TOOL_TESTS.get(r["tool"], TESTS))
-                                            for r in rows},
+                          "tests_by_tool": runs,
                           "coverage_pytest_exit_status": cov_rc, "kernels_defined": defined,
                           "kernels_launched": launched, "kernels_not_launched": uncovered,
                           "kernels_by_test": per_test})
