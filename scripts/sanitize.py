@@ -2,8 +2,14 @@
 evidence file (SPEC section 6).
 
     python3 scripts/sanitize.py --out evidence/sanitizer.json [--tools memcheck,racecheck]
-                                [--limit-s S] [--tests NODEID ...]
+                                [--limit-s S] [--tests NODEID ...] [--carry EARLIER.json]
     bash scripts/gpu_check.sh sanitize      # the same, after the build, on a GPU machine
+
+The four tools together can run past one device call (600 s). ``--carry`` splits them over
+two: the second call names the first call's file, and its rows (and, with
+``--no-coverage``, its coverage pass) go into this run's file, each carried row marked
+with the run that made it. The earlier file must come from this script, on the same
+sources (digest) and the same device.
 
 1. A coverage pass without the sanitizer runs TESTS (GPU parity tests) with every test's
    call profiled (tests/conftest.py, ``HYDRA_KERNEL_TRACE``) and records the hydra
@@ -374,6 +380,27 @@ def driver() -> int:
     return 1 if failed else 0
 
 
+def carried(path, tools, digest, device) -> dict:
+    """An earlier run's evidence (``--carry``), checked: this script's, the same sources and
+    device, and none of its tools run again here."""
+    from hydra.evidence import read_evidence
+
+    e = read_evidence(path)
+    problems = []
+    if e.get("kind") != "sanitizer":
+        problems.append(f"kind is {e.get('kind')!r}, not 'sanitizer'")
+    if e.get("source_digest") != digest:
+        problems.append(f"source_digest {e.get('source_digest')!r} is not this tree's {digest!r}")
+    if e.get("device") != device:
+        problems.append(f"device {e.get('device')!r} is not this run's {device!r}")
+    again = [r["tool"] for r in e.get("rows", []) if r["tool"] in tools]
+    if again:
+        problems.append(f"tools {again} would run again here")
+    if problems:
+        sys.exit(f"scripts/sanitize.py: --carry {path}: " + "; ".join(problems))
+    return e
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "evidence" / "sanitizer.json"))
@@ -385,6 +412,8 @@ def main():
                     help="where each tool's whole output is written (sanitize_TOOL.log)")
     ap.add_argument("--no-coverage", action="store_true", help="skip the coverage pass")
     ap.add_argument("--driver", action="store_true", help="run initcheck's workload (no sanitizer, no evidence)")
+    ap.add_argument("--carry", default=None,
+                    help="an earlier sanitizer.json of the same sources and device: its tools' rows join this file")
     args = ap.parse_args()
     if args.driver:
         return driver()
@@ -398,8 +427,14 @@ def main():
         sys.exit("scripts/sanitize.py: compute-sanitizer not found on PATH or in /usr/local/cuda/bin")
     tests = args.tests or TESTS
     env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_KERNEL_PROBE="0", PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    sys.path.insert(0, str(ROOT / "torch-ext"))
+    from hydra.evidence import device_info, source_digest, write_evidence
 
-    per_test, cov_rc = ({}, None) if args.no_coverage else coverage(tests, env)
+    earlier = carried(args.carry, tools, source_digest(), device_info()["device"]) if args.carry else None
+    if args.no_coverage and earlier is not None:
+        per_test, cov_rc = earlier["kernels_by_test"], earlier["coverage_pytest_exit_status"]
+    else:
+        per_test, cov_rc = ({}, None) if args.no_coverage else coverage(tests, env)
     launched = sorted({k for ks in per_test.values() for k in ks})
     defined = defined_kernels()
     uncovered = [k for k in defined if k not in launched]
@@ -417,15 +452,16 @@ def main():
         print(json.dumps(shown), flush=True)
 
     version = subprocess.run([sanitizer, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-    sys.path.insert(0, str(ROOT / "torch-ext"))
-    from hydra.evidence import write_evidence
-
     for r in rows:
         # clean: finished, every test passed, and no report (initcheck, which checks torch's
         # kernels too: none in hydra's; its error count is all of them)
         r["clean"] = bool(r["finished"] and r["failed"] == 0 and r["passed"] == r["tests"]
                           and (r.get("errors") == 0 or (r["tool"] == "initcheck" and r["hydra_reports"] == 0
                                                         and r.get("errors") is not None)))
+    if earlier is not None:
+        rows = [dict(r, run={"command": earlier["command"], "created": earlier["created"]})
+                for r in earlier["rows"]] + rows
+        runs = {**earlier["tests_by_tool"], **runs}
     clean = all(r["clean"] for r in rows)
     summary = {"tools": len(rows), "clean": sum(r["clean"] for r in rows),
                "kernels_defined": len(defined), "kernels_launched": len(launched)}

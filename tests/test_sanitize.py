@@ -109,3 +109,24 @@ def test_run_tool_counts_and_limits(tmp_path):
     hang = _fake(tmp_path, "hang.sh", "echo '....'\nbash -c 'sleep 60; echo late'\n")
     row = san.run_tool("memcheck", ["t"], env, 2, hang, None)
     assert not row["finished"] and row["errors"] is None and row["wall_s"] < 30
+
+
+def test_carry_takes_only_a_matching_earlier_run(tmp_path):
+    """``--carry``: an earlier file joins this run's only when it is this script's, of the
+    same sources and device, and none of its tools runs again."""
+    import json
+
+    good = {"kind": "sanitizer", "source_digest": "sha256:aa", "device": "NVIDIA H100 80GB HBM3",
+            "command": "python3 scripts/sanitize.py --tools memcheck", "created": "2026-11-28T00:00:00Z",
+            "rows": [{"tool": "memcheck"}]}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(good))
+    assert san.carried(path, ["racecheck"], "sha256:aa", "NVIDIA H100 80GB HBM3")["rows"] == [{"tool": "memcheck"}]
+    for tools, digest, device, what in ((["racecheck"], "sha256:bb", "NVIDIA H100 80GB HBM3", "source_digest"),
+                                        (["racecheck"], "sha256:aa", "NVIDIA H200", "device"),
+                                        (["memcheck"], "sha256:aa", "NVIDIA H100 80GB HBM3", "run again")):
+        with pytest.raises(SystemExit, match=what):
+            san.carried(path, tools, digest, device)
+    path.write_text(json.dumps(dict(good, kind="decode_bench")))
+    with pytest.raises(SystemExit, match="kind"):
+        san.carried(path, ["racecheck"], "sha256:aa", "NVIDIA H100 80GB HBM3")
