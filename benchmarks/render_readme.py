@@ -10,6 +10,8 @@ code). This script rewrites what lies between these marker pairs and nothing els
   from ``evidence/gpu_tests.json`` (the GPU test run's summary);
 * ``<!-- EVIDENCE:bound:start -->`` .. ``<!-- EVIDENCE:bound:end -->``
   from ``evidence/read_bound.json`` (benchmarks/read_bound.py);
+* ``<!-- EVIDENCE:sanitizer:start -->`` .. ``<!-- EVIDENCE:sanitizer:end -->``
+  from ``evidence/sanitizer.json`` (scripts/sanitize.py);
 * and the fidelity, prefill and generate sections likewise.
 
 Each section's caption names the device, the date of the run, and whether the
@@ -43,6 +45,7 @@ FIDELITY_MARKERS = ("<!-- EVIDENCE:fidelity:start -->", "<!-- EVIDENCE:fidelity:
 PREFILL_MARKERS = ("<!-- EVIDENCE:prefill:start -->", "<!-- EVIDENCE:prefill:end -->")
 GENERATE_MARKERS = ("<!-- EVIDENCE:generate:start -->", "<!-- EVIDENCE:generate:end -->")
 BOUND_MARKERS = ("<!-- EVIDENCE:bound:start -->", "<!-- EVIDENCE:bound:end -->")
+SANITIZER_MARKERS = ("<!-- EVIDENCE:sanitizer:start -->", "<!-- EVIDENCE:sanitizer:end -->")
 
 HYDRA_NAMES = ("hydra_cached", "hydra_stateless")
 
@@ -426,6 +429,32 @@ def tests_section(record, path: Path, stale) -> str:
     return "\n".join(lines)
 
 
+def sanitizer_section(record, path: Path, stale) -> str:
+    """compute-sanitizer's tools over hydra's kernels (scripts/sanitize.py): one row a tool."""
+    summary = record.get("summary") or {}
+    out = [_caption(record, path, stale), "", f"Command: `{record.get('command', '?')}`", "",
+           f"Kernels launched by the tests: {summary.get('kernels_launched', '?')} of the "
+           f"{summary.get('kernels_defined', '?')} defined in `csrc/`.", "",
+           "| tool | kernels checked | over | passed | reports | in hydra's kernels | wall (s) | clean |",
+           "|---|---|---|---:|---:|---:|---:|:-:|"]
+    for r in record.get("rows") or []:
+        over = f"driver, {len(r.get('driver_cases') or [])} cases" if r["tool"] == "initcheck" else f"{r['tests']} tests"
+        reports = r.get("hazards", r.get("errors"))
+        passed = (f"{len(r.get('driver_cases') or [])} of {len(r.get('driver_cases') or []) + len(r.get('driver_failed') or [])}"
+                  if r["tool"] == "initcheck" else f"{r['passed']} of {r['tests']}")
+        out.append(f"| {r['tool']}{' ¹' if r.get('run') else ''} | {r['kernels_checked']} | {over} | "
+                   f"{passed} | {'?' if reports is None else f'{reports:,}'} | "
+                   f"{r.get('hydra_reports', '?'):,} | {r['wall_s']} | {_mark(r.get('clean'))} |")
+    earlier = next((r["run"] for r in record.get("rows") or [] if r.get("run")), None)
+    if earlier:
+        out += ["", f"¹ From the earlier run `{earlier['command']}` ({earlier['created']})."]
+    ctl = next((r["control"] for r in record.get("rows") or [] if r.get("control")), None)
+    if ctl:
+        out += ["", f"initcheck's positive control ({ctl['case']}): {ctl['hydra_reports']:,} reports in hydra's "
+                    "kernels. The tool, run this way, does see such reads, so the driver's clean run is not a blind one."]
+    return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------
 # README rewriting
 # ----------------------------------------------------------------------------
@@ -474,7 +503,8 @@ def render(readme_text: str, evidence_dir: Path, repo: Path, log=print) -> str:
                 ("fidelity.json", FIDELITY_MARKERS, fidelity_section),
                 ("generate_bench.json", GENERATE_MARKERS, generate_section),
                 ("prefill_bench.json", PREFILL_MARKERS, prefill_section),
-                ("read_bound.json", BOUND_MARKERS, bound_section)]
+                ("read_bound.json", BOUND_MARKERS, bound_section),
+                ("sanitizer.json", SANITIZER_MARKERS, sanitizer_section)]
     text = readme_text
     for filename, markers, make in sections:
         path = evidence_dir / filename

@@ -5,8 +5,9 @@
 #   bash scripts/gpu_check.sh [tests|fidelity|bench|generate|prefill|bound|sanitize|first|second|all|none] [extra benchmark args...]
 # (prefill_bench.json comes from the prefill stage, read_bound.json from the bound stage,
 # sanitizer.json from the sanitize stage: compute-sanitizer's four tools, scripts/sanitize.py;
-# run it in a call of its own, "all" leaves it out. On an H100 its coverage pass took ~40 s,
-# memcheck 25 s and synccheck 57 s; racecheck needs ~180 s, initcheck up to its 180 s limit.
+# run it in a call of its own, "all" leaves it out. On an H100 (NOTES v32) its coverage pass
+# took ~40 s, memcheck 27 s, synccheck 18 s, racecheck 202 s, initcheck 5 s and its control 39 s;
+# --tools and --carry split it over two calls into one file.
 # Its logs stay in $LOGS: the device tool returns at most 8 files.)
 # "all" takes 340 s on an H200 and 560-620 s on an H100, at the device tool's 600 s limit
 # there: "first" (tests + bench, ~495 s on an H100) and "second" (fidelity + prefill +

@@ -106,8 +106,9 @@ RACECHECK_TESTS = [t for t in TESTS if any(s in t for s in (
 
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 TOOL_TESTS = {"racecheck": RACECHECK_TESTS}
-#: Wall-clock limits (s). Measured on an H100 (NOTES v31): memcheck 25 s, synccheck 57 s
-#: over TESTS; racecheck ran 15 of RACECHECK_TESTS in 140 s.
+#: Wall-clock limits (s). Measured on an H100 (NOTES v32): memcheck 27 s and synccheck 18 s
+#: over TESTS, racecheck 202 s over RACECHECK_TESTS, initcheck 5 s over the driver and 39 s
+#: over its control.
 LIMITS = {"memcheck": 150.0, "racecheck": 300.0, "synccheck": 150.0, "initcheck": 180.0}
 
 _GLOBAL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(")
@@ -190,15 +191,16 @@ def findings(text, limit=40) -> list:
     return r.result(limit)
 
 
-def run_tool(tool, tests, env, limit_s, sanitizer, log_dir) -> dict:
-    """One tool over the tests (pytest), or for initcheck over ``--driver``. The output is
-    read as it comes (initcheck's can run to hundreds of MB) and kept whole in the log
-    (up to 64 MB) and as a tail in the row."""
+def run_tool(tool, tests, env, limit_s, sanitizer, log_dir, control=False) -> dict:
+    """One tool over the tests (pytest), or for initcheck over ``--driver`` (``control``:
+    over ``--driver --control``). The output is read as it comes (initcheck's can run to
+    hundreds of MB) and kept whole in the log (up to 64 MB) and as a tail in the row."""
     if tool == "initcheck":
         # Every kernel is checked: under a kernel filter the writes of torch's kernels (q's
         # cast, the cache's zeroed lengths) are not tracked, and hydra's reads of them come
         # out as uninitialized. The driver runs no reference computations.
-        target, filt, limit = [str(Path(__file__).resolve()), "--driver"], [], "100000000"
+        target, filt, limit = [str(Path(__file__).resolve()), "--driver", *(["--control"] if control else [])], \
+            [], "100000000"
     else:
         target, filt, limit = ["-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], \
             ["--kernel-name", "kns=hydra"], "100"
@@ -209,7 +211,7 @@ def run_tool(tool, tests, env, limit_s, sanitizer, log_dir) -> dict:
     log = None
     if log_dir:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        log = open(Path(log_dir) / f"sanitize_{tool}.log", "w", encoding="utf-8")
+        log = open(Path(log_dir) / f"sanitize_{tool}{'_control' if control else ''}.log", "w", encoding="utf-8")
     logged = 0
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -270,11 +272,16 @@ def run_tool(tool, tests, env, limit_s, sanitizer, log_dir) -> dict:
     return row
 
 
-def driver() -> int:
+def driver(control=False) -> int:
     """initcheck's workload: hydra's decode, cache and prefill paths on fresh random inputs
     (every kernel and selection path of the test list, at its sizes), no reference
     computations. Each case runs and synchronizes on its own; one that raises is reported
-    by name and the rest still run. Prints the cases that ran and those that failed."""
+    by name and the rest still run. Prints the cases that ran and those that failed.
+
+    ``control``: instead, one case that must be reported: page summaries of a K that was
+    allocated and never written (the caching allocator is off, so it is a fresh
+    allocation). It shows that initcheck, as run here, sees a hydra kernel's read of
+    unwritten memory; a clean driver run means something only beside it."""
     import torch
 
     sys.path.insert(0, str(ROOT / "torch-ext"))
@@ -366,6 +373,11 @@ def driver() -> int:
         def _(D=D, prec=prec):
             hydra.hydra(rnd(1, 8, 4160, D), rnd(1, 2, 4160, D), rnd(1, 2, 4160, D), precision=prec)
 
+    if control:  # only the case initcheck must report
+        def unwritten_k():
+            hydra.page_summaries(torch.empty(1, 2, 4104, 128, device=dev, dtype=bf16))
+
+        cases = [("control_unwritten_k", unwritten_k)]
     ok, failed = [], []
     for name, fn in cases:
         try:
@@ -381,8 +393,9 @@ def driver() -> int:
 
 
 def carried(path, tools, digest, device) -> dict:
-    """An earlier run's evidence (``--carry``), checked: this script's, the same sources and
-    device, and none of its tools run again here."""
+    """An earlier run's evidence (``--carry``), checked: this script's, of the same sources
+    and device. The rows of tools that run again here are left out (this run's replace
+    them)."""
     from hydra.evidence import read_evidence
 
     e = read_evidence(path)
@@ -393,11 +406,11 @@ def carried(path, tools, digest, device) -> dict:
         problems.append(f"source_digest {e.get('source_digest')!r} is not this tree's {digest!r}")
     if e.get("device") != device:
         problems.append(f"device {e.get('device')!r} is not this run's {device!r}")
-    again = [r["tool"] for r in e.get("rows", []) if r["tool"] in tools]
-    if again:
-        problems.append(f"tools {again} would run again here")
     if problems:
         sys.exit(f"scripts/sanitize.py: --carry {path}: " + "; ".join(problems))
+    # a tool run here again replaces its earlier row
+    e = dict(e, rows=[r for r in e.get("rows", []) if r["tool"] not in tools],
+             tests_by_tool={t: v for t, v in e.get("tests_by_tool", {}).items() if t not in tools})
     return e
 
 
@@ -412,11 +425,12 @@ def main():
                     help="where each tool's whole output is written (sanitize_TOOL.log)")
     ap.add_argument("--no-coverage", action="store_true", help="skip the coverage pass")
     ap.add_argument("--driver", action="store_true", help="run initcheck's workload (no sanitizer, no evidence)")
+    ap.add_argument("--control", action="store_true", help="with --driver: only the case initcheck must report")
     ap.add_argument("--carry", default=None,
                     help="an earlier sanitizer.json of the same sources and device: its tools' rows join this file")
     args = ap.parse_args()
     if args.driver:
-        return driver()
+        return driver(args.control)
 
     tools = [t for t in args.tools.split(",") if t]
     bad = [t for t in tools if t not in TOOLS]
@@ -446,6 +460,13 @@ def main():
             for t in tools}
     for tool in tools:
         row = run_tool(tool, runs[tool], env, args.limit_s or LIMITS[tool], sanitizer, args.log_dir)
+        if tool == "initcheck":
+            # the positive control: the same tool, as run here, must report hydra's read of
+            # memory nothing wrote
+            ctl = run_tool(tool, runs[tool], env, args.limit_s or LIMITS[tool], sanitizer, args.log_dir, control=True)
+            row["control"] = {"case": "page_summaries of a K never written", "finished": ctl["finished"],
+                              "wall_s": ctl["wall_s"], "hydra_reports": ctl["hydra_reports"],
+                              "findings": ctl["findings"][:4]}
         rows.append(row)
         shown = {k: v for k, v in row.items() if k not in ("output_tail", "findings")}
         shown["findings"] = row["findings"][:8]
@@ -457,7 +478,8 @@ def main():
         # kernels too: none in hydra's; its error count is all of them)
         r["clean"] = bool(r["finished"] and r["failed"] == 0 and r["passed"] == r["tests"]
                           and (r.get("errors") == 0 or (r["tool"] == "initcheck" and r["hydra_reports"] == 0
-                                                        and r.get("errors") is not None)))
+                                                        and r.get("errors") is not None))
+                          and (r["tool"] != "initcheck" or r["control"]["hydra_reports"] > 0))
     if earlier is not None:
         rows = [dict(r, run={"command": earlier["command"], "created": earlier["created"]})
                 for r in earlier["rows"]] + rows

@@ -113,7 +113,7 @@ def test_run_tool_counts_and_limits(tmp_path):
 
 def test_carry_takes_only_a_matching_earlier_run(tmp_path):
     """``--carry``: an earlier file joins this run's only when it is this script's, of the
-    same sources and device, and none of its tools runs again."""
+    same sources and device; the rows of tools run again are dropped."""
     import json
 
     good = {"kind": "sanitizer", "source_digest": "sha256:aa", "device": "NVIDIA H100 80GB HBM3",
@@ -122,11 +122,43 @@ def test_carry_takes_only_a_matching_earlier_run(tmp_path):
     path = tmp_path / "earlier.json"
     path.write_text(json.dumps(good))
     assert san.carried(path, ["racecheck"], "sha256:aa", "NVIDIA H100 80GB HBM3")["rows"] == [{"tool": "memcheck"}]
-    for tools, digest, device, what in ((["racecheck"], "sha256:bb", "NVIDIA H100 80GB HBM3", "source_digest"),
-                                        (["racecheck"], "sha256:aa", "NVIDIA H200", "device"),
-                                        (["memcheck"], "sha256:aa", "NVIDIA H100 80GB HBM3", "run again")):
+    # a tool that runs again replaces its earlier row
+    assert san.carried(path, ["memcheck"], "sha256:aa", "NVIDIA H100 80GB HBM3")["rows"] == []
+    for digest, device, what in (("sha256:bb", "NVIDIA H100 80GB HBM3", "source_digest"),
+                                 ("sha256:aa", "NVIDIA H200", "device")):
         with pytest.raises(SystemExit, match=what):
-            san.carried(path, tools, digest, device)
+            san.carried(path, ["racecheck"], digest, device)
     path.write_text(json.dumps(dict(good, kind="decode_bench")))
     with pytest.raises(SystemExit, match="kind"):
         san.carried(path, ["racecheck"], "sha256:aa", "NVIDIA H100 80GB HBM3")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fake sanitizer scripts need bash")
+def test_initcheck_control_runs_the_control_case(tmp_path):
+    """initcheck's positive control runs ``--driver --control`` and counts its reports."""
+    init = _fake(tmp_path, "init.sh", 'echo "args: $*"\ncat <<\'X\'\n' + INIT + "driver: 1 cases ok: control_unwritten_k\nX\n")
+    row = san.run_tool("initcheck", [], dict(os.environ), 30, init, str(tmp_path), control=True)
+    assert "--driver --control" in row["output_tail"] and row["hydra_reports"] > 0
+    assert (tmp_path / "sanitize_initcheck_control.log").exists()
+
+
+def test_readme_section_marks_carried_and_unclean_rows():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import render_readme
+
+    run = {"command": "python3 scripts/sanitize.py --tools memcheck", "created": "2026-11-28T00:00:00Z"}
+    record = {"device": "GPU X", "created": "2026-11-28T01:00:00Z", "command": "python3 scripts/sanitize.py --carry a",
+              "summary": {"kernels_launched": 12, "kernels_defined": 12},
+              "rows": [{"tool": "memcheck", "kernels_checked": "hydra", "tests": 39, "passed": 39, "errors": 0,
+                        "hydra_reports": 0, "wall_s": 26.6, "clean": True, "run": run},
+                       {"tool": "racecheck", "kernels_checked": "hydra", "tests": 18, "passed": 17, "hazards": 3,
+                        "hydra_reports": 3, "wall_s": 200.0, "clean": False},
+                       {"tool": "initcheck", "kernels_checked": "all", "tests": 1, "passed": 1, "errors": 0,
+                        "hydra_reports": 0, "wall_s": 5.0, "clean": True, "driver_cases": ["a", "b"],
+                        "driver_failed": ["c (RuntimeError: x)"],
+                        "control": {"case": "unwritten K", "hydra_reports": 131328}}]}
+    text = render_readme.sanitizer_section(record, Path("evidence/sanitizer.json"), stale=False)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "¹" in rows["memcheck ¹"] and rows["memcheck ¹"].endswith("✓ |")
+    assert rows["racecheck"].endswith("✗ |") and "17 of 18" in rows["racecheck"]
+    assert "2 of 3" in rows["initcheck"] and "131,328" in text and run["command"] in text
