@@ -383,3 +383,18 @@ def test_local_kernels_env_with_get_kernel(tmp_path, monkeypatch):
     assert module.add_op_namespace_prefix("x") == f"{ext}::x"
     assert Path(module.__file__).resolve() == (variant_dir / "hydra" / "__init__.py").resolve()
     sys.modules.pop(f"{ext}_cuda", None)
+
+
+def test_op_checks_go_through_hydra_check():
+    """hydra_torch.cpp's checks use HYDRA_CHECK (a message built with std::to_string), never
+    TORCH_CHECK with streamed arguments: in the JIT build, streaming a number into
+    TORCH_CHECK's message crashed the process instead of raising (NOTES v29 item 3)."""
+    import re
+
+    code = (ROOT / "torch-ext" / "hydra_torch.cpp").read_text(encoding="utf-8")
+    code = re.sub(r"//[^\n]*", "", code)  # comments may name it
+    uses = [m.start() for m in re.finditer(r"\bTORCH_CHECK\s*\(", code)]
+    definition = code.find("#define HYDRA_CHECK(cond, ...) TORCH_CHECK(cond, msg(__VA_ARGS__))")
+    assert definition >= 0, "HYDRA_CHECK's definition changed; update this test"
+    assert uses == [code.find("TORCH_CHECK", definition)], "TORCH_CHECK used outside HYDRA_CHECK"
+    assert code.count("HYDRA_CHECK(") > 20
