@@ -6,7 +6,7 @@
 # (prefill_bench.json comes from the prefill stage, read_bound.json from the bound stage,
 # sanitizer.json from the sanitize stage: compute-sanitizer's four tools, scripts/sanitize.py;
 # run it in a call of its own, "all" leaves it out. On an H100 (NOTES v32) its coverage pass
-# took ~40 s, memcheck 27 s, synccheck 18 s, racecheck 202 s, initcheck 5 s and its control 39 s;
+# took ~40 s, memcheck 25 s, synccheck 15 s, racecheck 193 s, initcheck 6 s and its control 42 s;
 # --tools and --carry split it over two calls into one file.
 # Its logs stay in $LOGS: the device tool returns at most 8 files.)
 # "all" takes 340 s on an H200 and 560-620 s on an H100, at the device tool's 600 s limit

@@ -5,8 +5,8 @@ evidence file (SPEC section 6).
                                 [--limit-s S] [--tests NODEID ...] [--carry EARLIER.json]
     bash scripts/gpu_check.sh sanitize      # the same, after the build, on a GPU machine
 
-The four tools together can run past one device call (600 s). ``--carry`` splits them over
-two: the second call names the first call's file, and its rows (and, with
+The four tools take about 6 minutes on an H100 (NOTES v32), near one device call's 600 s
+limit. ``--carry`` splits them over two calls: the second names the first call's file, and its rows (and, with
 ``--no-coverage``, its coverage pass) go into this run's file, each carried row marked
 with the run that made it. The earlier file must come from this script, on the same
 sources (digest) and the same device.
@@ -115,9 +115,9 @@ RACECHECK_TESTS = [t for t in TESTS if any(s in t for s in (
 
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 TOOL_TESTS = {"racecheck": RACECHECK_TESTS}
-#: Wall-clock limits (s). Measured on an H100 (NOTES v32): memcheck 27 s and synccheck 18 s
-#: over TESTS, racecheck 202 s over RACECHECK_TESTS, initcheck 5 s over the driver and 39 s
-#: over its control.
+#: Wall-clock limits (s). Measured on an H100 (NOTES v32, 47 tests): memcheck 25 s and
+#: synccheck 15 s over TESTS, racecheck 193 s over RACECHECK_TESTS (20), initcheck 6 s over
+#: the driver and 42 s over its control.
 LIMITS = {"memcheck": 150.0, "racecheck": 300.0, "synccheck": 150.0, "initcheck": 180.0}
 
 _GLOBAL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(")
