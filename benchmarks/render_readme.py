@@ -429,6 +429,10 @@ def tests_section(record, path: Path, stale) -> str:
     return "\n".join(lines)
 
 
+def _count(n) -> str:
+    return "?" if n is None else f"{n:,}"
+
+
 def sanitizer_section(record, path: Path, stale) -> str:
     """compute-sanitizer's tools over hydra's kernels (scripts/sanitize.py): one row a tool."""
     summary = record.get("summary") or {}
@@ -443,8 +447,8 @@ def sanitizer_section(record, path: Path, stale) -> str:
         passed = (f"{len(r.get('driver_cases') or [])} of {len(r.get('driver_cases') or []) + len(r.get('driver_failed') or [])}"
                   if r["tool"] == "initcheck" else f"{r['passed']} of {r['tests']}")
         out.append(f"| {r['tool']}{' ¹' if r.get('run') else ''} | {r['kernels_checked']} | {over} | "
-                   f"{passed} | {'?' if reports is None else f'{reports:,}'} | "
-                   f"{r.get('hydra_reports', '?'):,} | {r['wall_s']} | {_mark(r.get('clean'))} |")
+                   f"{passed} | {_count(reports)} | "
+                   f"{_count(r.get('hydra_reports'))} | {r['wall_s']} | {_mark(r.get('clean'))} |")
     earlier = next((r["run"] for r in record.get("rows") or [] if r.get("run")), None)
     if earlier:
         out += ["", f"¹ From the earlier run `{earlier['command']}` ({earlier['created']})."]
