@@ -266,18 +266,21 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Valid length of sequence b (plus `add` new tokens), clamped to [0, Tkv].
+// L2_ONLY: the load skips L1 (ld.global.cg), for a read before pdl_wait().
+template <bool L2_ONLY = false>
 __device__ __forceinline__ int seq_len(const int* seqlens, int b, int Tkv, int add = 0) {
   if (seqlens == nullptr) return Tkv;
-  int L = seqlens[b] + add;
+  int L = (L2_ONLY ? __ldcg(seqlens + b) : seqlens[b]) + add;
   return L < 0 ? 0 : (L > Tkv ? Tkv : L);
 }
 
 // Left padding (cache_leftpad): sequence b's valid tokens are [start, L). Kernels shift
 // their K/V base pointers by `start` rows and work on the L - start tokens after it,
 // so pages, sinks and windows count from the first valid token; padding is never read.
+template <bool L2_ONLY = false>
 __device__ __forceinline__ int seq_start(const int* leftpad, int b, int L) {
   if (leftpad == nullptr) return 0;
-  const int s = leftpad[b];
+  const int s = L2_ONLY ? __ldcg(leftpad + b) : leftpad[b];
   return s < 0 ? 0 : (s > L ? L : s);
 }
 

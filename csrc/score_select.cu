@@ -293,6 +293,14 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
   extern __shared__ uint32_t skeys[];  // [smem_keys] candidate keys, when they fit (not REG)
   const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
+  // The lengths are read before pdl_wait(), so that after it only the scores' loads
+  // remain on the path. They are the step's inputs: the score kernel that always precedes
+  // this one never writes them, and each of its CTAs passes its own pdl_wait() before it
+  // lets this grid launch, so every kernel before the step has completed, its writes in
+  // L2, by the time this CTA runs. The loads skip L1 (ld.global.cg), which may still hold
+  // an older step's lines. H100 A/B: benchmarks/NOTES.md v33.
+  const int L_end = seq_len<true>(p.seqlens, b, p.Tkv, p.len_add);
+  const int L = L_end - seq_start<true>(p.leftpad, b, L_end);
   pdl_wait();
   pdl_launch_dependents();  // the attention's CTAs may be placed while this one selects
   __shared__ int hist[256];
@@ -301,8 +309,6 @@ __global__ void __launch_bounds__(THREADS) select_pages_kernel(SelectParams p, i
   __shared__ int s_bin, s_above, s_n, s_need;
   __shared__ uint32_t s_list[32], s_thr;
 
-  const int L_end = seq_len(p.seqlens, b, p.Tkv, p.len_add);
-  const int L = L_end - seq_start(p.leftpad, b, L_end);
   const int n_pages_b = (L + p.page_size - 1) / p.page_size;
   int* out = p.pages + ((int64_t)b * p.Hkv + h) * p.n_out;
   if (p.counters != nullptr && tid == 0) p.counters[b * p.Hkv + h] = 0;

@@ -148,13 +148,12 @@ __device__ __forceinline__ void append_one_token(const CacheWriteParams& p, int 
   }
 }
 
-// Min and max of order-preserving keys over a warp; every lane gets both.
+// Min and max of order-preserving keys over a warp; every lane gets both. One warp
+// reduction instruction each (redux.sync, sm_80+, every GPU hydra builds for) instead of
+// five dependent shuffle steps.
 __device__ __forceinline__ void warp_min_max(uint32_t& mn, uint32_t& mx) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    mn = min(mn, __shfl_xor_sync(0xffffffffu, mn, off));
-    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-  }
+  mn = __reduce_min_sync(0xffffffffu, mn);
+  mx = __reduce_max_sync(0xffffffffu, mx);
 }
 
 // ... over a block of WARPS warps, through one shared slot a warp (s_min and s_max hold

@@ -150,6 +150,16 @@ def _budget_window(pol, sliding_window, policy_layer_idx):
     return pol.budget_tokens, 0
 
 
+def _fast_scalars(sliding_window, policy_layer_idx, scale) -> bool:
+    """Whether the scalar arguments take the fast paths (_fast_decode, _fast_cache_step):
+    each None or of the one type and range the checked path accepts (an int window >= 1,
+    an int layer index >= 0, a finite positive float scale). Anything else goes through
+    the full checks, which name the argument."""
+    return ((sliding_window is None or (type(sliding_window) is int and sliding_window >= 1))
+            and (policy_layer_idx is None or (type(policy_layer_idx) is int and policy_layer_idx >= 0))
+            and (scale is None or (type(scale) is float and 0.0 < scale < math.inf)))
+
+
 def _fast_decode(q, k, v, cache_seqlens, page_summaries, fast_args, scale, policy_layer_idx, sliding_window,
                  cache_leftpad, out):
     """The common eager decode call (a flat selecting policy, no superpage summaries) in
@@ -162,18 +172,13 @@ def _fast_decode(q, k, v, cache_seqlens, page_summaries, fast_args, scale, polic
     the input, or the call is not a decode step); the caller then runs the full checks,
     which raise the error that names the argument. A refused op has written nothing, so
     the checked path may call it again."""
+    if not _fast_scalars(sliding_window, policy_layer_idx, scale):
+        return None
     ints, dense_layers = fast_args
     if sliding_window is not None:  # a sliding-window layer attends its window, no selection
-        if type(sliding_window) is not int or sliding_window < 1:
-            return None
         ints = ints[:5] + (0, sliding_window)
-    if policy_layer_idx is not None:
-        if type(policy_layer_idx) is not int or policy_layer_idx < 0:
-            return None
-        if policy_layer_idx < dense_layers and sliding_window is None:
-            ints = ints[:5] + (0, 0)  # a dense layer: budget 0 attends every token
-    if scale is not None and (type(scale) is not float or not 0.0 < scale < math.inf):
-        return None
+    elif policy_layer_idx is not None and policy_layer_idx < dense_layers:
+        ints = ints[:5] + (0, 0)  # a dense layer: budget 0 attends every token
     try:
         qs = q.shape
         if qs[2] != 1 or (page_summaries is not None
@@ -298,18 +303,12 @@ def _fast_cache_step(cache, q, k_new, v_new, sliding_window=None, policy_layer_i
     tensors in C++ before it launches anything; where it refuses them, the step's full
     checks run and raise the error that names the argument, or, where they pass, the op's
     own error is raised. The op writes the cache, so one step never calls it twice."""
-    if type(return_lse) is not bool:
+    if type(return_lse) is not bool or not _fast_scalars(sliding_window, policy_layer_idx, scale):
         return None
     pol = cache.policy
     if scale is None:
         scale = cache._default_scale
-    elif type(scale) is not float or not 0.0 < scale < math.inf:
-        return None
-    if policy_layer_idx is not None and (type(policy_layer_idx) is not int or policy_layer_idx < 0):
-        return None
     if sliding_window is not None:
-        if type(sliding_window) is not int or sliding_window < 1:
-            return None
         budget, window = 0, sliding_window
     elif _is_exact(pol, policy_layer_idx):
         budget, window = 0, 0
