@@ -11,6 +11,7 @@ import datetime
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import sys
 import tomllib
@@ -398,3 +399,39 @@ def test_op_checks_go_through_hydra_check():
     assert definition >= 0, "HYDRA_CHECK's definition changed; update this test"
     assert uses == [code.find("TORCH_CHECK", definition)], "TORCH_CHECK used outside HYDRA_CHECK"
     assert code.count("HYDRA_CHECK(") > 20
+
+
+def _drop_returning_blocks(text: str) -> str:
+    """text with every brace block that contains a `return` removed (the innermost such
+    block first, then again until none is left)."""
+    while True:
+        opened, cut = [], None
+        for i, ch in enumerate(text):
+            if ch == "{":
+                opened.append(i)
+            elif ch == "}" and opened:
+                start = opened.pop()
+                if "return" in text[start:i]:
+                    cut = (start, i + 1)
+                    break
+        if cut is None:
+            return text
+        text = text[:cut[0]] + text[cut[1]:]
+
+
+def test_select_launches_right_after_a_score_launch():
+    """select_pages_kernel reads cache_seqlens and cache_leftpad before pdl_wait()
+    (benchmarks/NOTES.md v33 item 2). That is safe only because the kernel launched just
+    before it on the stream is always a score kernel, whose CTAs all wait for their own
+    predecessor before they let the select launch. Hold that order in hydra_torch.cpp:
+    between every select launch and the score launch before it, no other kernel launches,
+    except in a branch that returns."""
+    code = (ROOT / "torch-ext" / "hydra_torch.cpp").read_text(encoding="utf-8")
+    selects = [m.start() for m in re.finditer(r"hydra::launch_select_pages\(", code)]
+    assert len(selects) >= 3, "the select launches moved; update this test"
+    for at in selects:
+        score = code.rfind("hydra::launch_score_pages(", 0, at)
+        assert score >= 0, f"a select launch at offset {at} has no score launch before it"
+        between = code[code.index(";", score) + 1:at]
+        assert "hydra::launch_" not in _drop_returning_blocks(between), (
+            f"another kernel launches between the score and the select launch at offset {at}")
