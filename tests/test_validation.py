@@ -259,6 +259,21 @@ def test_errors_raise_before_any_kernel(monkeypatch):
             hydra.hydra(q, k, v, **kwargs)
 
 
+def test_fast_scalars_gate():
+    """The scalar gate of both fast paths (hydra._fast_scalars): None or the one type and
+    range the checked path accepts; anything else goes to the checked path, which names
+    the argument (a bool is not an int here, an int scale not a float)."""
+    ok = hydra._fast_scalars
+    for args in [(None, None, None), (1, 0, 0.5), (4096, 31, 1e-3), (None, 7, None), (333, None, 2.0)]:
+        assert ok(*args), args
+    nan, inf = float("nan"), float("inf")
+    for args in [(0, None, None), (-5, None, None), (True, None, None), (1.0, None, None), ("64", None, None),
+                 (None, -1, None), (None, True, None), (None, 1.5, None),
+                 (None, None, 0.0), (None, None, -0.1), (None, None, inf), (None, None, nan), (None, None, 1),
+                 (None, None, True), (None, None, torch.tensor(0.1))]:
+        assert not ok(*args), args
+
+
 @pytest.mark.gpu
 def test_fast_path_accepts_only_well_formed_calls():
     from hydra._validate import _fast_decode_ok
