@@ -268,11 +268,12 @@ void launch_score_pages(const ScoreParams& p, cudaStream_t stream) {
 // writes sink pages, recent pages, every candidate above the threshold and the
 // lowest-indexed candidates equal to it, in ascending page order.
 
-// THREADS: 1024 for long score rows, 256 for short ones (fewer warps make every
-// block barrier and the per-warp histogram reduction cheaper).
+// THREADS: 1024 for rows of more than 4,096 scores, 512 for shorter ones (fewer warps
+// make every block barrier and the per-warp histogram reduction cheaper; fewer than 512,
+// each thread's chain over its keys grows: NOTES.md v33 item 5).
 //
 // REG: every row holds at most kSelectRegKeys candidates (8,192 for 1,024 threads, 4,096
-// for 256), which stay in registers, 8 or 16 a thread. Warp w holds the w-th run of 32 R'
+// for 512), which stay in registers, 8 a thread. Warp w holds the w-th run of 32 R'
 // consecutive candidates (R' = ceil(n / THREADS) <= R rounds, so that every warp has
 // some), lane l candidates w * 32 R' + 32 r + l (r < R'): the order the ordered output
 // walks them in. The unrolled loops over R stop at R', so a short row does a short row's
@@ -582,10 +583,14 @@ void launch_select_threads(const SelectParams& p, cudaStream_t stream) {
 // above, without the loops' stop at the row's rounds), 16-bit / e4m3 summaries: B = 1 at
 // 32k 30.2 -> 28.8 / 31.9 -> 31.2 us, 65k 37.1 -> 33.7 / 37.1 -> 34.9, 131k 42.6 -> 41.5
 // / 41.5 -> 39.9 (D = 64 and 256: -1.1 to -1.6), B = 8 at 131k -2.4; B = 32 at 32k and
-// B = 1 at 8k within +-0.3.
+// B = 1 at 8k within +-0.3. Rows of up to 4,096 scores on 512 threads (8 keys a thread)
+// instead of 256 (16 a thread), H100 A/B (NOTES.md v33 item 5), 16-bit / e4m3: B = 1 at
+// 32k 27.6 -> 26.1 / 30.0 -> 27.5 us, 65k 32.9 -> 32.5 / 34.1 -> 30.6, D = 64 and 256 at
+// 65k -2.2 / -2.7 to -4.0, B = 2 at 65k -2.1 / -3.5, B = 4 at 32k -1.4 / -3.7, B = 32 at
+// 32k -1.6 / -1.9.
 void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
-  if (p.n_scores <= kSelectRegKeys<256>) {
-    launch_select_threads<256, true>(p, stream);
+  if (p.n_scores <= kSelectRegKeys<512>) {
+    launch_select_threads<512, true>(p, stream);
   } else if (p.n_scores <= kSelectRegKeys<1024>) {
     launch_select_threads<1024, true>(p, stream);
   } else {

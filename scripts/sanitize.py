@@ -314,14 +314,14 @@ def driver(control=False) -> int:
         return add
 
     # (name, B, Hq, Hkv, D, T, dtype, summary dtype, lengths): the fused short step (<= 1,024
-    # pages), the 256-thread select (<= 4,096 candidates), the 1,024-thread one in registers
+    # pages), the 512-thread select (<= 4,096 candidates), the 1,024-thread one in registers
     # (<= 8,192) and in shared memory, the cluster selection fused with scoring (16-bit) and
     # after a score kernel (B = 1, Hkv = 2, D = 256; e4m3 always) (>= 16,384 pages), head
     # dims 64 and 256, fp16.
     for name, B, Hq, Hkv, D, T, dt, sd, L in (
             ("short_step", 1, 32, 8, 128, 8197, bf16, None, None),
             ("short_step_e4m3", 1, 32, 8, 128, 8197, bf16, e4m3, None),
-            ("select_256", 2, 6, 2, 128, 40011, bf16, None, (40011, 20000)),
+            ("select_512", 2, 6, 2, 128, 40011, bf16, None, (40011, 20000)),
             ("select_1024_registers", 1, 8, 2, 128, 100003, bf16, None, None),
             ("select_1024_shared", 1, 4, 1, 128, 150001, bf16, None, None),
             ("cluster_fused", 2, 9, 3, 64, 300007, bf16, None, (300007, 123457)),

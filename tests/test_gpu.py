@@ -373,7 +373,7 @@ def test_selection_score_distributions(dist, n_pages):
     spread, and a handful of distinct values (ties at the threshold). Scores are set
     directly through crafted summaries (kmin = kmax = alpha * q / |q|^2). Rows of more
     than 8,192 scores (9,000) keep their keys in shared memory; rows up to 4,096 (4,096:
-    every thread's 16 register keys in use; 3,001) run the 256-thread register select,
+    every thread's 8 register keys in use; 3,001) run the 512-thread register select,
     4,097-8,192 (4,097; 8,191: every thread's 8 in use) the 1,024-thread one."""
     _need_ops()
     P = 16
@@ -754,8 +754,8 @@ def test_coarse_to_fine_matches_reference(pi):
 @pytest.mark.parametrize("T,S,shortlist", [(131072, 4, 10), (150001, 4, 6), (150001, 8, 3)])
 def test_coarse_to_fine_long_rows(T, S, shortlist):
     """Coarse-to-fine rows long enough for both register selects and their boundaries:
-    superpage rows of 4,096 (the 256-thread select, full) and 4,688 and 2,344 (the
-    1,024- and 256-thread ones), and shortlists of 5,120, 3,072 and 1,536 fine pages
+    superpage rows of 4,096 (the 512-thread select, full) and 4,688 and 2,344 (the
+    1,024- and 512-thread ones), and shortlists of 5,120, 3,072 and 1,536 fine pages
     (budget 512 pages of 8 tokens). Pages equal the reference's."""
     _need_ops()
     pol = hydra.HydraPolicy(page_size=8, budget_tokens=4096, sink_tokens=64, recent_tokens=256, superpage=S,
