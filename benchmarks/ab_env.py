@@ -15,6 +15,9 @@ median (``triton.testing.do_bench``, as the decode benchmark) of
 * ``select``: ``hydra.select_pages(...)``, scoring and selection alone,
 * ``stateless`` (with ``--stateless``, 16-bit rows): ``hydra.hydra(q, k, v)`` without
   summaries, scores straight from K,
+* ``hier`` (with ``--hier``): the coarse-to-fine step over 8-token pages (superpages of
+  16 pages, a shortlist of 4x the budget, as the decode benchmark's ``hydra_hier`` rows),
+  with ``hier_select`` its scoring and two-stage selection alone,
 
 and whether the first sequence's pages equal ``hydra.reference.select_pages``. With
 ``--host`` a process instead times the eager host overhead of each shape (eager minus
@@ -100,7 +103,7 @@ def host_rows(hydra, B, T, Hq, Hkv, D):
             **{name: round(statistics.median(v), 2) for name, v in host.items()}}
 
 
-def child(shapes, tree, stateless=False, host=False):
+def child(shapes, tree, stateless=False, host=False, hier=False):
     sys.path.insert(0, str(REPO / "benchmarks"))
     sys.path.insert(0, str(Path(tree) / "torch-ext"))
     import torch
@@ -135,6 +138,21 @@ def child(shapes, tree, stateless=False, host=False):
             res[key] = {"step": round(step, 2), "select": round(select, 2), "pages_match_ref": same}
             if stateless and name == "s16":  # page_summaries=None: scores straight from K
                 res[key]["stateless"] = round(graph_us(lambda: hydra.hydra(q, k, v, out=out)), 2)
+            if hier:  # coarse-to-fine over 8-token pages, the decode benchmark's hydra_hier policy
+                pol = hydra.HydraPolicy(page_size=8, budget_tokens=4096, sink_tokens=64, recent_tokens=512,
+                                        superpage=16, shortlist=4)
+                s8 = hydra.page_summaries(k, page_size=8, dtype=summ.dtype if name == "e4m3" else None)
+                ss = hydra.superpage_summaries(s8, 16)
+                res[key]["hier"] = round(graph_us(lambda: hydra.hydra(
+                    q, k, v, policy=pol, page_summaries=s8, superpage_summaries=ss, out=out)), 2)
+                res[key]["hier_select"] = round(graph_us(lambda: hydra.select_pages(
+                    q, k, policy=pol, page_summaries=s8, superpage_summaries=ss)), 2)
+                got = hydra.select_pages(q, k, policy=pol, page_summaries=s8, superpage_summaries=ss)[:1]
+                want = ref.select_pages(q[:1].float(), k[:1].float(), policy=pol, page_summaries=s8[:1],
+                                        superpage_summaries=ss[:1])
+                res[key]["hier_pages_match_ref"] = want.shape == got.shape and bool(
+                    torch.equal(got.cpu(), want.to(got.dtype).cpu()))
+                s8 = ss = None
         q = k = v = summ = out = None  # free this shape's tensors before the next
         torch.cuda.empty_cache()
     print("RESULT " + json.dumps(res), flush=True)
@@ -146,6 +164,7 @@ def main():
     p.add_argument("--configs", default='{"base": {}}', help="JSON: {name: {ENV_VAR: value, ...}, ...}")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--stateless", action="store_true", help="also time the stateless step (16-bit rows)")
+    p.add_argument("--hier", action="store_true", help="also time the coarse-to-fine step (8-token pages)")
     p.add_argument("--host", action="store_true",
                    help="time only the eager host overhead (eager minus graph, back to back) of each shape")
     p.add_argument("--out", default=None, help="also write every result to this JSON file")
@@ -154,7 +173,7 @@ def main():
     args = p.parse_args()
     shapes = parse_shapes(args.shapes)
     if args.child:
-        child(shapes, args.tree, args.stateless, args.host)
+        child(shapes, args.tree, args.stateless, args.host, args.hier)
         return
     configs = json.loads(args.configs)
     for name, env_add in configs.items():
@@ -168,7 +187,8 @@ def main():
             tree = str(Path(env_add.get("tree", REPO)).resolve())
             t0 = time.time()
             r = subprocess.run([sys.executable, __file__, "--child", "--shapes", args.shapes, "--tree", tree]
-                               + (["--stateless"] if args.stateless else []) + (["--host"] if args.host else []),
+                               + (["--stateless"] if args.stateless else []) + (["--host"] if args.host else [])
+                               + (["--hier"] if args.hier else []),
                                env=env, capture_output=True, text=True)
             line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
@@ -192,8 +212,9 @@ def main():
         return
     # One line a (case, config): the range of step and select over the rounds.
     cases = sorted({k for r in results for k in r if k not in ("config", "round")})
-    print("\n| case | config | step (us) | select (us) | stateless step (us) | pages match |")
-    print("|---|---|---|---|---|---|")
+    print("\n| case | config | step (us) | select (us) | stateless step (us) | hier step (us) | hier select (us) "
+          "| pages match |")
+    print("|---|---|---|---|---|---|---|---|")
     for case in cases:
         for name in configs:
             rs = [r[case] for r in results if r["config"] == name and case in r]
@@ -202,9 +223,12 @@ def main():
             st = sorted(x["step"] for x in rs)
             se = sorted(x["select"] for x in rs)
             sl = sorted(x["stateless"] for x in rs if "stateless" in x)
+            hs = sorted(x["hier"] for x in rs if "hier" in x)
+            hq = sorted(x["hier_select"] for x in rs if "hier_select" in x)
+            match = all(x["pages_match_ref"] is True and x.get("hier_pages_match_ref", True) is True for x in rs)
             print(f"| {case} | {name} | {st[0]}-{st[-1]} | {se[0]}-{se[-1]} | "
-                  f"{f'{sl[0]}-{sl[-1]}' if sl else '-'} | "
-                  f"{all(x['pages_match_ref'] is True for x in rs)} |")
+                  f"{f'{sl[0]}-{sl[-1]}' if sl else '-'} | {f'{hs[0]}-{hs[-1]}' if hs else '-'} | "
+                  f"{f'{hq[0]}-{hq[-1]}' if hq else '-'} | {match} |")
 
 
 if __name__ == "__main__":
