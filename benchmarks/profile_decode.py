@@ -31,6 +31,15 @@ import hydra  # noqa: E402
 from timing import graph_us  # noqa: E402
 
 
+def make_qkv(B, T, Hq=32, Hkv=8, D=128):
+    """Random bf16 q (B, Hq, 1, D), k and v (B, Hkv, T, D), seeded by T."""
+    g = torch.Generator(device="cuda").manual_seed(T)
+    q = torch.randn(B, Hq, 1, D, device="cuda", generator=g).to(torch.bfloat16)
+    k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
+    v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
+    return q, k, v
+
+
 def kernel_means(fn, steps=10):
     """Each kernel's mean device time (us) over ``steps`` eager calls, in launch order."""
     fn()
@@ -51,15 +60,11 @@ def kernel_means(fn, steps=10):
 
 
 def hier(shapes):
-    Hq, Hkv, D = 32, 8, 128
     pol = hydra.HydraPolicy(page_size=8, budget_tokens=4096, sink_tokens=64, recent_tokens=512,
                             superpage=16, shortlist=4)
     print(torch.cuda.get_device_name())
     for B, T in shapes:
-        g = torch.Generator(device="cuda").manual_seed(T)
-        q = torch.randn(B, Hq, 1, D, device="cuda", generator=g).to(torch.bfloat16)
-        k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
-        v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
+        q, k, v = make_qkv(B, T)
         out = torch.empty_like(q)
         for name, dt in (("16-bit", None), ("e4m3", torch.float8_e4m3fn)):
             s8 = hydra.page_summaries(k, page_size=8, dtype=dt)
@@ -91,13 +96,9 @@ def main():
         return
     args = [int(a) for a in argv] or [1, 131072]
     shapes = list(zip(args[::2], args[1::2]))
-    Hq, Hkv, D = 32, 8, 128
     print(torch.cuda.get_device_name())
     for B, T in shapes:
-        g = torch.Generator(device="cuda").manual_seed(T)
-        q = torch.randn(B, Hq, 1, D, device="cuda", generator=g).to(torch.bfloat16)
-        k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
-        v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(torch.bfloat16)
+        q, k, v = make_qkv(B, T)
         summ = hydra.page_summaries(k)
         pages = hydra.select_pages(q, k, page_summaries=summ)
         out = torch.empty_like(q)
