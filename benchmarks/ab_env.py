@@ -56,12 +56,13 @@ def parse_shapes(text):
     return shapes
 
 
-def host_rows(hydra, B, T, Hq, Hkv, D):
+def host_rows(hydra, B, T, Hq, Hkv, D, hier=False):
     """Eager against graph, back to back, for the plain call ``hydra.hydra(q, k, v,
     page_summaries=s)`` on four input sets in turn (so no set stays in L2): medians of
     five trials of device us per call, and the host us per call of the eager trials; then
     the host us per call of three variants of the call (``variants`` below: out given, a
-    sliding window, left padding)."""
+    sliding window, left padding). hier: also eager and graph back to back for the
+    coarse-to-fine step (the decode benchmark's hydra_hier policy, 16-bit summaries)."""
     import statistics
 
     import torch
@@ -98,9 +99,28 @@ def host_rows(hydra, B, T, Hq, Hkv, D):
             host[name].append(back_to_back_us(rotating(fns))[1])
     e_dev = statistics.median(t[0] for t in eager)
     g_dev = statistics.median(t[0] for t in graph)
-    return {"eager_b2b": round(e_dev, 2), "graph_b2b": round(g_dev, 2), "overhead": round(e_dev - g_dev, 2),
-            "host": round(statistics.median(t[1] for t in eager), 2),
-            **{name: round(statistics.median(v), 2) for name, v in host.items()}}
+    res = {"eager_b2b": round(e_dev, 2), "graph_b2b": round(g_dev, 2), "overhead": round(e_dev - g_dev, 2),
+           "host": round(statistics.median(t[1] for t in eager), 2),
+           **{name: round(statistics.median(v), 2) for name, v in host.items()}}
+    if hier:
+        graphs = None
+        pol = hydra.HydraPolicy(page_size=8, budget_tokens=4096, sink_tokens=64, recent_tokens=512, superpage=16,
+                                shortlist=4)
+        hsets = []
+        for s in sets:
+            s8 = hydra.page_summaries(s[1], page_size=8)
+            hsets.append((s[0], s[1], s[2], s8, hydra.superpage_summaries(s8, 16)))
+        hcalls = [lambda s=s: hydra.hydra(s[0], s[1], s[2], policy=pol, page_summaries=s[3], superpage_summaries=s[4])
+                  for s in hsets]
+        hgraphs = [capture_graph(fn)[0] for fn in hcalls]
+        he, hg = [], []
+        for _ in range(5):
+            he.append(back_to_back_us(rotating(hcalls)))
+            hg.append(back_to_back_us(rotating([gr.replay for gr in hgraphs])))
+        res["hier_eager_b2b"] = round(statistics.median(t[0] for t in he), 2)
+        res["hier_graph_b2b"] = round(statistics.median(t[0] for t in hg), 2)
+        res["hier_host"] = round(statistics.median(t[1] for t in he), 2)
+    return res
 
 
 def child(shapes, tree, stateless=False, host=False, hier=False):
@@ -119,7 +139,7 @@ def child(shapes, tree, stateless=False, host=False, hier=False):
     for B, T, Hq, Hkv, D in shapes:
         if host:  # the eager host-overhead rows only
             key = f"host_{B}x{T}" + ("" if (Hq, Hkv, D) == (32, 8, 128) else f"_{Hq}/{Hkv}/{D}")
-            res[key] = host_rows(hydra, B, T, Hq, Hkv, D)
+            res[key] = host_rows(hydra, B, T, Hq, Hkv, D, hier)
             torch.cuda.empty_cache()
             continue
         g = torch.Generator(device="cuda").manual_seed(T + B)
@@ -208,7 +228,9 @@ def main():
                 rs = [r[case] for r in results if r["config"] == name and case in r]
                 for x in rs:
                     print(f"| {case} | {name} | {x['eager_b2b']} | {x['graph_b2b']} | {x['overhead']} | {x['host']} | "
-                          f"{x['host_out']} | {x['host_window']} | {x['host_leftpad']} |")
+                          f"{x['host_out']} | {x['host_window']} | {x['host_leftpad']} |"
+                          + (f" hier: eager {x['hier_eager_b2b']}, graph {x['hier_graph_b2b']}, host {x['hier_host']}"
+                             if "hier_host" in x else ""))
         return
     # One line a (case, config): the range of step and select over the rounds.
     cases = sorted({k for r in results for k in r if k not in ("config", "round")})

@@ -587,7 +587,12 @@ void launch_select_threads(const SelectParams& p, cudaStream_t stream) {
 // instead of 256 (16 a thread), H100 A/B (NOTES.md v33 item 5), 16-bit / e4m3: B = 1 at
 // 32k 27.6 -> 26.1 / 30.0 -> 27.5 us, 65k 32.9 -> 32.5 / 34.1 -> 30.6, D = 64 and 256 at
 // 65k -2.2 / -2.7 to -4.0, B = 2 at 65k -2.1 / -3.5, B = 4 at 32k -1.4 / -3.7, B = 32 at
-// 32k -1.6 / -1.9.
+// 32k -1.6 / -1.9. Rows of at most 1,024 scores gain from 512 threads as well (NOTES.md
+// v34 item 1: 0.4-1.8 us a step against 256 threads there).
+// Launch order: the kernel reads the lengths before pdl_wait() (see the kernel), which is
+// safe only while the launch just before it on the stream is a score kernel. Every caller
+// (hydra_torch.cpp) launches it right after launch_score_pages, and
+// tests/test_packaging.py::test_select_launches_right_after_a_score_launch holds that.
 void launch_select_pages(const SelectParams& p, cudaStream_t stream) {
   if (p.n_scores <= kSelectRegKeys<512>) {
     launch_select_threads<512, true>(p, stream);

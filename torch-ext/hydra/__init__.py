@@ -160,6 +160,11 @@ def _fast_scalars(sliding_window, policy_layer_idx, scale) -> bool:
             and (scale is None or (type(scale) is float and 0.0 < scale < math.inf)))
 
 
+def _new_lse(q):
+    """The fp32 (B, Hq, Tq) log-sum-exp buffer the ops write next to a given ``out``."""
+    return torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+
+
 def _fast_decode(q, k, v, cache_seqlens, page_summaries, fast_args, scale, policy_layer_idx, sliding_window,
                  cache_leftpad, out):
     """The common eager decode call (a flat selecting policy, no superpage summaries) in
@@ -187,7 +192,7 @@ def _fast_decode(q, k, v, cache_seqlens, page_summaries, fast_args, scale, polic
         sc = _INV_SQRT_D[qs[3]] if scale is None else scale
         if out is None:
             return ops.decode_alloc(q, k, v, None, page_summaries, None, cache_seqlens, cache_leftpad, *ints, sc)
-        lse = torch.empty((qs[0], qs[1], 1), dtype=torch.float32, device=q.device)
+        lse = _new_lse(q)
         ops.decode(q, k, v, None, page_summaries, None, cache_seqlens, cache_leftpad, *ints, sc, out, lse)
         return out, lse
     except Exception:
@@ -273,7 +278,7 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
     if q.shape[2] > 1:  # causal prefill (Tq == Tkv)
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty((B, Hq, q.shape[2]), dtype=torch.float32, device=q.device)
+        lse = _new_lse(q)
         ops.prefill(q, k, v, pol.sink_tokens, pol.recent_tokens, budget, window, info["scale"], out, lse)
         return (out, lse) if return_lse else out
     summaries, supers, S, n_short = None, None, 0, 0
@@ -284,7 +289,7 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
         out, lse = ops.decode_alloc(q, k, v, None, summaries, supers, cache_seqlens, cache_leftpad, pol.page_size, S,
                                     n_short, pol.sink_tokens, pol.recent_tokens, budget, window, info["scale"])
     else:
-        lse = torch.empty((B, Hq, 1), dtype=torch.float32, device=q.device)
+        lse = _new_lse(q)
         ops.decode(q, k, v, None, summaries, supers, cache_seqlens, cache_leftpad, pol.page_size, S, n_short,
                    pol.sink_tokens, pol.recent_tokens, budget, window, info["scale"], out, lse)
     return (out, lse) if return_lse else out
@@ -321,8 +326,7 @@ def _fast_cache_step(cache, q, k_new, v_new, sliding_window=None, policy_layer_i
                                            cache.superpage_summaries, cache._lengths, cache._overflow, pol.page_size,
                                            S, n_short, pol.sink_tokens, pol.recent_tokens, budget, window, scale,
                                            cache.summary_scale)
-        qs = q.shape
-        lse = torch.empty((qs[0], qs[1], 1), dtype=torch.float32, device=q.device)
+        lse = _new_lse(q)
         ops.decode_append(q, k_new, v_new, cache.k, cache.v, cache.summaries, cache.superpage_summaries,
                           cache._lengths, cache._overflow, pol.page_size, S, n_short, pol.sink_tokens,
                           pol.recent_tokens, budget, window, scale, cache.summary_scale, out, lse)
@@ -355,7 +359,7 @@ def _cache_step(cache, q, k_new, v_new, *, sliding_window=None, policy_layer_idx
     budget, window = _budget_window(pol, sliding_window, policy_layer_idx)
     if out is None:
         out = torch.empty_like(q)
-    lse = torch.empty((q.shape[0], q.shape[1], 1), dtype=torch.float32, device=q.device)
+    lse = _new_lse(q)
     S, n_short = (pol.superpage, pol.n_short) if pol.coarse else (0, 0)
     ops.decode_append(q, k_new, v_new, cache.k, cache.v, cache.summaries, cache.superpage_summaries, cache.seqlens,
                       cache._overflow, pol.page_size, S, n_short, pol.sink_tokens, pol.recent_tokens, budget, window,
@@ -433,7 +437,7 @@ def sparse_attention(q, k, v, pages, *, page_size=16, cache_seqlens=None, scale=
         out, lse = ops.decode_alloc(q, k, v, pages, None, None, cache_seqlens, cache_leftpad, page_size, 0, 0, 0,
                                     0, 0, 0, info["scale"])
     else:
-        lse = torch.empty((q.shape[0], q.shape[1], 1), dtype=torch.float32, device=q.device)
+        lse = _new_lse(q)
         ops.decode(q, k, v, pages, None, None, cache_seqlens, cache_leftpad, page_size, 0, 0, 0, 0, 0, 0,
                    info["scale"], out, lse)
     return (out, lse) if return_lse else out
