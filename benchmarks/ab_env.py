@@ -56,6 +56,13 @@ def parse_shapes(text):
     return shapes
 
 
+def hier_policy(hydra):
+    """The decode benchmark's hydra_hier policy (its hier_policies): 8-token pages,
+    superpages of 16, a 4x shortlist, its budget, sink and recent window."""
+    return hydra.HydraPolicy(page_size=8, budget_tokens=4096, sink_tokens=64, recent_tokens=512, superpage=16,
+                             shortlist=4)
+
+
 def host_rows(hydra, B, T, Hq, Hkv, D, hier=False):
     """Eager against graph, back to back, for the plain call ``hydra.hydra(q, k, v,
     page_summaries=s)`` on four input sets in turn (so no set stays in L2): medians of
@@ -103,9 +110,8 @@ def host_rows(hydra, B, T, Hq, Hkv, D, hier=False):
            "host": round(statistics.median(t[1] for t in eager), 2),
            **{name: round(statistics.median(v), 2) for name, v in host.items()}}
     if hier:
-        graphs = None
-        pol = hydra.HydraPolicy(page_size=8, budget_tokens=4096, sink_tokens=64, recent_tokens=512, superpage=16,
-                                shortlist=4)
+        graphs = None  # the flat call's graphs are timed; free them before capturing more
+        pol = hier_policy(hydra)
         hsets = []
         for s in sets:
             s8 = hydra.page_summaries(s[1], page_size=8)
@@ -159,8 +165,7 @@ def child(shapes, tree, stateless=False, host=False, hier=False):
             if stateless and name == "s16":  # page_summaries=None: scores straight from K
                 res[key]["stateless"] = round(graph_us(lambda: hydra.hydra(q, k, v, out=out)), 2)
             if hier:  # coarse-to-fine over 8-token pages, the decode benchmark's hydra_hier policy
-                pol = hydra.HydraPolicy(page_size=8, budget_tokens=4096, sink_tokens=64, recent_tokens=512,
-                                        superpage=16, shortlist=4)
+                pol = hier_policy(hydra)
                 s8 = hydra.page_summaries(k, page_size=8, dtype=summ.dtype if name == "e4m3" else None)
                 ss = hydra.superpage_summaries(s8, 16)
                 res[key]["hier"] = round(graph_us(lambda: hydra.hydra(
