@@ -308,10 +308,19 @@ def test_fast_path_is_taken_and_matches_the_checked_path(monkeypatch):
     pad = torch.tensor([0, 1203, 17], dtype=torch.int32, device="cuda")
     summ = hydra.page_summaries(k, cache_seqlens=lens)
     summ_pad = hydra.page_summaries(k, cache_seqlens=lens, cache_leftpad=pad)
+    # Coarse-to-fine over 8-token pages: 1,126 pages, 71 superpages of 16, a shortlist of 16.
+    c2f = hydra.HydraPolicy(page_size=8, budget_tokens=1024, sink_tokens=64, recent_tokens=256, superpage=16,
+                            shortlist=2)
+    s8 = hydra.page_summaries(k, page_size=8, cache_seqlens=lens)
+    s8_pad = hydra.page_summaries(k, page_size=8, cache_seqlens=lens, cache_leftpad=pad)
+    levels = {"policy": c2f, "page_summaries": s8, "superpage_summaries": hydra.superpage_summaries(s8, 16)}
     variants = [{}, {"scale": 0.07}, {"policy_layer_idx": 0}, {"policy_layer_idx": 7},  # layer 0: dense
                 {"policy": hydra.HydraPolicy(sink_tokens=32, recent_tokens=256), "precision": "balanced"},
                 {"sliding_window": 1000}, {"sliding_window": 333, "policy_layer_idx": 0},
-                {"cache_leftpad": pad, "page_summaries": summ_pad}, {"out": True}, {"out": True, "scale": 0.05}]
+                {"cache_leftpad": pad, "page_summaries": summ_pad}, {"out": True}, {"out": True, "scale": 0.05},
+                levels, {**levels, "out": True}, {**levels, "policy_layer_idx": 0}, {**levels, "sliding_window": 1000},
+                {**levels, "cache_leftpad": pad, "page_summaries": s8_pad,
+                 "superpage_summaries": hydra.superpage_summaries(s8_pad, 16)}]
 
     def call(kw):
         kw = {"cache_seqlens": lens, "page_summaries": summ, **kw}
@@ -338,6 +347,19 @@ def test_fast_path_is_taken_and_matches_the_checked_path(monkeypatch):
         assert not torch.equal(checked[0][0], checked[i][0]), variants[i]
     assert not torch.equal(checked[5][0], checked[6][0])  # the window, not the dense layer, wins
     assert torch.equal(checked[0][0], checked[8][0])  # out= alone changes nothing
+    # Coarse-to-fine: its own selection (not the flat one's, nor every token), out= alone
+    # changes nothing, and a dense layer or a window ignores the superpages.
+    assert not torch.equal(checked[10][0], checked[0][0]) and not torch.equal(checked[10][0], checked[2][0])
+    assert torch.equal(checked[10][0], checked[11][0])
+    for i, j in ((12, 2), (13, 5)):  # every token / the window, over pages of 8 instead of 16: same keys
+        err = (checked[i][0].float() - checked[j][0].float()).abs().max() / checked[j][0].float().abs().max()
+        assert err < 1e-2, f"{variants[i]}: relative difference {err:.3g} from {variants[j]}"
+    assert not torch.equal(checked[14][0], checked[10][0])
+    pages = hydra.select_pages(q, k, policy=c2f, cache_seqlens=lens, page_summaries=s8,
+                               superpage_summaries=levels["superpage_summaries"])
+    want = hydra.reference.sparse_attention(q, k, v, pages, page_size=8, cache_seqlens=lens).float()
+    err = (checked[10][0].float() - want).abs().max() / want.abs().max()
+    assert err < 2e-2, f"coarse-to-fine: relative error {err:.3g} against the reference over its pages"
     # The windows against the fp32 reference (no selection, so no near-tie swaps; left
     # padding is compared with it in test_gpu.py, through this path now).
     for i in (5, 6):
@@ -368,6 +390,10 @@ def test_fast_path_refusals_raise_the_named_error_before_any_kernel():
     k16, lens64, summf = k.half(), lens.long(), summ.float()
     v_cpu, lens_cpu, summ_cpu = v.cpu(), lens.cpu(), summ.cpu()
     out16, out_cpu, out_short = torch.empty_like(q).half(), torch.empty_like(q).cpu(), torch.empty_like(q[:, :4])
+    # Coarse-to-fine over 8-token pages: 13 pages, 4 superpages of 4.
+    c2f = hydra.HydraPolicy(page_size=8, budget_tokens=64, sink_tokens=8, recent_tokens=16, superpage=4, shortlist=1)
+    ss = hydra.superpage_summaries(summ8, 4)
+    ss2, ss16, ss_cpu = hydra.superpage_summaries(summ8, 2), ss.half(), ss.cpu()
 
     def profiled(fn):
         """(names of the CUDA kernels fn ran, the exception it raised or None)."""
@@ -427,6 +453,17 @@ def test_fast_path_refusals_raise_the_named_error_before_any_kernel():
         (lambda: hydra.hydra(q, k, v, out=out_cpu), ValueError, "hydra: out must be on q's device cuda:0, got cpu"),
         (lambda: hydra.hydra(q, k, v, sliding_window=16, out=out16), TypeError,
          "hydra: out must be torch.bfloat16 like q, got torch.float16"),
+        (lambda: hydra.hydra(q, k, v, policy=c2f, page_summaries=summ8, superpage_summaries=ss2), ValueError,
+         "hydra: superpage_summaries must have shape (2, 2, 4, 2, 128)"),
+        (lambda: hydra.hydra(q, k, v, policy=c2f, page_summaries=summ8, superpage_summaries=ss16), TypeError,
+         "hydra: superpage_summaries must be torch.bfloat16 like page_summaries, got torch.float16"),
+        (lambda: hydra.hydra(q, k, v, policy=c2f, page_summaries=summ8, superpage_summaries=ss_cpu), ValueError,
+         "hydra: superpage_summaries must be on q's device cuda:0, got cpu"),
+        (lambda: hydra.hydra(q, k, v, policy=c2f, page_summaries=summ8, superpage_summaries=ss_cpu,
+                             sliding_window=16), ValueError,
+         "hydra: superpage_summaries must be on q's device cuda:0, got cpu"),
+        (lambda: hydra.hydra(q, k, v, page_summaries=summ, superpage_summaries=ss), ValueError,
+         "hydra: superpage_summaries given, but the policy selects flat"),
     ]
     for fn, exc, message in cases:
         ran, err = profiled(fn)
@@ -451,10 +488,15 @@ def test_direct_op_refusals_raise_with_the_values():
     e4m3 = torch.empty(2, 2, 7, 2, 128, dtype=torch.float8_e4m3fn, device="cuda")
     summ1 = hydra.page_summaries(k)[:1]
     ints = (0, 0, 64, 512, 4096, 0)  # superpage, shortlist, sink, recent, budget, window
+    summ8 = hydra.page_summaries(k, page_size=8)
+    ss1 = hydra.superpage_summaries(summ8, 4)[:1]
     cases = [
         # Tkv = 100 <= budget: the step attends every token, and still checks the summaries.
         (lambda: ops.decode_alloc(q, k, v, None, summ1, None, None, None, 16, *ints, 0.088),
          "hydra: page_summaries must be (2, 2, >=7, 2, 128) with a contiguous (2, D) block, got [1, 2, 7, 2, 128]"),
+        (lambda: ops.decode_alloc(q, k, v, None, summ8, ss1, None, None, 8, 4, 1, *ints[2:], 0.088),
+         "hydra: superpage_summaries must be (2, 2, >=4, 2, 128) with a contiguous (2, D) block, got "
+         "[1, 2, 4, 2, 128]"),
         (lambda: ops.decode_alloc(q, k, v, None, None, None, lens64, None, 16, *ints, 0.088),
          "hydra: cache_seqlens must be a contiguous int32 CUDA tensor of shape (2,), got Long [2]"),
         (lambda: ops.decode_alloc(q, k, v, None, None, None, None, None, 12, *ints, 0.088),

@@ -461,6 +461,9 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   // Checked whatever the step does with them (a step that attends every token ignores
   // them), so that a bad argument is refused alike on every path.
   if (summaries.has_value()) check_page_summaries(*summaries, q, s, n_pages);
+  // The superpage summaries too (with a superpage > 1 and page summaries), before any
+  // launch; only a selecting step uses them (coarse below).
+  const Coarse given_coarse = coarse_args(super_summaries, superpage, shortlist_pages, summaries, s, n_pages);
   if (s.B == 0 || s.Hq == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -506,8 +509,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (mode != kRange && per_split > hydra::kMaxEntriesPerSplit) per_split = hydra::kMaxEntriesPerSplit / ept * ept;
   splits = (n_entries + per_split - 1) / per_split;
 
-  const Coarse coarse = mode == kSelect ? coarse_args(super_summaries, superpage, shortlist_pages, summaries, s, n_pages)
-                                         : Coarse();
+  const Coarse coarse = mode == kSelect ? given_coarse : Coarse();
 
   hydra::DecodeParams p{};
   p.dtype = dtype_flag(q, "q");

@@ -114,10 +114,11 @@ def _policy(precision, policy) -> HydraPolicy:
 def _fast_ints(pol: HydraPolicy):
     """The decode op's integer arguments (page_size, superpage, shortlist_pages,
     sink_tokens, recent_tokens, budget_tokens, window) and dense_layers for a policy
-    that selects flat pages; None for exact and coarse-to-fine policies."""
-    if pol.exact or pol.coarse:
+    that selects pages (flat, or coarse-to-fine: superpage > 0); None for exact ones."""
+    if pol.exact:
         return None
-    return (pol.page_size, 0, 0, pol.sink_tokens, pol.recent_tokens, pol.budget_tokens, 0), pol.dense_layers
+    S, n_short = (pol.superpage, pol.n_short) if pol.coarse else (0, 0)
+    return (pol.page_size, S, n_short, pol.sink_tokens, pol.recent_tokens, pol.budget_tokens, 0), pol.dense_layers
 
 
 # The eager fast path's arguments for each preset (no policy resolved per call).
@@ -165,35 +166,46 @@ def _new_lse(q):
     return torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
 
 
-def _fast_decode(q, k, v, cache_seqlens, page_summaries, fast_args, scale, policy_layer_idx, sliding_window,
-                 cache_leftpad, out):
-    """The common eager decode call (a flat selecting policy, no superpage summaries) in
-    one op call: ``decode_alloc``, or ``decode`` into a given ``out``.
+def _fast_decode(q, k, v, cache_seqlens, page_summaries, superpage_summaries, fast_args, scale, policy_layer_idx,
+                 sliding_window, cache_leftpad, out):
+    """The common eager decode call (a selecting policy: flat, or coarse-to-fine with
+    both summary levels given) in one op call: ``decode_alloc``, or ``decode`` into a
+    given ``out``.
 
     The op checks every property the Python checks would (types, ranks, shapes, dtypes,
     strides, devices: hydra_torch.cpp) before any kernel runs; the one thing it cannot
-    know, that the page summaries were built with this page size, is checked here, with
-    the scalar arguments. Returns None where anything is off (an argument, the op refused
-    the input, or the call is not a decode step); the caller then runs the full checks,
-    which raise the error that names the argument. A refused op has written nothing, so
-    the checked path may call it again."""
+    know, that the summaries were built with this page size (and superpage), is checked
+    here, with the scalar arguments. Returns None where anything is off (an argument, the
+    op refused the input, or the call is not a decode step); the caller then runs the full
+    checks, which raise the error that names the argument, or build missing superpage
+    summaries. A refused op has written nothing, so the checked path may call it again."""
     if not _fast_scalars(sliding_window, policy_layer_idx, scale):
         return None
     ints, dense_layers = fast_args
+    S = ints[1]
+    # Coarse-to-fine needs both levels (missing ones are built on the checked path);
+    # superpage summaries with a flat policy are an error the checked path names.
+    if (superpage_summaries is not None) != (S > 0) or (S > 0 and page_summaries is None):
+        return None
     if sliding_window is not None:  # a sliding-window layer attends its window, no selection
         ints = ints[:5] + (0, sliding_window)
     elif policy_layer_idx is not None and policy_layer_idx < dense_layers:
         ints = ints[:5] + (0, 0)  # a dense layer: budget 0 attends every token
     try:
         qs = q.shape
-        if qs[2] != 1 or (page_summaries is not None
-                          and page_summaries.shape[2] != -(-k.shape[2] // ints[0])):
+        if qs[2] != 1:
             return None
+        if page_summaries is not None:
+            n_pages = -(-k.shape[2] // ints[0])
+            if page_summaries.shape[2] != n_pages or (S > 0 and superpage_summaries.shape[2] != -(-n_pages // S)):
+                return None
         sc = _INV_SQRT_D[qs[3]] if scale is None else scale
         if out is None:
-            return ops.decode_alloc(q, k, v, None, page_summaries, None, cache_seqlens, cache_leftpad, *ints, sc)
+            return ops.decode_alloc(q, k, v, None, page_summaries, superpage_summaries, cache_seqlens, cache_leftpad,
+                                    *ints, sc)
         lse = _new_lse(q)
-        ops.decode(q, k, v, None, page_summaries, None, cache_seqlens, cache_leftpad, *ints, sc, out, lse)
+        ops.decode(q, k, v, None, page_summaries, superpage_summaries, cache_seqlens, cache_leftpad, *ints, sc, out,
+                   lse)
         return out, lse
     except Exception:
         return None
@@ -255,11 +267,11 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
     --------
     >>> o = hydra.hydra(q, k, v, precision="balanced", cache_seqlens=lens)
     """
-    if superpage_summaries is None and is_causal is True and not _debug:
+    if is_causal is True and not _debug:
         fast_args = _fast_args(precision, policy)
         if fast_args is not None:
-            res = _fast_decode(q, k, v, cache_seqlens, page_summaries, fast_args, scale, policy_layer_idx,
-                               sliding_window, cache_leftpad, out)
+            res = _fast_decode(q, k, v, cache_seqlens, page_summaries, superpage_summaries, fast_args, scale,
+                               policy_layer_idx, sliding_window, cache_leftpad, out)
             if res is not None:
                 return res if return_lse else res[0]
     pol = _policy(precision, policy)
