@@ -334,6 +334,8 @@ def test_fast_path_is_taken_and_matches_the_checked_path(monkeypatch):
     with monkeypatch.context() as m:  # the checked path: the fast path declines every call
         m.setattr(hydra, "_fast_decode", lambda *args, **kwargs: None)
         checked = [call(kw) for kw in variants]
+        c2f_pages = hydra.select_pages(q, k, policy=c2f, cache_seqlens=lens, page_summaries=s8,
+                                       superpage_summaries=levels["superpage_summaries"])
 
     def no_checks(*args, **kwargs):
         raise AssertionError("the fast path ran the Python checks")
@@ -355,9 +357,7 @@ def test_fast_path_is_taken_and_matches_the_checked_path(monkeypatch):
         err = (checked[i][0].float() - checked[j][0].float()).abs().max() / checked[j][0].float().abs().max()
         assert err < 1e-2, f"{variants[i]}: relative difference {err:.3g} from {variants[j]}"
     assert not torch.equal(checked[14][0], checked[10][0])
-    pages = hydra.select_pages(q, k, policy=c2f, cache_seqlens=lens, page_summaries=s8,
-                               superpage_summaries=levels["superpage_summaries"])
-    want = hydra.reference.sparse_attention(q, k, v, pages, page_size=8, cache_seqlens=lens).float()
+    want = hydra.reference.sparse_attention(q, k, v, c2f_pages, page_size=8, cache_seqlens=lens).float()
     err = (checked[10][0].float() - want).abs().max() / want.abs().max()
     assert err < 2e-2, f"coarse-to-fine: relative error {err:.3g} against the reference over its pages"
     # The windows against the fp32 reference (no selection, so no near-tie swaps; left
