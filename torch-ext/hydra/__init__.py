@@ -111,13 +111,18 @@ def _policy(precision, policy) -> HydraPolicy:
     return pol
 
 
+def _coarse_ints(pol: HydraPolicy):
+    """(superpage, shortlist superpages) for the ops: (0, 0) for flat selection."""
+    return (pol.superpage, pol.n_short) if pol.coarse else (0, 0)
+
+
 def _fast_ints(pol: HydraPolicy):
     """The decode op's integer arguments (page_size, superpage, shortlist_pages,
     sink_tokens, recent_tokens, budget_tokens, window) and dense_layers for a policy
     that selects pages (flat, or coarse-to-fine: superpage > 0); None for exact ones."""
     if pol.exact:
         return None
-    S, n_short = (pol.superpage, pol.n_short) if pol.coarse else (0, 0)
+    S, n_short = _coarse_ints(pol)
     return (pol.page_size, S, n_short, pol.sink_tokens, pol.recent_tokens, pol.budget_tokens, 0), pol.dense_layers
 
 
@@ -325,13 +330,8 @@ def _fast_cache_step(cache, q, k_new, v_new, sliding_window=None, policy_layer_i
     pol = cache.policy
     if scale is None:
         scale = cache._default_scale
-    if sliding_window is not None:
-        budget, window = 0, sliding_window
-    elif _is_exact(pol, policy_layer_idx):
-        budget, window = 0, 0
-    else:
-        budget, window = pol.budget_tokens, 0
-    S, n_short = (pol.superpage, pol.n_short) if pol.coarse else (0, 0)
+    budget, window = _budget_window(pol, sliding_window, policy_layer_idx)
+    S, n_short = _coarse_ints(pol)
     try:
         if out is None:
             return ops.decode_append_alloc(q, k_new, v_new, cache.k, cache.v, cache.summaries,
@@ -372,7 +372,7 @@ def _cache_step(cache, q, k_new, v_new, *, sliding_window=None, policy_layer_idx
     if out is None:
         out = torch.empty_like(q)
     lse = _new_lse(q)
-    S, n_short = (pol.superpage, pol.n_short) if pol.coarse else (0, 0)
+    S, n_short = _coarse_ints(pol)
     ops.decode_append(q, k_new, v_new, cache.k, cache.v, cache.summaries, cache.superpage_summaries, cache.seqlens,
                       cache._overflow, pol.page_size, S, n_short, pol.sink_tokens, pol.recent_tokens, budget, window,
                       info["scale"], cache.summary_scale, out, lse)
