@@ -772,6 +772,41 @@ def test_coarse_to_fine_long_rows(T, S, shortlist):
     assert torch.equal(pages, want), "coarse-to-fine selection differs from the reference"
 
 
+@pytest.mark.parametrize("B,Hq,Hkv,D,dtype,T,fp8", [(1, 32, 8, 128, BF16, 131075, False),
+                                                    (2, 9, 3, 64, BF16, 40009, False),
+                                                    (1, 16, 2, 256, torch.float16, 70001, False),
+                                                    (3, 6, 2, 128, torch.float16, 20011, False),
+                                                    (2, 9, 3, 64, BF16, 40009, True),
+                                                    (2, 16, 2, 256, torch.float16, 30011, True)])
+def test_coarse_to_fine_head_dims(B, Hq, Hkv, D, dtype, T, fp8):
+    """Coarse-to-fine steps at head dims 64 / 128 / 256, bf16 and fp16, 16-bit and e4m3
+    summaries, with ragged lengths (the last row of three under the budget), left padding
+    and NaN past the lengths. Pages equal the reference's, and the step's output matches
+    the fp32 reference over them."""
+    _need_ops()
+    pol = hydra.HydraPolicy(page_size=8, budget_tokens=2048, sink_tokens=64, recent_tokens=256, superpage=16,
+                            shortlist=3)
+    q, k, v = make_qkv(B, Hq, Hkv, T, D=D, seed=T + D + B + fp8, dtype=dtype)
+    lens = torch.tensor([T, T // 2 + 7, 1500][:B], dtype=torch.int32, device=DEV)
+    pad = torch.tensor([0, 333, 5][:B], dtype=torch.int32, device=DEV)
+    poison_past(k, v, lens)
+    summ = hydra.page_summaries(k, page_size=8, cache_seqlens=lens, cache_leftpad=pad,
+                                dtype=torch.float8_e4m3fn if fp8 else None)
+    sup = hydra.superpage_summaries(summ, pol.superpage)
+    pages = hydra.select_pages(q, k, policy=pol, cache_seqlens=lens, page_summaries=summ, superpage_summaries=sup,
+                               cache_leftpad=pad)
+    want = ref.select_pages(q, k.nan_to_num(0.0), policy=pol, cache_seqlens=lens, page_summaries=summ,
+                            superpage_summaries=sup, cache_leftpad=pad)
+    assert torch.equal(pages, want), "coarse-to-fine selection differs from the reference"
+    o = hydra.hydra(q, k, v, policy=pol, cache_seqlens=lens, page_summaries=summ, superpage_summaries=sup,
+                    cache_leftpad=pad, out=nan_like(q))
+    assert not torch.isnan(o).any(), "kernel left NaN (unwritten or read poisoned memory)"
+    o_ref = ref.sparse_attention(q, k.nan_to_num(0.0), v.nan_to_num(0.0), pages, page_size=8, cache_seqlens=lens,
+                                 cache_leftpad=pad).float()
+    err = ((o.float() - o_ref).abs().max() / o_ref.abs().max()).item()
+    assert err < 2e-2, f"relative error {err:.3g} against the fp32 reference over the selected pages"
+
+
 # -- head dims 64 and 256 (issue 9, bf16) ----------------------------------------------
 HEAD_DIM_SHAPES = [(64, 9, 3), (256, 16, 2), (64, 4, 4), (256, 6, 1)]
 
