@@ -782,7 +782,7 @@ def test_coarse_to_fine_head_dims(B, Hq, Hkv, D, dtype, T, fp8):
     """Coarse-to-fine steps at head dims 64 / 128 / 256, bf16 and fp16, 16-bit and e4m3
     summaries, with ragged lengths (the last row of three under the budget), left padding
     and NaN past the lengths. Pages equal the reference's, and the step's output matches
-    the fp32 reference over them."""
+    the fp32 reference over the tokens the reference attends (check_output's bound)."""
     _need_ops()
     pol = hydra.HydraPolicy(page_size=8, budget_tokens=2048, sink_tokens=64, recent_tokens=256, superpage=16,
                             shortlist=3)
@@ -800,11 +800,9 @@ def test_coarse_to_fine_head_dims(B, Hq, Hkv, D, dtype, T, fp8):
     assert torch.equal(pages, want), "coarse-to-fine selection differs from the reference"
     o = hydra.hydra(q, k, v, policy=pol, cache_seqlens=lens, page_summaries=summ, superpage_summaries=sup,
                     cache_leftpad=pad, out=nan_like(q))
-    assert not torch.isnan(o).any(), "kernel left NaN (unwritten or read poisoned memory)"
-    o_ref = ref.sparse_attention(q, k.nan_to_num(0.0), v.nan_to_num(0.0), pages, page_size=8, cache_seqlens=lens,
-                                 cache_leftpad=pad).float()
-    err = ((o.float() - o_ref).abs().max() / o_ref.abs().max()).item()
-    assert err < 2e-2, f"relative error {err:.3g} against the fp32 reference over the selected pages"
+    mask = ref.attended_token_mask(q, k.nan_to_num(0.0), policy=pol, cache_seqlens=lens, page_summaries=summ,
+                                   superpage_summaries=sup, cache_leftpad=pad)
+    check_output(o, q, k, v, mask)
 
 
 # -- head dims 64 and 256 (issue 9, bf16) ----------------------------------------------

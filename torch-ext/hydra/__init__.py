@@ -228,7 +228,7 @@ def _coarse_args(pol, q, k, cache_seqlens, summaries, super_summaries, cache_lef
         ops.page_summaries(k, cache_seqlens, cache_leftpad, pol.page_size, pol.summary_scale, summaries)
     if super_summaries is None:
         super_summaries = superpage_summaries(summaries, pol.superpage)
-    return summaries, super_summaries, pol.superpage, pol.n_short
+    return (summaries, super_summaries) + _coarse_ints(pol)
 
 
 def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None, precision="high",
@@ -290,7 +290,6 @@ def hydra(q, k, v, *, is_causal=True, sliding_window=None, policy_layer_idx=None
         if cache_leftpad is not None:
             check_cache_leftpad_values(cache_leftpad, cache_seqlens, k.shape[2])
     _require_ops()
-    B, Hq = q.shape[0], q.shape[1]
     budget, window = _budget_window(pol, sliding_window, policy_layer_idx)
     if q.shape[2] > 1:  # causal prefill (Tq == Tkv)
         if out is None:
