@@ -405,6 +405,50 @@ def test_graph_replay_of_fused_steps():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", ["select", "coarse", "select_fp8"])
+def test_eager_steps_over_a_long_cache_read_views(case):
+    """Eager steps over a cache far longer than its sequences run their kernels over views
+    of the first tokens (HydraKVCache._operands). They give the same outputs, bit for bit,
+    and the same cache contents as a graph-captured twin, whose replays read the whole
+    buffers. After the replays the twin's host no longer knows its lengths, so its eager
+    steps read the whole buffers too, and still agree."""
+    B, Hq, H, D, n_max = 2, 8, 2, 128, 40000
+    pol = STEP_CASES[case]["policy"]
+    long, twin = (hydra.HydraKVCache(B, H, D, n_max, device=DEV, policy=pol) for _ in range(2))
+    lens = torch.tensor([3060, 2100], dtype=torch.int32, device=DEV)
+    k, v = rand(B, H, 3060, D, seed=900), rand(B, H, 3060, D, seed=901)
+    for c in (long, twin):
+        c.prefill(k, v, seqlens=lens)
+    q, k_new, v_new = rand(B, Hq, 1, D, seed=902), rand(B, H, 1, D, seed=903), rand(B, H, 1, D, seed=904)
+    out_g = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # capture runs nothing
+        twin.step(q, k_new, v_new, out=out_g)
+    assert not twin._bound_known, "a captured step must forget the host's length bound"
+    for i in range(40):  # the lengths cross a 1,024-token view boundary at 3,072
+        q.copy_(rand(B, Hq, 1, D, seed=910 + i))
+        k_new.copy_(rand(B, H, 1, D, seed=960 + i))
+        v_new.copy_(rand(B, H, 1, D, seed=1010 + i))
+        out_g.fill_(float("nan"))
+        graph.replay()
+        o = long.step(q, k_new, v_new, out=torch.full_like(q, float("nan")))
+        assert torch.equal(o, out_g), f"step {i}: the eager step over views differs from the replay"
+    assert long._views is not None and long._views[0] == 4096 < n_max, "the eager steps did not read views"
+    assert long.seqlens.tolist() == [3100, 2140]
+    assert_same_contents(long, twin)
+    # The twin's eager steps now read the whole buffers; both agree, and match the reference.
+    for i in range(2):
+        q.copy_(rand(B, Hq, 1, D, seed=1100 + i))
+        o_long, o_twin = long.step(q, k_new, v_new), twin.step(q, k_new, v_new)
+        assert twin._views is None and torch.equal(o_long, o_twin)
+    pages = hydra.select_pages(q, long.k, policy=pol, cache_seqlens=long.seqlens, page_summaries=long.summaries,
+                               superpage_summaries=long.superpage_summaries)
+    if not pol.coarse:
+        check_against_reference(long, q, long.attend(q), pages, pol)
+    assert_same_contents(long, twin)
+
+
+@pytest.mark.gpu
 def test_step_overflow_is_refused_or_flagged():
     B, Hq, H, D, M = 2, 4, 1, 128, 96  # M > budget: the step selects, so the append is fused
     pol = hydra.HydraPolicy(budget_tokens=64, sink_tokens=16, recent_tokens=16)

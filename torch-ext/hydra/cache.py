@@ -20,6 +20,16 @@ from .policy import HydraPolicy, resolve_policy
 __all__ = ["HydraKVCache"]
 
 
+# Views grow in steps of this many pages (1,024 tokens at 16-token pages), so a step
+# reuses the same views for that many tokens.
+_VIEW_PAGES = 64
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """A CUDA graph being captured on the current stream, or torch.compile tracing."""
+    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _positive_int(x, name):
     if not isinstance(x, int) or isinstance(x, bool) or x < 1:
         raise ValueError(f"hydra: HydraKVCache {name} must be a positive int, got {x!r}")
@@ -93,6 +103,8 @@ class HydraKVCache:
         self._overflow = torch.zeros(1, dtype=torch.int32, device=device)
         self._len_bound = 0        # host upper bound of every length
         self._len_exact = True     # ... and exact: every length equals it
+        self._bound_known = True   # False once a write ran under graph capture or compile (see _operands)
+        self._views = None         # (T, k, v, summaries, superpage summaries) over the first T tokens
         self.reset()
 
     # -- state -------------------------------------------------------------------
@@ -120,6 +132,8 @@ class HydraKVCache:
                 s[:, :, :, 1].fill_(-inf)
             self._overflow.zero_()
             self._len_bound, self._len_exact = 0, True
+            self._views = None
+            self._bound_known = not _capturing(self._lengths)
             return
         idx = torch.as_tensor(indices, dtype=torch.long, device=self._lengths.device).reshape(-1)
         self._lengths[idx] = 0
@@ -127,6 +141,8 @@ class HydraKVCache:
             s[idx, :, :, 0] = inf
             s[idx, :, :, 1] = -inf
         self._len_exact = False  # the bound still holds, for the rest
+        if _capturing(self._lengths):
+            self._bound_known = False
 
     def check_overflow(self) -> None:
         """Raise if an append has passed ``max_seq_len`` since the last reset (host sync)."""
@@ -188,6 +204,8 @@ class HydraKVCache:
 
             self.superpage_summaries.copy_(superpage_summaries(self.summaries, self.policy.superpage))
         self._len_bound, self._len_exact = T, seqlens is None
+        self._views = None
+        self._bound_known = not _capturing(self._lengths)
 
     def append(self, k_new, v_new, counts=None) -> None:
         """Write new tokens (B, Hkv, n, D) after each sequence's end and fold them into
@@ -207,10 +225,40 @@ class HydraKVCache:
                          self.summary_scale)
         self._len_bound += n
         self._len_exact = self._len_exact and counts is None
+        if _capturing(self._lengths):
+            self._bound_known = False
         from . import _debug_enabled
 
         if _debug_enabled():
             self.check_overflow()
+
+    # -- the tensors a step reads ----------------------------------------------------
+    def _operands(self, n_new: int):
+        """(k, v, summaries, superpage summaries) for a step that first appends ``n_new``
+        tokens: views over the first T tokens of the buffers, where T covers every length
+        the host knows the sequences may reach (``_len_bound + n_new``) rounded up to
+        kViewPages pages, or the whole buffers. The kernels size their grids and pick
+        their paths (the fused short step, the register select, the cluster) from T, so
+        an eager step over a cache far longer than its sequences costs what a cache of
+        about their length would. Under CUDA-graph capture or torch.compile the whole
+        buffers are used, since a replay runs past any bound the host saw; and the bound
+        is then unknown (the replays grow the lengths without the host) until the next
+        full reset() or prefill()."""
+        if _capturing(self._lengths):
+            self._bound_known = False
+        if not self._bound_known:
+            return self.k, self.v, self.summaries, self.superpage_summaries
+        need = min(self._len_bound + n_new, self.max_seq_len)
+        views = self._views
+        if views is None or need > views[0]:
+            P = self.policy.page_size
+            T = min(self.max_seq_len, -(-max(need, 1) // (P * _VIEW_PAGES)) * P * _VIEW_PAGES)
+            n_pages = -(-T // P)
+            supers = None
+            if self.superpage_summaries is not None:
+                supers = self.superpage_summaries[:, :, :-(-n_pages // self.policy.superpage)]
+            views = self._views = (T, self.k[:, :, :T], self.v[:, :, :T], self.summaries[:, :, :n_pages], supers)
+        return views[1:]
 
     # -- a whole decode step ----------------------------------------------------------
     def step(self, q, k_new, v_new, **policy_kwargs):
@@ -257,7 +305,7 @@ class HydraKVCache:
 
         policy_kwargs.setdefault("precision", self.precision)
         policy_kwargs.setdefault("policy", self._policy_arg)
-        if self.superpage_summaries is not None:
-            policy_kwargs.setdefault("superpage_summaries", self.superpage_summaries)
-        return _hydra(q, self.k, self.v, cache_seqlens=self._lengths, page_summaries=self.summaries,
-                      **policy_kwargs)
+        k, v, summaries, supers = self._operands(0)
+        if supers is not None:
+            policy_kwargs.setdefault("superpage_summaries", supers)
+        return _hydra(q, k, v, cache_seqlens=self._lengths, page_summaries=summaries, **policy_kwargs)
