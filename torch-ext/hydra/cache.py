@@ -243,7 +243,8 @@ class HydraKVCache:
         about their length would. Under CUDA-graph capture or torch.compile the whole
         buffers are used, since a replay runs past any bound the host saw; and the bound
         is then unknown (the replays grow the lengths without the host) until the next
-        full reset() or prefill()."""
+        full reset() or prefill(). The lengths must change only through this cache's
+        methods: a length written into ``seqlens`` by hand past the bound is not read."""
         if _capturing(self._lengths):
             self._bound_known = False
         if not self._bound_known:
