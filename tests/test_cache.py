@@ -452,6 +452,46 @@ def test_eager_steps_over_a_long_cache_read_views(case):
 
 
 @pytest.mark.gpu
+def test_capture_tokens_bounds_what_replays_read():
+    """A step captured inside capture_tokens(T) reads the first T tokens (rounded up to a
+    page): its replays equal eager steps bit for bit while the lengths stay under T, and an
+    append past T is dropped and flagged, as one past max_seq_len is. Bad T is refused."""
+    B, Hq, H, D, n_max = 2, 8, 2, 128, 40000
+    pol = STEP_CASES["select"]["policy"]
+    cap, twin = (hydra.HydraKVCache(B, H, D, n_max, device=DEV, policy=pol) for _ in range(2))
+    for bad in (0, n_max + 1, 3.5, True):
+        with pytest.raises(ValueError, match="capture_tokens"):
+            with cap.capture_tokens(bad):
+                pass
+    lens = torch.tensor([3060, 2100], dtype=torch.int32, device=DEV)
+    k, v = rand(B, H, 3060, D, seed=1200), rand(B, H, 3060, D, seed=1201)
+    for c in (cap, twin):
+        c.prefill(k, v, seqlens=lens)
+    q, k_new, v_new = rand(B, Hq, 1, D, seed=1202), rand(B, H, 1, D, seed=1203), rand(B, H, 1, D, seed=1204)
+    out_g = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with cap.capture_tokens(3100), torch.cuda.graph(graph):  # 3,104 tokens: 194 pages of 16
+        cap.step(q, k_new, v_new, out=out_g)
+    assert cap._capture_tokens is None
+    for i in range(44):  # up to 3,104 tokens in the first sequence: nothing dropped yet
+        q.copy_(rand(B, Hq, 1, D, seed=1210 + i))
+        k_new.copy_(rand(B, H, 1, D, seed=1260 + i))
+        v_new.copy_(rand(B, H, 1, D, seed=1310 + i))
+        out_g.fill_(float("nan"))
+        graph.replay()
+        o = twin.step(q, k_new, v_new)
+        assert torch.equal(out_g, o), f"replay {i} differs from the eager step"
+    assert cap.seqlens.tolist() == [3104, 2144]
+    assert_same_contents(cap, twin)
+    cap.check_overflow()
+    graph.replay()  # the first sequence's token does not fit the captured 3,104
+    torch.cuda.synchronize()
+    assert cap.seqlens.tolist()[0] == 3104
+    with pytest.raises(ValueError, match="passed max_seq_len"):
+        cap.check_overflow()
+
+
+@pytest.mark.gpu
 def test_step_overflow_is_refused_or_flagged():
     B, Hq, H, D, M = 2, 4, 1, 128, 96  # M > budget: the step selects, so the append is fused
     pol = hydra.HydraPolicy(budget_tokens=64, sink_tokens=16, recent_tokens=16)

@@ -8,6 +8,7 @@ be captured in one CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -105,6 +106,7 @@ class HydraKVCache:
         self._len_exact = True     # ... and exact: every length equals it
         self._bound_known = True   # False once a write ran under graph capture or compile (see _operands)
         self._views = None         # (T, k, v, summaries, superpage summaries) over the first T tokens
+        self._capture_tokens = None  # capture_tokens(): what captured steps read
         self.reset()
 
     # -- state -------------------------------------------------------------------
@@ -237,29 +239,62 @@ class HydraKVCache:
         """(k, v, summaries, superpage summaries) for a step that first appends ``n_new``
         tokens: views over the first T tokens of the buffers, where T covers every length
         the host knows the sequences may reach (``_len_bound + n_new``) rounded up to
-        kViewPages pages, or the whole buffers. The kernels size their grids and pick
+        _VIEW_PAGES pages, or the whole buffers. The kernels size their grids and pick
         their paths (the fused short step, the register select, the cluster) from T, so
         an eager step over a cache far longer than its sequences costs what a cache of
         about their length would. Under CUDA-graph capture or torch.compile the whole
-        buffers are used, since a replay runs past any bound the host saw; and the bound
+        buffers are used (or the first tokens capture_tokens() names), since a replay
+        runs past any bound the host saw; and the bound
         is then unknown (the replays grow the lengths without the host) until the next
         full reset() or prefill(). The lengths must change only through this cache's
         methods: a length written into ``seqlens`` by hand past the bound is not read."""
         if _capturing(self._lengths):
             self._bound_known = False
+            if self._capture_tokens is not None:  # capture_tokens(): the caller's bound
+                return self._views_over(self._capture_tokens)[1:]
         if not self._bound_known:
             return self.k, self.v, self.summaries, self.superpage_summaries
         need = min(self._len_bound + n_new, self.max_seq_len)
-        views = self._views
-        if views is None or need > views[0]:
-            P = self.policy.page_size
-            T = min(self.max_seq_len, -(-max(need, 1) // (P * _VIEW_PAGES)) * P * _VIEW_PAGES)
-            n_pages = -(-T // P)
-            supers = None
-            if self.superpage_summaries is not None:
-                supers = self.superpage_summaries[:, :, :-(-n_pages // self.policy.superpage)]
-            views = self._views = (T, self.k[:, :, :T], self.v[:, :, :T], self.summaries[:, :, :n_pages], supers)
-        return views[1:]
+        if self._views is None or need > self._views[0]:
+            step = self.policy.page_size * _VIEW_PAGES
+            self._views = self._views_over(-(-max(need, 1) // step) * step)
+        return self._views[1:]
+
+    def _views_over(self, tokens: int):
+        """(T, k, v, summaries, superpage summaries) over the first T tokens: ``tokens``
+        rounded up to a page, at most ``max_seq_len``."""
+        P = self.policy.page_size
+        n_pages = min(-(-tokens // P), self.max_pages)
+        T = min(n_pages * P, self.max_seq_len)
+        supers = None
+        if self.superpage_summaries is not None:
+            supers = self.superpage_summaries[:, :, :-(-n_pages // self.policy.superpage)]
+        return T, self.k[:, :, :T], self.v[:, :, :T], self.summaries[:, :, :n_pages], supers
+
+    @contextlib.contextmanager
+    def capture_tokens(self, tokens: int):
+        """Steps and attends captured into a CUDA graph (or traced by torch.compile) inside
+        this block read the first ``tokens`` tokens of the buffers (rounded up to a page)
+        instead of all ``max_seq_len``, so that a replay costs what a cache of that length
+        would. A replay's append past them is dropped and flagged as one past
+        ``max_seq_len`` is (:meth:`check_overflow`). So capture one graph per length
+        bucket, and replay the one whose ``tokens`` covers every length after the replay's
+        appends. Calls that are not captured are unaffected.
+
+        Examples
+        --------
+        >>> g = torch.cuda.CUDAGraph()
+        >>> with cache.capture_tokens(16384), torch.cuda.graph(g):
+        ...     out = cache.step(q, k_new, v_new)
+        """
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= self.max_seq_len:
+            raise ValueError(f"hydra: capture_tokens needs an int tokens in [1, max_seq_len={self.max_seq_len}], "
+                             f"got {tokens!r}")
+        held, self._capture_tokens = self._capture_tokens, tokens
+        try:
+            yield self
+        finally:
+            self._capture_tokens = held
 
     # -- a whole decode step ----------------------------------------------------------
     def step(self, q, k_new, v_new, **policy_kwargs):
