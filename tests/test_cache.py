@@ -404,6 +404,22 @@ def test_graph_replay_of_fused_steps():
         c.check_overflow()
 
 
+LONG_CACHE = 40000  # max_seq_len of the long-cache tests, far past their prompts
+
+
+def long_cache_twins(pol, seed):
+    """Two caches of LONG_CACHE tokens (B = 2, Hkv = 2, D = 128) holding the same ragged
+    prompt of 3,060 and 2,100 tokens, and a step's q (Hq = 8), k_new and v_new."""
+    B, Hq, H, D = 2, 8, 2, 128
+    caches = [hydra.HydraKVCache(B, H, D, LONG_CACHE, device=DEV, policy=pol) for _ in range(2)]
+    lens = torch.tensor([3060, 2100], dtype=torch.int32, device=DEV)
+    k, v = rand(B, H, 3060, D, seed=seed), rand(B, H, 3060, D, seed=seed + 1)
+    for c in caches:
+        c.prefill(k, v, seqlens=lens)
+    return (*caches, rand(B, Hq, 1, D, seed=seed + 2), rand(B, H, 1, D, seed=seed + 3),
+            rand(B, H, 1, D, seed=seed + 4))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["select", "coarse", "select_fp8"])
 def test_eager_steps_over_a_long_cache_read_views(case):
@@ -412,14 +428,9 @@ def test_eager_steps_over_a_long_cache_read_views(case):
     and the same cache contents as a graph-captured twin, whose replays read the whole
     buffers. After the replays the twin's host no longer knows its lengths, so its eager
     steps read the whole buffers too, and still agree."""
-    B, Hq, H, D, n_max = 2, 8, 2, 128, 40000
+    B, Hq, H, D = 2, 8, 2, 128
     pol = STEP_CASES[case]["policy"]
-    long, twin = (hydra.HydraKVCache(B, H, D, n_max, device=DEV, policy=pol) for _ in range(2))
-    lens = torch.tensor([3060, 2100], dtype=torch.int32, device=DEV)
-    k, v = rand(B, H, 3060, D, seed=900), rand(B, H, 3060, D, seed=901)
-    for c in (long, twin):
-        c.prefill(k, v, seqlens=lens)
-    q, k_new, v_new = rand(B, Hq, 1, D, seed=902), rand(B, H, 1, D, seed=903), rand(B, H, 1, D, seed=904)
+    long, twin, q, k_new, v_new = long_cache_twins(pol, seed=900)
     out_g = torch.empty_like(q)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):  # capture runs nothing
@@ -436,7 +447,7 @@ def test_eager_steps_over_a_long_cache_read_views(case):
         assert torch.equal(o, out_g), f"step {i}: the eager step over views differs from the replay"
         views_seen.add(long._views[0])
     # Views grow by 64 pages: 3,072 then 4,096 tokens at 16-token pages, 3,072 then 3,584 at 8.
-    assert views_seen == {3072, 3072 + 64 * pol.page_size}, f"views read: {sorted(views_seen)} (of {n_max})"
+    assert views_seen == {3072, 3072 + 64 * pol.page_size}, f"views read: {sorted(views_seen)} (of {LONG_CACHE})"
     assert long.seqlens.tolist() == [3100, 2140]
     assert_same_contents(long, twin)
     # The twin's eager steps now read the whole buffers; both agree, and match the reference.
@@ -456,18 +467,12 @@ def test_capture_tokens_bounds_what_replays_read():
     """A step captured inside capture_tokens(T) reads the first T tokens (rounded up to a
     page): its replays equal eager steps bit for bit while the lengths stay under T, and an
     append past T is dropped and flagged, as one past max_seq_len is. Bad T is refused."""
-    B, Hq, H, D, n_max = 2, 8, 2, 128, 40000
-    pol = STEP_CASES["select"]["policy"]
-    cap, twin = (hydra.HydraKVCache(B, H, D, n_max, device=DEV, policy=pol) for _ in range(2))
-    for bad in (0, n_max + 1, 3.5, True):
+    B, Hq, H, D = 2, 8, 2, 128
+    cap, twin, q, k_new, v_new = long_cache_twins(STEP_CASES["select"]["policy"], seed=1200)
+    for bad in (0, LONG_CACHE + 1, 3.5, True):
         with pytest.raises(ValueError, match="capture_tokens"):
             with cap.capture_tokens(bad):
                 pass
-    lens = torch.tensor([3060, 2100], dtype=torch.int32, device=DEV)
-    k, v = rand(B, H, 3060, D, seed=1200), rand(B, H, 3060, D, seed=1201)
-    for c in (cap, twin):
-        c.prefill(k, v, seqlens=lens)
-    q, k_new, v_new = rand(B, Hq, 1, D, seed=1202), rand(B, H, 1, D, seed=1203), rand(B, H, 1, D, seed=1204)
     out_g = torch.empty_like(q)
     graph = torch.cuda.CUDAGraph()
     with cap.capture_tokens(3100), torch.cuda.graph(graph):  # 3,104 tokens: 194 pages of 16
