@@ -404,6 +404,98 @@ def test_graph_replay_of_fused_steps():
         c.check_overflow()
 
 
+LONG_CACHE = 40000  # max_seq_len of the long-cache tests, far past their prompts
+
+
+def long_cache_twins(pol, seed):
+    """Two caches of LONG_CACHE tokens (B = 2, Hkv = 2, D = 128) holding the same ragged
+    prompt of 3,060 and 2,100 tokens, and a step's q (Hq = 8), k_new and v_new."""
+    B, Hq, H, D = 2, 8, 2, 128
+    caches = [hydra.HydraKVCache(B, H, D, LONG_CACHE, device=DEV, policy=pol) for _ in range(2)]
+    lens = torch.tensor([3060, 2100], dtype=torch.int32, device=DEV)
+    k, v = rand(B, H, 3060, D, seed=seed), rand(B, H, 3060, D, seed=seed + 1)
+    for c in caches:
+        c.prefill(k, v, seqlens=lens)
+    return (*caches, rand(B, Hq, 1, D, seed=seed + 2), rand(B, H, 1, D, seed=seed + 3),
+            rand(B, H, 1, D, seed=seed + 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["select", "coarse", "select_fp8"])
+def test_eager_steps_over_a_long_cache_read_views(case):
+    """Eager steps over a cache far longer than its sequences run their kernels over views
+    of the first tokens (HydraKVCache._operands). They give the same outputs, bit for bit,
+    and the same cache contents as a graph-captured twin, whose replays read the whole
+    buffers. After the replays the twin's host no longer knows its lengths, so its eager
+    steps read the whole buffers too, and still agree."""
+    B, Hq, H, D = 2, 8, 2, 128
+    pol = STEP_CASES[case]["policy"]
+    long, twin, q, k_new, v_new = long_cache_twins(pol, seed=900)
+    out_g = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # capture runs nothing
+        twin.step(q, k_new, v_new, out=out_g)
+    assert not twin._bound_known, "a captured step must forget the host's length bound"
+    views_seen = set()
+    for i in range(40):  # the lengths cross a view boundary at 3,072 tokens
+        q.copy_(rand(B, Hq, 1, D, seed=910 + i))
+        k_new.copy_(rand(B, H, 1, D, seed=960 + i))
+        v_new.copy_(rand(B, H, 1, D, seed=1010 + i))
+        out_g.fill_(float("nan"))
+        graph.replay()
+        o = long.step(q, k_new, v_new, out=torch.full_like(q, float("nan")))
+        assert torch.equal(o, out_g), f"step {i}: the eager step over views differs from the replay"
+        views_seen.add(long._views[0])
+    # Views grow by 64 pages: 3,072 then 4,096 tokens at 16-token pages, 3,072 then 3,584 at 8.
+    assert views_seen == {3072, 3072 + 64 * pol.page_size}, f"views read: {sorted(views_seen)} (of {LONG_CACHE})"
+    assert long.seqlens.tolist() == [3100, 2140]
+    assert_same_contents(long, twin)
+    # The twin's eager steps now read the whole buffers; both agree, and match the reference.
+    for i in range(2):
+        q.copy_(rand(B, Hq, 1, D, seed=1100 + i))
+        o_long, o_twin = long.step(q, k_new, v_new), twin.step(q, k_new, v_new)
+        assert twin._views is None and torch.equal(o_long, o_twin)
+    pages = hydra.select_pages(q, long.k, policy=pol, cache_seqlens=long.seqlens, page_summaries=long.summaries,
+                               superpage_summaries=long.superpage_summaries)
+    if not pol.coarse:
+        check_against_reference(long, q, long.attend(q), pages, pol)
+    assert_same_contents(long, twin)
+
+
+@pytest.mark.gpu
+def test_capture_tokens_bounds_what_replays_read():
+    """A step captured inside capture_tokens(T) reads the first T tokens (rounded up to a
+    page): its replays equal eager steps bit for bit while the lengths stay under T, and an
+    append past T is dropped and flagged, as one past max_seq_len is. Bad T is refused."""
+    B, Hq, H, D = 2, 8, 2, 128
+    cap, twin, q, k_new, v_new = long_cache_twins(STEP_CASES["select"]["policy"], seed=1200)
+    for bad in (0, LONG_CACHE + 1, 3.5, True):
+        with pytest.raises(ValueError, match="capture_tokens"):
+            with cap.capture_tokens(bad):
+                pass
+    out_g = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with cap.capture_tokens(3100), torch.cuda.graph(graph):  # 3,104 tokens: 194 pages of 16
+        cap.step(q, k_new, v_new, out=out_g)
+    assert cap._capture_tokens is None
+    for i in range(44):  # up to 3,104 tokens in the first sequence: nothing dropped yet
+        q.copy_(rand(B, Hq, 1, D, seed=1210 + i))
+        k_new.copy_(rand(B, H, 1, D, seed=1260 + i))
+        v_new.copy_(rand(B, H, 1, D, seed=1310 + i))
+        out_g.fill_(float("nan"))
+        graph.replay()
+        o = twin.step(q, k_new, v_new)
+        assert torch.equal(out_g, o), f"replay {i} differs from the eager step"
+    assert cap.seqlens.tolist() == [3104, 2144]
+    assert_same_contents(cap, twin)
+    cap.check_overflow()
+    graph.replay()  # the first sequence's token does not fit the captured 3,104
+    torch.cuda.synchronize()
+    assert cap.seqlens.tolist()[0] == 3104
+    with pytest.raises(ValueError, match="passed max_seq_len"):
+        cap.check_overflow()
+
+
 @pytest.mark.gpu
 def test_step_overflow_is_refused_or_flagged():
     B, Hq, H, D, M = 2, 4, 1, 128, 96  # M > budget: the step selects, so the append is fused

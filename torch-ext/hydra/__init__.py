@@ -331,23 +331,22 @@ def _fast_cache_step(cache, q, k_new, v_new, sliding_window=None, policy_layer_i
         scale = cache._default_scale
     budget, window = _budget_window(pol, sliding_window, policy_layer_idx)
     S, n_short = _coarse_ints(pol)
+    k, v, summ, supers = cache._operands(1)
     try:
         if out is None:
-            return ops.decode_append_alloc(q, k_new, v_new, cache.k, cache.v, cache.summaries,
-                                           cache.superpage_summaries, cache._lengths, cache._overflow, pol.page_size,
-                                           S, n_short, pol.sink_tokens, pol.recent_tokens, budget, window, scale,
-                                           cache.summary_scale)
+            return ops.decode_append_alloc(q, k_new, v_new, k, v, summ, supers, cache._lengths, cache._overflow,
+                                           pol.page_size, S, n_short, pol.sink_tokens, pol.recent_tokens, budget,
+                                           window, scale, cache.summary_scale)
         lse = _new_lse(q)
-        ops.decode_append(q, k_new, v_new, cache.k, cache.v, cache.summaries, cache.superpage_summaries,
-                          cache._lengths, cache._overflow, pol.page_size, S, n_short, pol.sink_tokens,
-                          pol.recent_tokens, budget, window, scale, cache.summary_scale, out, lse)
+        ops.decode_append(q, k_new, v_new, k, v, summ, supers, cache._lengths, cache._overflow, pol.page_size, S,
+                          n_short, pol.sink_tokens, pol.recent_tokens, budget, window, scale, cache.summary_scale,
+                          out, lse)
         return out, lse
     except Exception:
         cache._check_step_inputs(k_new, v_new)
-        validate_decode_call(q, cache.k, cache.v, is_causal=True, sliding_window=sliding_window,
+        validate_decode_call(q, k, v, is_causal=True, sliding_window=sliding_window,
                              policy_layer_idx=policy_layer_idx, policy=pol, cache_seqlens=cache.seqlens,
-                             page_summaries=cache.summaries, scale=scale, out=out,
-                             superpage_summaries=cache.superpage_summaries)
+                             page_summaries=summ, scale=scale, out=out, superpage_summaries=supers)
         _require_ops()
         raise
 
@@ -362,18 +361,17 @@ def _cache_step(cache, q, k_new, v_new, *, sliding_window=None, policy_layer_idx
     if pol.superpage != cache.policy.superpage:
         raise ValueError(f"hydra: the step's policy superpage={pol.superpage} differs from the cache's "
                          f"(superpage={cache.policy.superpage})")
-    info = validate_decode_call(q, cache.k, cache.v, is_causal=True, sliding_window=sliding_window,
+    k, v, summ, supers = cache._operands(1)
+    info = validate_decode_call(q, k, v, is_causal=True, sliding_window=sliding_window,
                                 policy_layer_idx=policy_layer_idx, policy=pol, cache_seqlens=cache.seqlens,
-                                page_summaries=cache.summaries, scale=scale, out=out,
-                                superpage_summaries=cache.superpage_summaries)
+                                page_summaries=summ, scale=scale, out=out, superpage_summaries=supers)
     _require_ops()
     budget, window = _budget_window(pol, sliding_window, policy_layer_idx)
     if out is None:
         out = torch.empty_like(q)
     lse = _new_lse(q)
     S, n_short = _coarse_ints(pol)
-    ops.decode_append(q, k_new, v_new, cache.k, cache.v, cache.summaries, cache.superpage_summaries, cache.seqlens,
-                      cache._overflow, pol.page_size, S, n_short, pol.sink_tokens, pol.recent_tokens, budget, window,
+    ops.decode_append(q, k_new, v_new, k, v, summ, supers, cache.seqlens, cache._overflow, pol.page_size, S, n_short, pol.sink_tokens, pol.recent_tokens, budget, window,
                       info["scale"], cache.summary_scale, out, lse)
     return (out, lse) if return_lse else out
 

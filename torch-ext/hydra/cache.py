@@ -8,6 +8,7 @@ be captured in one CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -18,6 +19,16 @@ from ._validate import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, _ALIGN, _tensor
 from .policy import HydraPolicy, resolve_policy
 
 __all__ = ["HydraKVCache"]
+
+
+# Views grow in steps of this many pages (1,024 tokens at 16-token pages), so a step
+# reuses the same views for that many tokens.
+_VIEW_PAGES = 64
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """A CUDA graph being captured on the current stream, or torch.compile tracing."""
+    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _positive_int(x, name):
@@ -93,6 +104,9 @@ class HydraKVCache:
         self._overflow = torch.zeros(1, dtype=torch.int32, device=device)
         self._len_bound = 0        # host upper bound of every length
         self._len_exact = True     # ... and exact: every length equals it
+        self._bound_known = True   # False once a write ran under graph capture or compile (see _operands)
+        self._views = None         # (T, k, v, summaries, superpage summaries) over the first T tokens
+        self._capture_tokens = None  # capture_tokens(): what captured steps read
         self.reset()
 
     # -- state -------------------------------------------------------------------
@@ -120,6 +134,8 @@ class HydraKVCache:
                 s[:, :, :, 1].fill_(-inf)
             self._overflow.zero_()
             self._len_bound, self._len_exact = 0, True
+            self._views = None
+            self._bound_known = not _capturing(self._lengths)
             return
         idx = torch.as_tensor(indices, dtype=torch.long, device=self._lengths.device).reshape(-1)
         self._lengths[idx] = 0
@@ -127,6 +143,8 @@ class HydraKVCache:
             s[idx, :, :, 0] = inf
             s[idx, :, :, 1] = -inf
         self._len_exact = False  # the bound still holds, for the rest
+        if _capturing(self._lengths):
+            self._bound_known = False
 
     def check_overflow(self) -> None:
         """Raise if an append has passed ``max_seq_len`` since the last reset (host sync)."""
@@ -188,6 +206,8 @@ class HydraKVCache:
 
             self.superpage_summaries.copy_(superpage_summaries(self.summaries, self.policy.superpage))
         self._len_bound, self._len_exact = T, seqlens is None
+        self._views = None
+        self._bound_known = not _capturing(self._lengths)
 
     def append(self, k_new, v_new, counts=None) -> None:
         """Write new tokens (B, Hkv, n, D) after each sequence's end and fold them into
@@ -207,10 +227,74 @@ class HydraKVCache:
                          self.summary_scale)
         self._len_bound += n
         self._len_exact = self._len_exact and counts is None
+        if _capturing(self._lengths):
+            self._bound_known = False
         from . import _debug_enabled
 
         if _debug_enabled():
             self.check_overflow()
+
+    # -- the tensors a step reads ----------------------------------------------------
+    def _operands(self, n_new: int):
+        """(k, v, summaries, superpage summaries) for a step that first appends ``n_new``
+        tokens: views over the first T tokens of the buffers, where T covers every length
+        the host knows the sequences may reach (``_len_bound + n_new``) rounded up to
+        _VIEW_PAGES pages, or the whole buffers. The kernels size their grids and pick
+        their paths (the fused short step, the register select, the cluster) from T, so
+        an eager step over a cache far longer than its sequences costs what a cache of
+        about their length would. Under CUDA-graph capture or torch.compile the whole
+        buffers are used (or the first tokens capture_tokens() names), since a replay
+        runs past any bound the host saw; and the bound
+        is then unknown (the replays grow the lengths without the host) until the next
+        full reset() or prefill(). The lengths must change only through this cache's
+        methods: a length written into ``seqlens`` by hand past the bound is not read."""
+        if _capturing(self._lengths):
+            self._bound_known = False
+            if self._capture_tokens is not None:  # capture_tokens(): the caller's bound
+                return self._views_over(self._capture_tokens)[1:]
+        if not self._bound_known:
+            return self.k, self.v, self.summaries, self.superpage_summaries
+        need = min(self._len_bound + n_new, self.max_seq_len)
+        if self._views is None or need > self._views[0]:
+            step = self.policy.page_size * _VIEW_PAGES
+            self._views = self._views_over(-(-max(need, 1) // step) * step)
+        return self._views[1:]
+
+    def _views_over(self, tokens: int):
+        """(T, k, v, summaries, superpage summaries) over the first T tokens: ``tokens``
+        rounded up to a page, at most ``max_seq_len``."""
+        P = self.policy.page_size
+        n_pages = min(-(-tokens // P), self.max_pages)
+        T = min(n_pages * P, self.max_seq_len)
+        supers = None
+        if self.superpage_summaries is not None:
+            supers = self.superpage_summaries[:, :, :-(-n_pages // self.policy.superpage)]
+        return T, self.k[:, :, :T], self.v[:, :, :T], self.summaries[:, :, :n_pages], supers
+
+    @contextlib.contextmanager
+    def capture_tokens(self, tokens: int):
+        """Steps and attends captured into a CUDA graph (or traced by torch.compile) inside
+        this block read the first ``tokens`` tokens of the buffers (rounded up to a page)
+        instead of all ``max_seq_len``, so that a replay costs what a cache of that length
+        would. A replay's append past them is dropped and flagged as one past
+        ``max_seq_len`` is (:meth:`check_overflow`). So capture one graph per length
+        bucket, and replay the one whose ``tokens`` covers every length after the replay's
+        appends. Calls that are not captured are unaffected.
+
+        Examples
+        --------
+        >>> g = torch.cuda.CUDAGraph()
+        >>> with cache.capture_tokens(16384), torch.cuda.graph(g):
+        ...     out = cache.step(q, k_new, v_new)
+        """
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= self.max_seq_len:
+            raise ValueError(f"hydra: capture_tokens needs an int tokens in [1, max_seq_len={self.max_seq_len}], "
+                             f"got {tokens!r}")
+        held, self._capture_tokens = self._capture_tokens, tokens
+        try:
+            yield self
+        finally:
+            self._capture_tokens = held
 
     # -- a whole decode step ----------------------------------------------------------
     def step(self, q, k_new, v_new, **policy_kwargs):
@@ -257,7 +341,7 @@ class HydraKVCache:
 
         policy_kwargs.setdefault("precision", self.precision)
         policy_kwargs.setdefault("policy", self._policy_arg)
-        if self.superpage_summaries is not None:
-            policy_kwargs.setdefault("superpage_summaries", self.superpage_summaries)
-        return _hydra(q, self.k, self.v, cache_seqlens=self._lengths, page_summaries=self.summaries,
-                      **policy_kwargs)
+        k, v, summaries, supers = self._operands(0)
+        if supers is not None:
+            policy_kwargs.setdefault("superpage_summaries", supers)
+        return _hydra(q, k, v, cache_seqlens=self._lengths, page_summaries=summaries, **policy_kwargs)
