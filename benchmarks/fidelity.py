@@ -32,6 +32,15 @@ Scorers (all select the same number of pages on top of the same sink and recent 
   (``HydraPolicy(superpage=16, shortlist=4)``): superpages of 16 pages are scored, the
   best ``4 x budget`` tokens' worth are shortlisted, and only their pages are ranked;
   the metadata read is the superpage summaries plus the shortlisted pages' summaries.
+- ``mean_fp8``: the GQA group's summed query dotted with each page's mean key, the mean
+  stored in e4m3 (D bytes a page: a quarter of a bf16 min/max pair). Not a bound: a
+  page's best key can score above its mean. Mean keys per chunk serve as selection
+  "landmarks" in ShadowKV (Sun et al., 2024, 8-token chunks).
+- ``mean_fp8_quest``: two stages over the same pages: the ``MEAN_SHORTLIST x n_sel``
+  candidate pages with the best ``mean_fp8`` scores are shortlisted, and ``quest_sum``
+  picks the pages among them; the metadata read is every page's e4m3 mean plus the
+  shortlisted pages' bf16 summaries. A coarse-to-fine selection whose coarse level keeps
+  the fine pages' granularity and cuts their bytes instead.
 
 Inputs: ``--synthetic`` draws random keys with planted needle keys (aligned with the
 group's query) at random depths; ``--captured FILE`` loads a dict saved with
@@ -59,10 +68,11 @@ from hydra import reference as ref  # noqa: E402
 from hydra.policy import HydraPolicy  # noqa: E402
 
 SCORERS = ("quest_sum", "group_max", "centre_radius", "mean_spread", "streaming", "quest_sum_c2f",
-           "quest_sum_fp8", "quest_sum_int8")
+           "quest_sum_fp8", "quest_sum_int8", "mean_fp8", "mean_fp8_quest")
 # Metadata bytes per page at head dim D, per scorer (the default: a bf16 min and max row).
-META_BYTES = {"quest_sum_fp8": lambda D: 2 * D, "quest_sum_int8": lambda D: 2 * D + 2}
+META_BYTES = {"quest_sum_fp8": lambda D: 2 * D, "quest_sum_int8": lambda D: 2 * D + 2, "mean_fp8": lambda D: D}
 C2F_SUPERPAGE, C2F_SHORTLIST = 16, 4
+MEAN_SHORTLIST = 2  # mean_fp8_quest's shortlist, as a multiple of the page budget
 
 
 # ----------------------------------------------------------------------------
@@ -88,6 +98,15 @@ def int8_outward(kmin, kmax):
             torch.ceil(kmax / scale).clamp(-127, 127) * scale)
 
 
+def page_means_fp8(k, P):
+    """(B, H, n_pages, D) e4m3 mean key of each page's valid tokens (rounded to nearest,
+    saturated at +-448), returned as fp32."""
+    kp, valid = _pages(k, P)
+    cnt = valid.sum(1).clamp_min(1).view(1, 1, -1, 1).float()
+    mean = (kp * valid.view(1, 1, *valid.shape, 1)).sum(3) / cnt
+    return mean.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+
+
 def page_scores(scorer, q, k, P):
     """Scores of every page for each KV head's group; q (B, Hq, 1, D), k (B, Hkv, T, D)."""
     B, Hq, _, D = q.shape
@@ -98,6 +117,8 @@ def page_scores(scorer, q, k, P):
         return ref.page_scores(q, ref.page_summaries(k, page_size=P), page_size=P)
     if scorer == "quest_sum_fp8":  # the shipped e4m3 summaries (HydraPolicy(summary_dtype="fp8_e4m3"))
         return ref.page_scores(q, ref.page_summaries(k, page_size=P, dtype=torch.float8_e4m3fn), page_size=P)
+    if scorer == "mean_fp8":  # the summed query: sum_j q_j . mean = (sum_j q_j) . mean
+        return torch.einsum("bhd,bhnd->bhn", qg.sum(2), page_means_fp8(k, P))
     if scorer == "quest_sum_int8":
         summ = ref.page_summaries(k, page_size=P).float()          # (B, H, n, 2, D), exact
         kmin, kmax = int8_outward(summ[..., 0, :], summ[..., 1, :])
@@ -150,6 +171,21 @@ def select_from_scores(scores, T, policy):
     return sel
 
 
+def mean_shortlist(coarse, T, policy, n_short):
+    """(B, H, n_pages) bool: the ``n_short`` candidate pages (outside the sink and recent
+    pages) with the best coarse scores, ties to the lower page; every candidate when there
+    are no more than that."""
+    P = policy.page_size
+    n = coarse.shape[-1]
+    sink = min(policy.sink_pages, n)
+    first_recent = max(max(T - policy.recent_tokens, 0) // P, sink)
+    short = torch.zeros(coarse.shape, dtype=torch.bool, device=coarse.device)
+    cand = coarse[..., sink:first_recent]
+    order = torch.sort(cand, dim=-1, descending=True, stable=True).indices[..., :n_short]
+    short[..., sink:first_recent].scatter_(-1, order, True)
+    return short
+
+
 # ----------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------
@@ -173,6 +209,14 @@ def fidelity_metrics(q, k, v, scorer, policy, scale=None):
         pages.scatter_(-1, torch.where(listed >= 0, listed.long(), n), True)
         pages = pages[..., :n]
         meta_pages = math.ceil(n / C2F_SUPERPAGE) + min(c2f.n_short * C2F_SUPERPAGE, n)
+    elif scorer == "mean_fp8_quest":
+        scores = page_scores("quest_sum", q, k, P)
+        short = mean_shortlist(page_scores("mean_fp8", q, k, P), T, policy, MEAN_SHORTLIST * policy.n_sel)
+        pages = select_from_scores(torch.where(short, scores, -math.inf), T, policy)
+        n = scores.shape[-1]
+        meta_pages = None
+        meta_bytes = B * H * (n * META_BYTES["mean_fp8"](D) + int(short.sum(-1).amax()) * 4 * D) \
+            if T > policy.budget_tokens else B * H * n * 4 * D
     else:
         scores = page_scores(scorer, q, k, P)
         pages = select_from_scores(scores, T, policy)                # (B, H, n)
@@ -197,21 +241,25 @@ def fidelity_metrics(q, k, v, scorer, policy, scale=None):
             if sink <= bp < first_recent and scorer != "streaming":
                 cand = scores[b, h, sink:first_recent]
                 rank[b, h] = int((cand > cand[bp - sink]).sum())
-    page_bytes = META_BYTES.get(scorer, lambda d: 2 * d * 2)(D)
+    if meta_pages is not None:
+        meta_bytes = B * H * meta_pages * META_BYTES.get(scorer, lambda d: 2 * d * 2)(D)
     return {"mass_recall": mass.mean(2), "top10_recall": top10_recall.mean(2), "rel_err": rel_err.mean(2),
-            "best_page_rank": rank, "metadata_bytes": B * H * meta_pages * page_bytes}
+            "best_page_rank": rank, "metadata_bytes": meta_bytes}
 
 
 # ----------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------
 def synthetic_layer(B, Hq, H, T, D, seed, device, n_needles=4, strength=3.0, outlier_channels=0,
-                    outlier_scale=15.0):
+                    outlier_scale=15.0, cancel=False):
     """Random q/k/v with n_needles keys per KV head aligned with the group's mean query,
     at random depths outside the sink and recent windows. With outlier_channels > 0, that
     many key channels are scaled by outlier_scale and offset by it (the large, biased key
     dimensions of real LLMs), and the queries use them 5x less; the needles are planted
-    after, along the group's mean query."""
+    after, along the group's mean query. With cancel=True the other 7 keys of each needle's
+    8-token block (page-aligned at 8, 16 and 32 tokens) are moved by -1/7 of the needle, so
+    the block's mean carries none of it: the case a page's mean key cannot see and its
+    min/max bound still can."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, 1, D, generator=g)
     k = torch.randn(B, H, T, D, generator=g)
@@ -225,7 +273,11 @@ def synthetic_layer(B, Hq, H, T, D, seed, device, n_needles=4, strength=3.0, out
     for b in range(B):
         for h in range(H):
             for t in torch.randint(lo, hi, (n_needles,), generator=g).tolist():
-                k[b, h, t] = strength * qbar[b, h] / qbar[b, h].norm() * math.sqrt(D)
+                needle = strength * qbar[b, h] / qbar[b, h].norm() * math.sqrt(D)
+                k[b, h, t] = needle
+                if cancel:
+                    block = [u for u in range(t // 8 * 8, t // 8 * 8 + 8) if u != t]
+                    k[b, h, block] -= needle / len(block)
     to = dict(device=device, dtype=torch.bfloat16)
     return q.to(**to), k.to(**to), v.to(**to)
 
@@ -295,6 +347,8 @@ def main(argv=None):
     ap.add_argument("--outlier-channels", type=int, default=0,
                     help="synthetic: key channels made large and biased, as in real LLM keys")
     ap.add_argument("--outlier-scale", type=float, default=15.0, help="synthetic: their scale and offset")
+    ap.add_argument("--cancel", action="store_true",
+                    help="synthetic: each needle's 8-token block cancels it in the block's mean key")
     ap.add_argument("--budgets", default="512,1024,2048,4096")
     ap.add_argument("--page-sizes", default="8,16,32")
     ap.add_argument("--scorers", default=",".join(SCORERS))
@@ -308,7 +362,7 @@ def main(argv=None):
     if args.synthetic:
         layers = [synthetic_layer(1, 32, 8, T, 128, seed=T, device=args.device, n_needles=args.needles,
                                   strength=args.strength, outlier_channels=args.outlier_channels,
-                                  outlier_scale=args.outlier_scale)
+                                  outlier_scale=args.outlier_scale, cancel=args.cancel)
                   for T in (int(x) for x in args.T.split(","))]
         source = "synthetic"
     else:
@@ -329,6 +383,8 @@ def main(argv=None):
                             f"{args.strength} x sqrt(D)), at random depths"
                             + (f"; {args.outlier_channels} key channels scaled and offset by {args.outlier_scale}"
                                if args.outlier_channels else "")
+                            + ("; the other 7 keys of each needle's 8-token block moved by -1/7 of it (--cancel)"
+                               if args.cancel else "")
                             if args.synthetic else f"captured: {args.captured}"),
                  "missing": "real-model capture and passkey retrieval (issue 4): no small causal LM with "
                             "weights in a registry package was found for this machine"}

@@ -91,3 +91,49 @@ def test_coarse_to_fine_in_the_harness():
     finally:
         fidelity.C2F_SHORTLIST = old
     assert torch.equal(same["mass_recall"], flat["mass_recall"])
+
+
+def test_mean_fp8_scores_are_the_group_query_on_each_pages_mean():
+    """mean_fp8 scores every page, the partial last one included, with the group's summed
+    query dotted with the mean of its valid keys, to e4m3's rounding of that mean."""
+    q, k, _ = _inputs(T=650, seed=5)
+    P = 16
+    s = fidelity.page_scores("mean_fp8", q, k, P)
+    assert s.shape == (1, 2, 41) and torch.isfinite(s).all()
+    qs = q.double().view(1, 2, 4, 128).sum(2)                    # (1, 2, D)
+    for page in (0, 17, 40):                                     # page 40 holds 10 keys
+        mu = k.double()[:, :, page * P:min((page + 1) * P, 650)].mean(2)
+        want = (qs * mu).sum(-1)
+        tol = (qs.abs() * mu.abs()).sum(-1) * 2 ** -4 + 1e-6     # e4m3: 3 mantissa bits, to nearest
+        assert ((s[..., page].double() - want).abs() <= tol).all()
+
+
+def test_mean_shortlist_then_quest():
+    """mean_fp8_quest keeps the budget and the forced pages, shortlists only candidate
+    pages, reads every page's e4m3 mean plus the shortlisted bf16 summaries, and with a
+    shortlist covering every candidate selects exactly like quest_sum."""
+    q, k, v = _inputs(T=8192, seed=3)
+    pol = HydraPolicy(page_size=8, budget_tokens=512, sink_tokens=64, recent_tokens=128)
+    n = 1024
+    short = fidelity.mean_shortlist(fidelity.page_scores("mean_fp8", q, k, 8), 8192, pol, 2 * pol.n_sel)
+    assert (short.sum(-1) == 2 * pol.n_sel).all()
+    assert not short[..., :pol.sink_pages].any() and not short[..., n - 128 // 8:].any()
+    quest = fidelity.page_scores("quest_sum", q, k, 8)
+    pages = fidelity.select_from_scores(torch.where(short, quest, -math.inf), 8192, pol)
+    forced = torch.zeros(n, dtype=torch.bool)
+    forced[:pol.sink_pages] = True
+    forced[n - 128 // 8:] = True
+    assert (pages.sum(-1) == pol.n_sel).all() and pages[..., forced].all()
+    assert not (pages & ~short & ~forced).any()                  # chosen pages come from the shortlist
+    m = fidelity.fidelity_metrics(q, k, v, "mean_fp8_quest", pol)
+    assert m["metadata_bytes"] == 1 * 2 * (n * 128 + 2 * pol.n_sel * 4 * 128)
+    flat = fidelity.fidelity_metrics(q, k, v, "quest_sum", pol)
+    assert m["metadata_bytes"] < flat["metadata_bytes"]
+    old = fidelity.MEAN_SHORTLIST
+    try:
+        fidelity.MEAN_SHORTLIST = 1000
+        same = fidelity.fidelity_metrics(q, k, v, "mean_fp8_quest", pol)
+    finally:
+        fidelity.MEAN_SHORTLIST = old
+    assert torch.equal(same["mass_recall"], flat["mass_recall"])
+    assert torch.equal(same["top10_recall"], flat["top10_recall"])
