@@ -1004,6 +1004,41 @@ def test_e4m3_summaries_select_and_attend(D, Hq, Hkv, dtype):
     check_output(o_c, q, k, v, mask_from_pages(pages_c, T, 8, lens))
 
 
+def page_means(k, lens, P):
+    """(B, Hkv, n_pages, D) fp32 mean of each page's keys below lens[b] (0 for empty pages)."""
+    B, Hkv, T, D = k.shape
+    n = -(-T // P)
+    valid = (torch.arange(n * P, device=k.device).view(1, -1) < lens.view(-1, 1)).view(B, 1, n, P, 1)
+    kp = torch.nn.functional.pad(k.float().nan_to_num(0.0), (0, 0, 0, n * P - T)).view(B, Hkv, n, P, D)
+    return (kp * valid).sum(3) / valid.sum(3).clamp_min(1)
+
+
+@pytest.mark.parametrize("D,Hq,Hkv,dtype", [(128, 32, 8, BF16), (64, 9, 3, BF16), (256, 16, 2, torch.float16)])
+def test_mean_summaries_select_by_page_means(D, Hq, Hkv, dtype):
+    """README's recipe: summaries holding each page's mean key as both min and max (16-bit
+    and e4m3) make the kernels rank pages by the group's query . mean; their pages follow
+    the reference's (near-ties aside) and the output matches fp32 over them."""
+    _need_ops()
+    B, T, P = 2, 40011, 16
+    q, k, v = make_qkv(B, Hq, Hkv, T, D=D, seed=T + 3 * D + Hq, slack=8, dtype=dtype)
+    lens = torch.tensor([T, 23337], dtype=torch.int32, device=DEV)
+    poison_past(k, v, lens)
+    pol = hydra.HydraPolicy(budget_tokens=2048)
+    mu = page_means(k, lens, P)
+    qs = q.float().view(B, Hkv, Hq // Hkv, D).sum(2)
+    for m in (mu.to(dtype), mu.clamp(-448, 448).to(torch.float8_e4m3fn)):
+        summ = torch.stack([m, m], dim=3)
+        want = torch.einsum("bhd,bhnd->bhn", qs, m.float())
+        got = ref.page_scores(q, summ, cache_seqlens=lens, page_size=P)
+        live = torch.isfinite(got)
+        assert torch.allclose(got[live], want[live], rtol=1e-4, atol=1e-3), "the bound of (m, m) is not q . m"
+        out = nan_like(q)
+        o = hydra.hydra(q, k, v, policy=pol, cache_seqlens=lens, page_summaries=summ, out=out)
+        pages = hydra.select_pages(q, k, policy=pol, cache_seqlens=lens, page_summaries=summ)
+        check_selection(pages, q, k.nan_to_num(0.0), pol, lens=lens, summaries=summ)
+        check_output(o, q, k, v, mask_from_pages(pages, T, P, lens))
+
+
 def test_e4m3_summaries_find_a_planted_key():
     """A key aligned with the group's queries, planted in an old page of every KV head, is
     selected from e4m3 summaries as from exact ones (at 131,072 tokens, "high")."""
