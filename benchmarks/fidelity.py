@@ -251,7 +251,7 @@ def fidelity_metrics(q, k, v, scorer, policy, scale=None):
 # Inputs
 # ----------------------------------------------------------------------------
 def synthetic_layer(B, Hq, H, T, D, seed, device, n_needles=4, strength=3.0, outlier_channels=0,
-                    outlier_scale=15.0, cancel=False):
+                    outlier_scale=15.0, cancel=False, smooth=0, smooth_noise=0.3):
     """Random q/k/v with n_needles keys per KV head aligned with the group's mean query,
     at random depths outside the sink and recent windows. With outlier_channels > 0, that
     many key channels are scaled by outlier_scale and offset by it (the large, biased key
@@ -259,11 +259,20 @@ def synthetic_layer(B, Hq, H, T, D, seed, device, n_needles=4, strength=3.0, out
     after, along the group's mean query. With cancel=True the other 7 keys of each needle's
     8-token block (page-aligned at 8, 16 and 32 tokens) are moved by -1/7 of the needle, so
     the block's mean carries none of it: the case a page's mean key cannot see and its
-    min/max bound still can."""
+    min/max bound still can. With smooth > 1 the keys are locally correlated, as adjacent
+    keys of real models are: each is the mean of `smooth` neighbouring random keys plus
+    `smooth_noise` of fresh noise (unit variance after each step), before the outliers and
+    needles; a needle then stands out of its page's keys rather than among random ones."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, 1, D, generator=g)
     k = torch.randn(B, H, T, D, generator=g)
     v = torch.randn(B, H, T, D, generator=g)
+    if smooth > 1:
+        x = k.transpose(2, 3).reshape(B * H, D, T)
+        x = torch.nn.functional.avg_pool1d(x, smooth, 1, smooth // 2, count_include_pad=False)[..., :T]
+        k = x.reshape(B, H, D, T).transpose(2, 3)
+        k = k / k.std() + smooth_noise * torch.randn(B, H, T, D, generator=g)
+        k = k / k.std()
     if outlier_channels > 0:
         ch = torch.randperm(D, generator=g)[:outlier_channels]
         k[..., ch] = k[..., ch] * outlier_scale + outlier_scale
@@ -347,6 +356,10 @@ def main(argv=None):
     ap.add_argument("--outlier-channels", type=int, default=0,
                     help="synthetic: key channels made large and biased, as in real LLM keys")
     ap.add_argument("--outlier-scale", type=float, default=15.0, help="synthetic: their scale and offset")
+    ap.add_argument("--smooth", type=int, default=0,
+                    help="synthetic: each key the mean of this many neighbouring random keys (locally "
+                         "correlated keys, as in real models), plus --smooth-noise")
+    ap.add_argument("--smooth-noise", type=float, default=0.3, help="synthetic: fresh noise added to smoothed keys")
     ap.add_argument("--cancel", action="store_true",
                     help="synthetic: each needle's 8-token block cancels it in the block's mean key")
     ap.add_argument("--budgets", default="512,1024,2048,4096")
@@ -362,7 +375,8 @@ def main(argv=None):
     if args.synthetic:
         layers = [synthetic_layer(1, 32, 8, T, 128, seed=T, device=args.device, n_needles=args.needles,
                                   strength=args.strength, outlier_channels=args.outlier_channels,
-                                  outlier_scale=args.outlier_scale, cancel=args.cancel)
+                                  outlier_scale=args.outlier_scale, cancel=args.cancel, smooth=args.smooth,
+                                  smooth_noise=args.smooth_noise)
                   for T in (int(x) for x in args.T.split(","))]
         source = "synthetic"
     else:
@@ -385,6 +399,8 @@ def main(argv=None):
                                if args.outlier_channels else "")
                             + ("; the other 7 keys of each needle's 8-token block moved by -1/7 of it (--cancel)"
                                if args.cancel else "")
+                            + (f"; keys locally correlated: each the mean of {args.smooth} neighbouring random keys "
+                               f"plus {args.smooth_noise} fresh noise (--smooth)" if args.smooth > 1 else "")
                             if args.synthetic else f"captured: {args.captured}"),
                  "missing": "real-model capture and passkey retrieval (issue 4): no small causal LM with "
                             "weights in a registry package was found for this machine"}

@@ -137,3 +137,21 @@ def test_mean_shortlist_then_quest():
         fidelity.MEAN_SHORTLIST = old
     assert torch.equal(same["mass_recall"], flat["mass_recall"])
     assert torch.equal(same["top10_recall"], flat["top10_recall"])
+
+
+def test_smooth_keys_are_locally_correlated():
+    """--smooth: neighbouring keys correlate (and far ones do not), keys keep unit scale,
+    and the needles are still planted whole; smooth=0 draws exactly the default inputs."""
+    q, k, _ = fidelity.synthetic_layer(1, 8, 2, 4096, 128, seed=7, device="cpu", n_needles=4, strength=1.0,
+                                       smooth=8)
+    kf = k.float()[0, 0]
+    def corr(a, b):
+        return torch.nn.functional.cosine_similarity(a - a.mean(), b - b.mean(), dim=-1).mean().item()
+    assert corr(kf[:-1], kf[1:]) > 0.6 and abs(corr(kf[:-64], kf[64:])) < 0.1
+    assert 0.9 < kf.std().item() < 1.1
+    qbar = q.float().view(1, 2, 4, 128).mean(2)[0, 0]
+    cos = torch.nn.functional.cosine_similarity(kf, qbar.view(1, -1), dim=-1)
+    assert int((cos > 0.99).sum()) == 4                          # the 4 needles, nothing else near
+    plain = fidelity.synthetic_layer(1, 8, 2, 4096, 128, seed=7, device="cpu", n_needles=4, strength=1.0)
+    again = fidelity.synthetic_layer(1, 8, 2, 4096, 128, seed=7, device="cpu", n_needles=4, strength=1.0, smooth=0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, again))
