@@ -343,6 +343,7 @@ def table(rows):
 
 
 def main(argv=None):
+    global C2F_SUPERPAGE, C2F_SHORTLIST
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--synthetic", action="store_true")
@@ -362,6 +363,10 @@ def main(argv=None):
     ap.add_argument("--smooth-noise", type=float, default=0.3, help="synthetic: fresh noise added to smoothed keys")
     ap.add_argument("--cancel", action="store_true",
                     help="synthetic: each needle's 8-token block cancels it in the block's mean key")
+    ap.add_argument("--c2f-superpage", type=int, default=C2F_SUPERPAGE,
+                    help="quest_sum_c2f: pages per superpage (a power of two)")
+    ap.add_argument("--c2f-shortlist", type=int, default=C2F_SHORTLIST,
+                    help="quest_sum_c2f: shortlist as a multiple of the page budget")
     ap.add_argument("--budgets", default="512,1024,2048,4096")
     ap.add_argument("--page-sizes", default="8,16,32")
     ap.add_argument("--scorers", default=",".join(SCORERS))
@@ -369,6 +374,7 @@ def main(argv=None):
     ap.add_argument("--evidence", help="write a stamped evidence file here (SPEC section 6), "
                                        "e.g. evidence/fidelity.json")
     args = ap.parse_args(argv)
+    C2F_SUPERPAGE, C2F_SHORTLIST = args.c2f_superpage, args.c2f_shortlist
     budgets = [int(x) for x in args.budgets.split(",")]
     page_sizes = [int(x) for x in args.page_sizes.split(",")]
     scorers = args.scorers.split(",")
