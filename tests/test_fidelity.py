@@ -155,3 +155,17 @@ def test_smooth_keys_are_locally_correlated():
     plain = fidelity.synthetic_layer(1, 8, 2, 4096, 128, seed=7, device="cpu", n_needles=4, strength=1.0)
     again = fidelity.synthetic_layer(1, 8, 2, 4096, 128, seed=7, device="cpu", n_needles=4, strength=1.0, smooth=0)
     assert all(torch.equal(a, b) for a, b in zip(plain, again))
+
+
+def test_mean_spread_is_the_bound_of_the_box_mean_plus_minus_sigma():
+    """mean_spread's score, sum_j (q_j . mu + sum_d |q_jd| sigma_d), is the kernels' bound
+    over the box (mu - sigma, mu + sigma), so the kernels can select by it from such
+    summaries (README, Fidelity)."""
+    q, k, _ = _inputs(T=640, seed=11)
+    P = 16
+    want = fidelity.page_scores("mean_spread", q, k, P)
+    kp = k.float().view(1, 2, 40, P, 128)
+    mu, sd = kp.mean(3), kp.var(3, unbiased=False).sqrt()
+    box = torch.stack([mu - sd, mu + sd], dim=3)
+    got = fidelity.ref.page_scores(q, box, page_size=P)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
