@@ -43,7 +43,10 @@ Scorers (all select the same number of pages on top of the same sink and recent 
   the fine pages' granularity and cuts their bytes instead.
 
 Inputs: ``--synthetic`` draws random keys with planted needle keys (aligned with the
-group's query) at random depths; ``--captured FILE`` loads a dict saved with
+group's query) at random depths (independent keys by default; ``--smooth N`` makes
+neighbouring keys correlated, ``--outlier-channels`` adds large biased channels,
+``--cancel`` hides each needle from its block's mean: which scorer wins depends on
+these, NOTES v38); ``--captured FILE`` loads a dict saved with
 torch.save holding lists (one entry per layer) ``q`` (B, Hq, 1, D), ``k`` and ``v``
 (B, Hkv, T, D) captured from a real model's decode step.
 
