@@ -1053,6 +1053,7 @@ def target_checks(rows, overhead, no_graph: bool):
 # Main
 # ----------------------------------------------------------------------------
 def main(argv=None) -> int:
+    global HIER_SUPERPAGE, HIER_SHORTLIST  # --hier-*: read by hier_policies, hier_step_bytes, bench_shape
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", help="comma-separated BxT list, e.g. 1x8192,1x131072 (default: the SPEC 7 matrix)")
@@ -1069,7 +1070,13 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="print tracebacks of skipped cases")
     p.add_argument("--no-head-dims", action="store_true", help="skip the D=64 / D=256 rows at B=1, T=131,072")
     p.add_argument("--no-hier", action="store_true", help="skip the coarse-to-fine rows (hydra_flat8, hydra_hier)")
+    p.add_argument("--hier-superpage", type=int, default=HIER_SUPERPAGE,
+                   help=f"pages per superpage of the hydra_hier rows (default {HIER_SUPERPAGE}; NOTES v38: 4 keeps "
+                        "flat selection's fidelity on real encoder keys)")
+    p.add_argument("--hier-shortlist", type=int, default=HIER_SHORTLIST,
+                   help=f"shortlist of the hydra_hier rows, as a multiple of the page budget (default {HIER_SHORTLIST})")
     args = p.parse_args(argv)
+    HIER_SUPERPAGE, HIER_SHORTLIST = args.hier_superpage, args.hier_shortlist
 
     if not torch.cuda.is_available():
         log("benchmark_hydra_decode: no CUDA device; nothing to time")
