@@ -81,6 +81,8 @@ def tiled_capture(model, tok, T, tilings=3):
     text = "\n".join((REPO / p).read_text() for p in TEXTS + ("benchmarks/benchmark_hydra_decode.py",))
     ids = tok(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     W = 512
+    if T % W:
+        raise SystemExit(f"--tiled-tokens {T}: must be a multiple of {W} (the query is the last window's last token)")
     if ids.numel() < T + (tilings - 1) * (ids.numel() // tilings) // W * W:
         raise SystemExit(f"--tiled-tokens {T}: the text has {ids.numel()} tokens, too few for {tilings} tilings")
     out = {"q": [], "k": [], "v": [],
