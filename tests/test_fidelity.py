@@ -74,7 +74,7 @@ def test_metrics_exact_under_budget_and_floor_below_scorers():
     assert math.isclose(quest["metadata_bytes"], 1 * 2 * 40 * 2 * 128 * 2)
 
 
-def test_coarse_to_fine_in_the_harness():
+def test_coarse_to_fine_in_the_harness(monkeypatch):
     """quest_sum_c2f keeps the budget, reads less metadata than flat quest_sum at a long
     context, and with a shortlist covering every superpage selects exactly like it."""
     q, k, v = _inputs(T=8192, seed=3)
@@ -84,12 +84,8 @@ def test_coarse_to_fine_in_the_harness():
     assert c2f["metadata_bytes"] < flat["metadata_bytes"]
     assert (c2f["mass_recall"] <= 1 + 1e-6).all() and (c2f["mass_recall"] > 0).all()
     wide = pol.__class__(page_size=8, budget_tokens=512, sink_tokens=64, recent_tokens=128)
-    old = fidelity.C2F_SHORTLIST
-    try:
-        fidelity.C2F_SHORTLIST = 1000
-        same = fidelity.fidelity_metrics(q, k, v, "quest_sum_c2f", wide)
-    finally:
-        fidelity.C2F_SHORTLIST = old
+    monkeypatch.setattr(fidelity, "C2F_SHORTLIST", 1000)
+    same = fidelity.fidelity_metrics(q, k, v, "quest_sum_c2f", wide)
     assert torch.equal(same["mass_recall"], flat["mass_recall"])
 
 
@@ -108,7 +104,7 @@ def test_mean_fp8_scores_are_the_group_query_on_each_pages_mean():
         assert ((s[..., page].double() - want).abs() <= tol).all()
 
 
-def test_mean_shortlist_then_quest():
+def test_mean_shortlist_then_quest(monkeypatch):
     """mean_fp8_quest keeps the budget and the forced pages, shortlists only candidate
     pages, reads every page's e4m3 mean plus the shortlisted bf16 summaries, and with a
     shortlist covering every candidate selects exactly like quest_sum."""
@@ -129,12 +125,8 @@ def test_mean_shortlist_then_quest():
     assert m["metadata_bytes"] == 1 * 2 * (n * 128 + 2 * pol.n_sel * 4 * 128)
     flat = fidelity.fidelity_metrics(q, k, v, "quest_sum", pol)
     assert m["metadata_bytes"] < flat["metadata_bytes"]
-    old = fidelity.MEAN_SHORTLIST
-    try:
-        fidelity.MEAN_SHORTLIST = 1000
-        same = fidelity.fidelity_metrics(q, k, v, "mean_fp8_quest", pol)
-    finally:
-        fidelity.MEAN_SHORTLIST = old
+    monkeypatch.setattr(fidelity, "MEAN_SHORTLIST", 1000)
+    same = fidelity.fidelity_metrics(q, k, v, "mean_fp8_quest", pol)
     assert torch.equal(same["mass_recall"], flat["mass_recall"])
     assert torch.equal(same["top10_recall"], flat["top10_recall"])
 
